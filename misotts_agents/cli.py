@@ -1,0 +1,179 @@
+"""The `misotts-agents` command: say, make-tiny, watermark-check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MisoError
+from .sources import DEFAULT_MODEL
+
+
+def _key(text: str) -> tuple[int, ...]:
+    try:
+        key = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("a key is five integers 0-255, comma separated") from None
+    if len(key) != 5 or not all(0 <= v <= 255 for v in key):
+        raise argparse.ArgumentTypeError("a key is five integers 0-255, comma separated")
+    return key
+
+
+def _add_watermark_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--watermark-model",
+        default=None,
+        help=f"SilentCipher weights: a Hub repo id or a local directory (default: {default})",
+    )
+    p.add_argument(
+        "--watermark-key", type=_key, default=None, help="five integers 0-255 (default: the public 0,0,0,0,0)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="misotts-agents", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    say = sub.add_parser("say", help="speak TEXT into a WAV file, streaming through the engine")
+    say.add_argument("text")
+    say.add_argument("--out", required=True, type=Path, help="output WAV (24 kHz mono, 16-bit)")
+    say.add_argument("--model", default=DEFAULT_MODEL, help="local directory or Hub repo id (default: %(default)s)")
+    say.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    say.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    say.add_argument("--speaker", type=int, default=0, help="speaker id of the generated voice (default: 0)")
+    say.add_argument("--voice", type=Path, help="a ~10 s clip of the voice to use (any rate; spoken by --speaker)")
+    say.add_argument("--voice-text", help="transcript of --voice")
+    say.add_argument("--context-audio", type=Path, help="the other party's last turn, to match its tone")
+    say.add_argument("--context-text", help="transcript of --context-audio")
+    say.add_argument("--context-speaker", type=int, default=1, help="speaker id of the context turn (default: 1)")
+    say.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, printed)")
+    say.add_argument("--topk", type=int, default=50)
+    say.add_argument("--temperature", type=float, default=0.9)
+    say.add_argument("--max-ms", type=float, default=90_000, help="longest audio to generate (default: 90000)")
+    say.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
+    say.add_argument("--codes-out", type=Path, help="also save the codes as an int array (frames, 32) .npy")
+    _add_watermark_args(say, "the model directory's silentcipher/ when present, else sony/silentcipher")
+
+    tiny = sub.add_parser("make-tiny", help="write a small random checkpoint directory usable as --model DIR")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--tokenizer", default=None, help="tokenizer.json source (default: the bundled Llama-3.2 file)")
+
+    check = sub.add_parser("watermark-check", help="report whether a file carries the SilentCipher watermark")
+    check.add_argument("file", type=Path)
+    check.add_argument("--phase-shift", action="store_true", help="search phase shifts like the reference (slow)")
+    _add_watermark_args(check, "sony/silentcipher")
+    return parser
+
+
+def _segment(audio: Path | None, text: str | None, speaker: int, what: str):
+    from .audio import read_audio
+    from .prompt import Segment
+
+    if audio is None and text is None:
+        return None
+    if audio is None or not text:
+        raise SystemExit(f"error: {what} needs both the audio file and its transcript")
+    return Segment(speaker=speaker, text=text, audio=read_audio(audio))
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    import torch
+
+    from .audio import write_wav
+    from .engine import MisoEngine
+    from .request import SynthesisRequest
+    from .watermark import DEFAULT_WATERMARK_KEY
+
+    context = [
+        s
+        for s in (
+            _segment(args.voice, args.voice_text, args.speaker, "--voice"),
+            _segment(args.context_audio, args.context_text, args.context_speaker, "--context-audio"),
+        )
+        if s is not None
+    ]
+    request = SynthesisRequest(
+        text=args.text,
+        speaker=args.speaker,
+        context=tuple(context),
+        temperature=args.temperature,
+        topk=args.topk,
+        seed=args.seed,
+        max_audio_ms=args.max_ms,
+    )
+    engine = MisoEngine.load(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        watermark=False if args.no_watermark else (args.watermark_model or True),
+        watermark_key=args.watermark_key or DEFAULT_WATERMARK_KEY,
+    )
+    stream = engine.stream(request)
+    pieces = []
+    start = time.perf_counter()
+    for chunk in stream:
+        pieces.append(chunk.pcm)
+        logging.getLogger("misotts_agents.say").debug(
+            "chunk: %d frames at %.3f s", chunk.frames, time.perf_counter() - start
+        )
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    write_wav(args.out, audio)
+    if args.codes_out:
+        args.codes_out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.codes_out, stream.codes)
+    s = stream.stats
+    ttfa = f"{s.time_to_first_audio_s * 1000:.0f} ms" if s.time_to_first_audio_s is not None else "n/a"
+    rtf = f"{s.real_time_factor:.2f}" if s.real_time_factor is not None else "n/a"
+    print(
+        f"wrote {args.out}: {audio.size / 24000:.2f} s, {s.frames} frames ({s.stop_reason}), "
+        f"first audio {ttfa}, RTF {rtf}, seed {s.seed}"
+    )
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny
+
+    path = make_tiny(args.directory, seed=args.seed, tokenizer=args.tokenizer)
+    print(f"wrote a tiny random checkpoint to {path} (use it as --model {path})")
+    return 0
+
+
+def cmd_watermark_check(args: argparse.Namespace) -> int:
+    from .watermark import DEFAULT_WATERMARK_KEY, DEFAULT_WATERMARK_SOURCE, Watermarker, check_file
+
+    source = args.watermark_model or DEFAULT_WATERMARK_SOURCE
+    marker = Watermarker.load(source, key=args.watermark_key or DEFAULT_WATERMARK_KEY)
+    result = check_file(args.file, marker, phase_shift=args.phase_shift)
+    verdict = "watermarked" if result.detected else "not watermarked"
+    detail = f" (message {list(result.message)}, confidence {result.confidence:.2f})" if result.message else ""
+    print(f"{args.file}: {verdict}{detail}; {result.reason}")
+    return 0 if result.detected else 1
+
+
+COMMANDS = {"say": cmd_say, "make-tiny": cmd_make_tiny, "watermark-check": cmd_watermark_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except MisoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

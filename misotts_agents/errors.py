@@ -1,0 +1,21 @@
+"""Exceptions the engine raises, so callers (and the framework integrations) can map them cleanly."""
+
+
+class MisoError(Exception):
+    """Base class for every error misotts-agents raises on purpose."""
+
+
+class ModelSourceError(MisoError, FileNotFoundError):
+    """A model, tokenizer, codec or watermark source could not be found or downloaded."""
+
+
+class CheckpointError(MisoError, ValueError):
+    """A checkpoint file exists but does not match the model it should fill (keys, shapes, format)."""
+
+
+class InvalidRequest(MisoError, ValueError):
+    """The request itself is bad: empty or too long text, unusable audio, bad sampling parameters."""
+
+
+class Cancelled(MisoError):
+    """The request was cancelled before it finished."""

@@ -1,0 +1,131 @@
+"""The interleaved text/audio prompt, built exactly as the reference builds it.
+
+Each context segment becomes a text frame run ``[speaker] text`` (text in the last column) followed
+by its audio as Mimi frames (codes in the first K columns) and one all-zero end-of-audio frame. The
+text to speak comes last, as a text run. When the prompt would not leave room for the requested
+generation length within the model's 2048 positions, the oldest segments are dropped, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, to_mono
+from .config import MAX_SEQ_LEN
+from .errors import InvalidRequest
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 80
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 1920
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One earlier utterance in the conversation: who spoke, what they said, and how it sounded."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray | torch.Tensor
+    sample_rate: int = SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Prompt:
+    tokens: torch.Tensor  # (S, K+1) int64
+    mask: torch.Tensor  # (S, K+1) bool
+    max_frames: int
+    dropped_segments: int
+
+    @property
+    def length(self) -> int:
+        return self.tokens.size(0)
+
+
+def text_frames(ids: list[int], num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.zeros(len(ids), num_codebooks + 1, dtype=torch.long)
+    mask = torch.zeros(len(ids), num_codebooks + 1, dtype=torch.bool)
+    tokens[:, -1] = torch.tensor(ids, dtype=torch.long)
+    mask[:, -1] = True
+    return tokens, mask
+
+
+def audio_frames(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, T) codes -> (T+1, K+1) frames ending in the all-zero end-of-audio frame (masked in, as the reference)."""
+    k, t = codes.shape
+    tokens = torch.zeros(t + 1, k + 1, dtype=torch.long)
+    mask = torch.zeros(t + 1, k + 1, dtype=torch.bool)
+    tokens[:t, :k] = codes.transpose(0, 1).to(torch.long)
+    mask[:, :k] = True
+    return tokens, mask
+
+
+def max_frames_for(max_audio_ms: float) -> int:
+    frames = int(max_audio_ms / FRAME_MS)
+    if not 1 <= frames < MAX_SEQ_LEN:
+        raise InvalidRequest(
+            f"max audio length {max_audio_ms} ms gives {frames} frames; it must be between {FRAME_MS} ms and "
+            f"{(MAX_SEQ_LEN - 1) * FRAME_MS} ms"
+        )
+    return frames
+
+
+class PromptBuilder:
+    """Turns (context segments, text) into prompt frames; ``encode_audio`` maps 24 kHz mono -> (K, T) codes."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        encode_audio: Callable[[torch.Tensor], torch.Tensor],
+        num_codebooks: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.encode_audio = encode_audio
+        self.num_codebooks = num_codebooks
+
+    def build(self, text: str, speaker: int, context: Sequence[Segment], max_frames: int) -> Prompt:
+        max_context = MAX_SEQ_LEN - max_frames
+        gen_tokens, gen_mask = text_frames(self.tokenizer.encode(text, speaker), self.num_codebooks)
+        if gen_tokens.size(0) >= max_context:
+            raise InvalidRequest(
+                f"text too long: {gen_tokens.size(0)} tokens leave no room in the {max_context}-position budget "
+                f"({MAX_SEQ_LEN} minus {max_frames} frames of audio); split it into sentences"
+            )
+        # Size every segment first (text ids + ceil(samples / 1920) + 1 end frame) so that the
+        # segments about to be dropped are never run through the audio encoder.
+        sized = []
+        for i, seg in enumerate(context):
+            if not isinstance(seg, Segment):
+                raise InvalidRequest(f"context[{i}] is a {type(seg).__name__}, expected a Segment")
+            ids = self.tokenizer.encode(seg.text, seg.speaker)
+            audio = to_mono(seg.audio, seg.sample_rate, what=f"context[{i}] audio")
+            sized.append((ids, audio, len(ids) + math.ceil(audio.size / FRAME_SAMPLES) + 1))
+        budget = max_context - gen_tokens.size(0)
+        total = sum(n for _, _, n in sized)
+        dropped = 0
+        while total > budget and dropped < len(sized):
+            total -= sized[dropped][2]
+            dropped += 1
+        if dropped:
+            message = f"context too long: dropped {dropped} oldest segment(s) to fit the {max_context}-frame limit"
+            warnings.warn(message, stacklevel=3)
+            log.warning(message)
+        tokens, masks = [], []
+        for ids, audio, _ in sized[dropped:]:
+            for t, m in (
+                text_frames(ids, self.num_codebooks),
+                audio_frames(self.encode_audio(torch.from_numpy(audio))),
+            ):
+                tokens.append(t)
+                masks.append(m)
+        tokens.append(gen_tokens)
+        masks.append(gen_mask)
+        return Prompt(torch.cat(tokens), torch.cat(masks), max_frames, dropped)

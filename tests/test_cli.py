@@ -1,0 +1,74 @@
+"""The command line, in process: make-tiny, say (streaming, watermarked, codes out), watermark-check."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from signals import tone
+
+from misotts_agents.cli import main
+
+
+def test_say_writes_audio_and_codes(tiny_dir, tmp_path, capsys):
+    out, codes = tmp_path / "hello.wav", tmp_path / "codes.npy"
+    rc = main(
+        ["say", "Hello from Miso.", "--out", str(out), "--model", str(tiny_dir), "--seed", "3", "--max-ms", "640"]
+        + ["--codes-out", str(codes)]
+    )
+    assert rc == 0
+    audio, rate = sf.read(out)
+    assert rate == 24_000 and audio.ndim == 1 and audio.size == 8 * 1920
+    saved = np.load(codes)
+    assert saved.shape == (8, 32) and np.issubdtype(saved.dtype, np.integer)
+    assert "8 frames (max_frames)" in capsys.readouterr().out
+
+
+def test_say_with_voice_and_context_is_reproducible(tiny_dir, tmp_path):
+    voice, user = tmp_path / "voice.wav", tmp_path / "user.wav"
+    sf.write(voice, tone(1.0, 48_000), 48_000)
+    sf.write(user, np.stack([tone(0.5, 16_000), tone(0.5, 16_000, 330)], axis=1), 16_000)
+    args = ["--model", str(tiny_dir), "--seed", "9", "--max-ms", "320", "--no-watermark"]
+    args += ["--voice", str(voice), "--voice-text", "This is me.", "--context-audio", str(user)]
+    args += ["--context-text", "Hm, really?"]
+    for name in ("a", "b"):
+        assert main(["say", "Yes, really.", "--out", str(tmp_path / f"{name}.wav"), *args]) == 0
+    a, _ = sf.read(tmp_path / "a.wav")
+    b, _ = sf.read(tmp_path / "b.wav")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_say_voice_without_transcript_is_refused(tiny_dir, tmp_path):
+    sf.write(tmp_path / "v.wav", tone(0.5), 24_000)
+    with pytest.raises(SystemExit, match="transcript"):
+        main(["say", "Hi.", "--out", str(tmp_path / "o.wav"), "--model", str(tiny_dir), "--voice", str(tmp_path / "v.wav")])
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    rc = main(["say", "Hi.", "--out", str(tmp_path / "o.wav"), "--model", str(tmp_path / "nothing")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "make-tiny" in err
+
+
+def test_watermark_check_reports(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "clip.wav"
+    sf.write(path, tone(1.2), 24_000)
+    rc = main(["watermark-check", str(path), "--watermark-model", str(tiny_dir / "silentcipher")])
+    out = capsys.readouterr().out
+    assert rc in (0, 1) and str(path) in out and ("not watermarked" in out or "watermarked" in out)
+
+
+def test_make_tiny_writes_a_complete_directory(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "t"), "--seed", "1"]) == 0
+    names = {p.name for p in (tmp_path / "t").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "mimi.safetensors", "silentcipher"} <= names
+
+
+def test_help_is_fast_and_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "misotts_agents.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("say", "make-tiny", "watermark-check"):
+        assert command in out
