@@ -23,7 +23,10 @@ _EXPORTS = {
     "ModelSourceError": "errors",
     "CheckpointError": "errors",
     "InvalidRequest": "errors",
-    "Cancelled": "errors",
+    "EngineBusy": "errors",
+    "EngineClosed": "errors",
+    "EngineStats": "scheduler",
+    "VoicePrompt": "voice",
 }
 
 __all__ = sorted(_EXPORTS)

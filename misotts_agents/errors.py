@@ -17,5 +17,9 @@ class InvalidRequest(MisoError, ValueError):
     """The request itself is bad: empty or too long text, unusable audio, bad sampling parameters."""
 
 
-class Cancelled(MisoError):
-    """The request was cancelled before it finished."""
+class EngineBusy(MisoError):
+    """Every slot is busy and the waiting queue is full: retry later or add capacity."""
+
+
+class EngineClosed(MisoError):
+    """The engine was closed; it takes no more requests and ends those still running."""

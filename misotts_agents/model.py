@@ -172,6 +172,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.setup_cache(max_batch, self.max_len, dtype, device)
 
+    def export_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the first ``length`` cached positions of one row, per layer (for prefix reuse)."""
+        return [
+            (layer.attn.k_cache[row, :, :length].clone(), layer.attn.v_cache[row, :, :length].clone())
+            for layer in self.layers
+        ]
+
+    def import_prefix(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write an exported prefix into another row's first positions."""
+        for layer, (k, v) in zip(self.layers, kv, strict=True):
+            layer.attn.k_cache[row, :, : k.size(1)] = k
+            layer.attn.v_cache[row, :, : v.size(1)] = v
+
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """h (b, s, dim) at positions input_pos (b, s) -> normalised hidden states in fp32."""
         mask = self.causal_mask[input_pos]
@@ -253,13 +266,14 @@ class MisoModel(nn.Module):
         restarts every frame from ``[h, E0(c0)]`` and uses cache rows 0..b-1.
         """
         b = last_h.size(0)
-        c0 = sample_topk(self.codebook0_head(last_h), sampling, 0)
+        noise = sampling.frame_noise(self.num_codebooks, self.audio_vocab_size)
+        c0 = sample_topk(self.codebook0_head(last_h), sampling, 0, noise[:, 0])
         curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, c0)], dim=1)
         pos = torch.arange(2, device=last_h.device).unsqueeze(0).expand(b, 2)
         codes = [c0]
         for i in range(1, self.num_codebooks):
             dh = self.decoder(self.projection(curr_h), pos).to(self.dtype)
-            ci = sample_topk(torch.mm(dh[:, -1, :], self.audio_head[i - 1]), sampling, i)
+            ci = sample_topk(torch.mm(dh[:, -1, :], self.audio_head[i - 1]), sampling, i, noise[:, i])
             codes.append(ci)
             curr_h = self._embed_audio(i, ci)
             pos = pos[:, -1:] + 1

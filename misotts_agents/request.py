@@ -10,6 +10,7 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from .errors import InvalidRequest
 from .prompt import FRAME_MS, Segment, max_frames_for
+from .voice import VoicePrompt
 
 # Far above what fits in the 2048-position prompt; refuses megabyte strings before tokenising them.
 MAX_TEXT_CHARS = 100_000
@@ -44,17 +45,25 @@ class ChunkSchedule:
 
 @dataclass(frozen=True)
 class SynthesisRequest:
-    """One utterance: the text, the conversation so far (tone and voice), and sampling settings."""
+    """One utterance: the text, the conversation so far (tone and voice), and sampling settings.
+
+    ``voice`` fixes the voice (its prefill is cached per voice); ``context`` holds earlier turns,
+    oldest first (the user's last turn carries its tone). ``max_ahead_s`` paces generation: the
+    request is not run more than that many seconds of audio ahead of real time (counted from its
+    first audio), so an interrupted reply wastes little GPU work; None runs flat out.
+    """
 
     text: str
     speaker: int = 0
     context: tuple[Segment, ...] = ()
+    voice: VoicePrompt | None = None
     temperature: float = 0.9
     topk: int = 50
     seed: int | None = None  # None: a fresh random seed, reported in the stream's stats
     max_audio_ms: float = 90_000
     chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
     watermark: bool | None = None  # None: the engine's setting; False opts this request out
+    max_ahead_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "context", tuple(self.context))
@@ -69,6 +78,10 @@ class SynthesisRequest:
         if self.seed is not None and not isinstance(self.seed, int):
             raise InvalidRequest(f"seed must be an integer, got {self.seed!r}")
         max_frames_for(self.max_audio_ms)
+        if self.voice is not None and not isinstance(self.voice, VoicePrompt):
+            raise InvalidRequest(f"voice must be a VoicePrompt, got {type(self.voice).__name__}")
+        if self.max_ahead_s is not None and not self.max_ahead_s >= 0:
+            raise InvalidRequest(f"max_ahead_s must be >= 0 or None, got {self.max_ahead_s}")
 
     @property
     def max_frames(self) -> int:
@@ -102,8 +115,9 @@ class StreamStats:
     dropped_segments: int = 0
     frames: int = 0
     invalid_codes: int = 0
-    time_to_first_audio_s: float | None = None
-    elapsed_s: float = 0.0
+    queued_s: float | None = None  # from submission to the start of prefill
+    time_to_first_audio_s: float | None = None  # from submission to the first chunk handed to the caller
+    elapsed_s: float = 0.0  # from submission to the end
     stop_reason: str = "running"  # eos | max_frames | context_full | cancelled | error
 
     @property
@@ -112,5 +126,5 @@ class StreamStats:
 
     @property
     def real_time_factor(self) -> float | None:
-        """Seconds of compute per second of audio (below 1 is faster than real time)."""
+        """Wall seconds per second of audio, submission to end (below 1 is faster than real time)."""
         return self.elapsed_s / self.audio_s if self.frames else None

@@ -27,12 +27,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise of shape (b, vocab), a pure function of seed (b,), counter (b,) and token index."""
+    """Exp(1) noise of shape counter.shape + (vocab,), a pure function of seed, counter and token index.
+
+    ``seed`` is (b,); ``counter`` is (b,) or (b, n) (n draws per row computed in one go).
+    """
     token = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     key = _mix32(seed & _MASK32)
     key = _mix32((key + ((seed >> 32) & _MASK32)) & _MASK32)
+    key = key.view(-1, *([1] * (counter.dim() - 1)))
     key = _mix32(key ^ (counter & _MASK32))
-    h = _mix32(key[:, None] ^ ((token * 0x9E3779B9) & _MASK32)[None, :])
+    h = _mix32(key.unsqueeze(-1) ^ ((token * 0x9E3779B9) & _MASK32))
     uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0
     return -torch.log(uniform)
 
@@ -46,6 +50,14 @@ class SamplingState:
     seed: torch.Tensor  # int64
     frame: torch.Tensor  # int64: index of the frame being generated, per row
 
+    def frame_noise(self, num_codebooks: int, vocab: int) -> torch.Tensor:
+        """The noise for every codebook of this frame at once, (b, num_codebooks, vocab).
+
+        One batched hash instead of one per codebook: the step is dominated by small-op overhead.
+        """
+        codebooks = torch.arange(num_codebooks, device=self.seed.device, dtype=torch.int64)
+        return exponential_noise(self.seed, self.frame[:, None] * 64 + codebooks, vocab)
+
     @classmethod
     def single(cls, temperature: float, topk: int, seed: int, frame: int, device: torch.device) -> SamplingState:
         return cls(
@@ -56,17 +68,20 @@ class SamplingState:
         )
 
 
-def sample_topk(logits: torch.Tensor, state: SamplingState, codebook: int) -> torch.Tensor:
+def sample_topk(
+    logits: torch.Tensor, state: SamplingState, codebook: int, noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sample one token per row from (b, vocab) logits -> (b, 1) int64.
 
     Same filter as the reference's ``sample_topk`` (keep logits >= the k-th largest), computed in
     fp32 with per-row k and temperature. With k = 1 this is argmax, identical to the reference.
+    ``noise`` is this codebook's slice of :meth:`SamplingState.frame_noise` when precomputed.
     """
     logits = logits.float() / state.temperature[:, None]
     vocab = logits.size(-1)
     kth = logits.sort(dim=-1, descending=True).values.gather(-1, (state.topk.clamp(1, vocab) - 1)[:, None])
     logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(torch.log_softmax(logits, dim=-1), dim=-1)
-    counter = state.frame * 64 + codebook
-    noise = exponential_noise(state.seed, counter, vocab)
+    if noise is None:
+        noise = exponential_noise(state.seed, state.frame * 64 + codebook, vocab)
     return torch.argmax(probs / noise, dim=-1, keepdim=True)

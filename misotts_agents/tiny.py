@@ -27,14 +27,14 @@ from .watermark import MODEL_DIR_SUBDIR
 
 TINY_CONFIG = ModelConfig(
     backbone_flavor={
-        "num_layers": 2,
+        "num_layers": 1,
         "num_heads": 4,
         "num_kv_heads": 2,
         "embed_dim": 64,
         "intermediate_dim": 128,
     },
     decoder_flavor={
-        "num_layers": 2,
+        "num_layers": 1,
         "num_heads": 4,
         "num_kv_heads": 2,
         "embed_dim": 48,

@@ -36,4 +36,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(tiny_dir: Path):
     from misotts_agents.engine import MisoEngine
 
-    return MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_streams=2, progress=False)
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False)
+    yield engine
+    engine.close()

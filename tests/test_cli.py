@@ -14,8 +14,20 @@ from misotts_agents.cli import main
 def test_say_writes_audio_and_codes(tiny_dir, tmp_path, capsys):
     out, codes = tmp_path / "hello.wav", tmp_path / "codes.npy"
     rc = main(
-        ["say", "Hello from Miso.", "--out", str(out), "--model", str(tiny_dir), "--seed", "3", "--max-ms", "640"]
-        + ["--codes-out", str(codes)]
+        [
+            "say",
+            "Hello from Miso.",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_dir),
+            "--seed",
+            "3",
+            "--max-ms",
+            "640",
+            "--codes-out",
+            str(codes),
+        ]
     )
     assert rc == 0
     audio, rate = sf.read(out)
@@ -42,7 +54,18 @@ def test_say_with_voice_and_context_is_reproducible(tiny_dir, tmp_path):
 def test_say_voice_without_transcript_is_refused(tiny_dir, tmp_path):
     sf.write(tmp_path / "v.wav", tone(0.5), 24_000)
     with pytest.raises(SystemExit, match="transcript"):
-        main(["say", "Hi.", "--out", str(tmp_path / "o.wav"), "--model", str(tiny_dir), "--voice", str(tmp_path / "v.wav")])
+        main(
+            [
+                "say",
+                "Hi.",
+                "--out",
+                str(tmp_path / "o.wav"),
+                "--model",
+                str(tiny_dir),
+                "--voice",
+                str(tmp_path / "v.wav"),
+            ]
+        )
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

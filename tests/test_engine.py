@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from signals import tone
+from signals import tone, wait_until
 
 from misotts_agents import codec
 from misotts_agents.errors import InvalidRequest, ModelSourceError
@@ -33,7 +33,8 @@ def test_stream_chunks_grow_and_cover_every_frame(engine):
     assert stream.stats.frames == 12 and stream.stats.stop_reason == "max_frames"
     assert stream.codes.shape == (12, 32) and stream.codes.max() < 2051
     assert stream.stats.time_to_first_audio_s is not None and stream.stats.real_time_factor > 0
-    assert engine.free_slots == engine.max_streams
+    assert stream.stats.queued_s is not None and stream.stats.queued_s <= stream.stats.time_to_first_audio_s
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 def test_chunk_schedule_is_configurable(engine):
@@ -75,21 +76,23 @@ def test_context_with_voice_and_user_turn(engine):
 
 
 def test_cancel_frees_the_slot_mid_utterance(engine):
-    stream = engine.stream(req(frames=40))
+    stream = engine.stream(req(frames=400))
     first = next(stream)
     assert first.frames == 1
-    assert engine.free_slots == engine.max_streams - 1
+    assert engine.free_slots == engine.max_batch - 1
+    steps = engine.metrics().steps
     stream.cancel()
-    assert engine.free_slots == engine.max_streams
-    assert list(stream) == []
-    assert stream.stats.stop_reason == "cancelled" and stream.stats.frames == 1
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
+    assert engine.metrics().steps <= steps + 2  # freed at the next step boundary, not at the end
+    assert list(stream) == []  # nothing more after a cancel
+    assert stream.stats.stop_reason == "cancelled" and stream.stats.frames < 400
 
 
 def test_context_manager_closes(engine):
-    with engine.stream(req(frames=40)) as stream:
+    with engine.stream(req(frames=400)) as stream:
         next(stream)
-        assert engine.free_slots == engine.max_streams - 1
-    assert engine.free_slots == engine.max_streams
+        assert engine.free_slots == engine.max_batch - 1
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 def test_cancel_from_another_thread_stops_at_a_frame_boundary(engine):
@@ -103,7 +106,7 @@ def test_cancel_from_another_thread_stops_at_a_frame_boundary(engine):
     worker.join(timeout=30)
     assert not worker.is_alive()
     assert stream.stats.stop_reason == "cancelled" and stream.stats.frames < 400
-    assert engine.free_slots == engine.max_streams
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 def test_async_iteration_and_task_cancellation(engine):
@@ -120,6 +123,10 @@ def test_async_iteration_and_task_cancellation(engine):
         assert await consume(engine.stream(req(frames=5))) == 5
         stream = engine.stream(req(frames=400))
         assert await consume(stream, limit=3) >= 3  # consumer leaves early
+        for _ in range(3000):
+            if stream.stats.stop_reason == "cancelled":
+                break
+            await asyncio.sleep(0.002)
         assert stream.stats.stop_reason == "cancelled"
         stream = engine.stream(req(frames=400))
         task = asyncio.create_task(consume(stream))
@@ -129,13 +136,13 @@ def test_async_iteration_and_task_cancellation(engine):
         with pytest.raises(asyncio.CancelledError):
             await task
         for _ in range(500):
-            if engine.free_slots == engine.max_streams:
+            if engine.free_slots == engine.max_batch:
                 break
             await asyncio.sleep(0.01)
         assert stream.stats.stop_reason == "cancelled"
 
     asyncio.run(main())
-    assert engine.free_slots == engine.max_streams
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 def test_concurrent_streams_match_sequential(engine):
@@ -152,7 +159,7 @@ def test_concurrent_streams_match_sequential(engine):
         t.join(timeout=60)
     for s, codes in zip((1, 2, 3), sequential, strict=True):
         np.testing.assert_array_equal(results[s], codes)
-    assert engine.free_slots == engine.max_streams
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
@@ -164,14 +171,15 @@ def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
         return codes
 
     seen = []
-    real_decode = engine.decoder.decode
+    decoder = engine._scheduler.decoder
+    real_decode = decoder.decode
 
     def spy(codes, active=None):
         seen.append(codes.clone())
         return real_decode(codes, active)
 
     monkeypatch.setattr(engine.model, "decode_frame", with_reserved_ids)
-    monkeypatch.setattr(engine.decoder, "decode", spy)
+    monkeypatch.setattr(decoder, "decode", spy)
     stream = engine.stream(req(frames=3))
     pcm = np.concatenate([c.pcm for c in stream])
     assert pcm.size == 3 * FRAME and np.isfinite(pcm).all()
@@ -191,7 +199,7 @@ def test_all_zero_frame_ends_the_utterance(engine, monkeypatch):
     stream = engine.stream(req(frames=20))
     assert sum(c.frames for c in stream) == 3
     assert stream.stats.stop_reason == "eos" and stream.codes.shape == (3, 32)
-    assert engine.free_slots == engine.max_streams
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 @pytest.mark.parametrize(
@@ -220,5 +228,5 @@ def test_bad_context_fails_that_request_only(engine):
     with pytest.raises(InvalidRequest, match="NaN"):
         next(stream)
     assert stream.stats.stop_reason == "error"
-    assert engine.free_slots == engine.max_streams
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
     assert sum(c.frames for c in engine.stream(req(frames=2))) == 2

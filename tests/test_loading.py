@@ -34,7 +34,7 @@ def test_custom_flavor_round_trip(tiny_dir):
     config = ModelConfig.load(tiny_dir / "config.json")
     assert config == TINY_CONFIG
     model = load_model(tiny_dir / "model.safetensors", config, progress=False)
-    assert model.backbone.flavor.embed_dim == 64 and len(model.decoder.layers) == 2
+    assert model.backbone.flavor.embed_dim == 64 and len(model.decoder.layers) == 1
     assert model.dtype == torch.float32
 
 
@@ -56,8 +56,8 @@ def _write(tmp_path, state):
 
 
 def test_missing_key_is_named(tmp_path, state):
-    del state["decoder.layers.1.mlp.w3.weight"]
-    with pytest.raises(CheckpointError, match=r"missing keys: decoder\.layers\.1\.mlp\.w3\.weight"):
+    del state["decoder.layers.0.mlp.w3.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: decoder\.layers\.0\.mlp\.w3\.weight"):
         load_model(_write(tmp_path, state), TINY_CONFIG, progress=False)
 
 

@@ -1,0 +1,332 @@
+"""The scheduler thread: continuous batching of every active request, one frame per step.
+
+It alone touches the model, the KV cache and the streaming Mimi state. Each step it
+
+1. drops cancelled requests (their slot is free for the next step),
+2. admits prepared requests into free slots: copies a cached voice prefix (or computes and caches
+   it), prefills the rest of the prompt into that slot's cache row -- one admission per step while
+   others are running, so a newcomer never stalls the batch for more than one prefill,
+3. runs one batched step for every active, unpaced row: backbone decode at per-row positions,
+   the depth decoder for all rows at once, one Mimi decode call for all rows,
+4. hands each row's audio to its stream in chunks and ends rows at end-of-speech or their limit.
+
+Prompt preparation (tokenising, Mimi-encoding context audio) happens before, on another thread.
+An exception in a step fails the requests of that step, not the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import codec
+from .config import MAX_SEQ_LEN
+from .errors import EngineClosed
+from .model import MisoModel
+from .prompt import FRAME_MS, Prompt
+from .request import AudioChunk
+from .sampling import SamplingState
+from .stream import SpeechStream
+from .voice import CachedVoice, VoiceCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """A request between preparation and its end (scheduler-internal)."""
+
+    stream: SpeechStream
+    prompt: Prompt | None = None
+    voice: CachedVoice | None = None
+    voice_key: str | None = None
+    slot: int | None = None
+    frames: int = 0
+    chunk_start: int = 0
+    pieces: list[np.ndarray] = field(default_factory=list)
+    sizes: Iterator[int] | None = None
+    want: int = 1
+    first_audio_at: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and throughput."""
+
+    active: int
+    queued: int
+    max_batch: int
+    steps: int
+    frames: int
+    steps_per_s: float
+    frames_per_s: float
+    voices_cached: int
+    voice_cache_hits: int
+    completed: int
+    cancelled: int
+    failed: int
+
+
+class Scheduler:
+    def __init__(self, model: MisoModel, decoder: codec.MimiStreamDecoder, voices: VoiceCache, max_batch: int):
+        self.model = model
+        self.decoder = decoder
+        self.voices = voices
+        self.max_batch = max_batch
+        self.device = model.device
+        k = model.num_codebooks
+        self.k = k
+        dim = model.backbone.flavor.embed_dim
+        dev = self.device
+        self.last_h = torch.zeros(max_batch, dim, dtype=model.dtype, device=dev)
+        self.last_codes = torch.zeros(max_batch, k, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.temperature = torch.ones(max_batch, dtype=torch.float32, device=dev)
+        self.topk = torch.ones(max_batch, dtype=torch.long, device=dev)
+        self.seed = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.frame = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.needs_backbone = [False] * max_batch
+        self.jobs: dict[int, Job] = {}
+        self.free = list(range(max_batch))
+        self.ready: deque[Job] = deque()
+        self.wake = threading.Event()
+        self._lock = threading.Lock()  # guards `ready` and the counters read by stats()
+        self._stopping = False
+        self._step_times: deque[tuple[float, int]] = deque(maxlen=64)
+        self.steps = self.total_frames = self.completed = self.cancelled = self.failed = 0
+        self.thread = threading.Thread(target=self._run, name="misotts-scheduler", daemon=True)
+        self.thread.start()
+
+    # -- called from other threads ----------------------------------------------------------
+
+    def enqueue(self, job: Job) -> None:
+        with self._lock:
+            self.ready.append(job)
+        self.wake.set()
+
+    def reject(self, job: Job, error: BaseException) -> None:
+        """End a request that failed before it reached the scheduler (bad input found in preparation)."""
+        with self._lock:
+            self.failed += 1
+        job.stream.fail(error)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+        self.thread.join()
+
+    def stats(self, queued_elsewhere: int) -> EngineStats:
+        with self._lock:
+            times = list(self._step_times)
+            queued = len(self.ready) + queued_elsewhere
+        span = times[-1][0] - times[0][0] if len(times) > 1 else 0.0
+        steps_per_s = (len(times) - 1) / span if span > 0 else 0.0
+        frames_per_s = sum(n for _, n in times[1:]) / span if span > 0 else 0.0
+        return EngineStats(
+            active=len(self.jobs),
+            queued=queued,
+            max_batch=self.max_batch,
+            steps=self.steps,
+            frames=self.total_frames,
+            steps_per_s=steps_per_s,
+            frames_per_s=frames_per_s,
+            voices_cached=len(self.voices),
+            voice_cache_hits=self.voices.hits,
+            completed=self.completed,
+            cancelled=self.cancelled,
+            failed=self.failed,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self.wake.clear()
+                self._drop_cancelled()
+                self._admit()
+                runnable, wait = self._runnable()
+                if not runnable:
+                    self.wake.wait(timeout=wait)
+                    continue
+                try:
+                    self._step(runnable)
+                except Exception as exc:  # one bad step fails its requests, never the engine
+                    log.exception("frame step failed; ending the %d requests in it", len(runnable))
+                    for slot in runnable:
+                        self._finish(self.jobs[slot], error=exc)
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        closed = EngineClosed("the engine was closed")
+        for job in list(self.jobs.values()):
+            self._finish(job, error=closed)
+        with self._lock:
+            pending, self.ready = list(self.ready), deque()
+        for job in pending:
+            job.stream.fail(closed)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.jobs.values() if j.stream.cancelled.is_set()]:
+            self._finish(job, reason="cancelled")
+        with self._lock:
+            keep = deque(j for j in self.ready if not j.stream.cancelled.is_set())
+            dropped = [j for j in self.ready if j.stream.cancelled.is_set()]
+            self.ready = keep
+        for job in dropped:
+            self.cancelled += 1
+            job.stream.end("cancelled")
+
+    def _admit(self) -> None:
+        # While others are running, admit one request per step so the batch is never stalled by
+        # more than one prefill; when idle, fill every free slot at once.
+        budget = 1 if self.jobs else self.max_batch
+        while budget and self.free:
+            with self._lock:
+                if not self.ready:
+                    return
+                job = self.ready.popleft()
+            if job.stream.cancelled.is_set():  # cancelled since the last sweep (maybe unprepared)
+                self.cancelled += 1
+                job.stream.end("cancelled")
+                continue
+            budget -= 1
+            slot = self.free.pop(0)
+            job.slot = slot
+            self.jobs[slot] = job
+            try:
+                self._prefill(job)
+            except Exception as exc:
+                log.warning("prefill failed: %s", exc)
+                self._finish(job, error=exc)
+
+    def _prefill(self, job: Job) -> None:
+        stream, prompt, slot = job.stream, job.prompt, job.slot
+        request = stream.request
+        stream.stats.queued_s = time.perf_counter() - stream.submitted_at
+        rows = torch.tensor([slot], device=self.device)
+        tokens = prompt.tokens.to(self.device).unsqueeze(0)
+        mask = prompt.mask.to(self.device).unsqueeze(0)
+        start = 0
+        if job.voice is not None:
+            start = prompt.prefix_len
+            if job.voice.kv is None:  # first use of this voice: compute its prefix once, keep it
+                pos = torch.arange(start, device=self.device).unsqueeze(0)
+                self.model.backbone_last_hidden(tokens[:, :start], mask[:, :start], pos, rows)
+                job.voice.kv = self.model.backbone.export_prefix(slot, start)
+            else:
+                self.model.backbone.import_prefix(slot, job.voice.kv)
+        pos = torch.arange(start, prompt.length, device=self.device).unsqueeze(0)
+        self.last_h[slot] = self.model.backbone_last_hidden(tokens[:, start:], mask[:, start:], pos, rows)[0]
+        self.positions[slot] = prompt.length
+        self.temperature[slot] = request.temperature
+        self.topk[slot] = request.topk
+        self.seed[slot] = stream.stats.seed
+        self.frame[slot] = 0
+        self.needs_backbone[slot] = False
+        self.decoder.reset([slot])
+        job.sizes = request.chunks.sizes()
+        job.want = next(job.sizes)
+
+    def _runnable(self) -> tuple[list[int], float | None]:
+        """Slots to step now, and (if none) how long to sleep before pacing lets one run."""
+        now = time.perf_counter()
+        runnable, wait = [], None
+        for slot, job in sorted(self.jobs.items()):
+            ahead = job.stream.request.max_ahead_s
+            if ahead is not None and job.first_audio_at is not None:
+                lead = job.frames * FRAME_MS / 1000 - (now - job.first_audio_at) - ahead
+                if lead > 0:
+                    wait = lead if wait is None else min(wait, lead)
+                    continue
+            runnable.append(slot)
+        return runnable, wait
+
+    def _step(self, slots: list[int]) -> None:
+        model, dev, k = self.model, self.device, self.k
+        rows = torch.tensor(slots, device=dev)
+        need = [s for s in slots if self.needs_backbone[s]]
+        if need:
+            nrows = torch.tensor(need, device=dev)
+            codes = self.last_codes[nrows]
+            zero = torch.zeros(len(need), 1, dtype=torch.long, device=dev)
+            tokens = torch.cat([codes, zero], dim=1).unsqueeze(1)
+            mask = torch.cat([torch.ones_like(codes, dtype=torch.bool), zero.bool()], dim=1).unsqueeze(1)
+            self.last_h[nrows] = model.backbone_last_hidden(tokens, mask, self.positions[nrows].unsqueeze(1), nrows)
+            self.positions[nrows] += 1
+        sampling = SamplingState(self.temperature[rows], self.topk[rows], self.seed[rows], self.frame[rows])
+        codes = model.decode_frame(self.last_h[rows], sampling)  # (b, K)
+        speaking = codes.any(dim=1)
+        audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
+        batch = torch.zeros(self.max_batch, k, dtype=torch.long, device=dev)
+        batch[rows] = audio_codes
+        active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
+        active[rows] = speaking
+        pcm = self.decoder.decode(batch, active).float().cpu().numpy()
+        codes_np = codes.cpu().numpy()
+        speaking_np = speaking.cpu().numpy()
+        self.last_codes[rows] = codes
+        self.frame[rows] += 1
+        now = time.perf_counter()
+        for i, slot in enumerate(slots):
+            job = self.jobs[slot]
+            if not speaking_np[i]:
+                self._finish(job, reason="eos")
+                continue
+            self.needs_backbone[slot] = True
+            job.stream.add_codes(codes_np[i])
+            job.stream.stats.invalid_codes += int((codes_np[i] >= codec.CODEBOOK_SIZE).sum())
+            job.frames += 1
+            job.stream.stats.frames = job.frames
+            job.pieces.append(pcm[slot])
+            if job.frames >= job.stream.request.max_frames:
+                self._finish(job, reason="max_frames")
+            elif int(self.positions[slot]) >= MAX_SEQ_LEN:
+                self._finish(job, reason="context_full")
+            elif len(job.pieces) >= job.want:
+                self._flush(job, final=False)
+                job.want = next(job.sizes)
+                if job.first_audio_at is None:
+                    job.first_audio_at = now
+        with self._lock:
+            self.steps += 1
+            self.total_frames += int(speaking_np.sum())
+            self._step_times.append((now, int(speaking_np.sum())))
+
+    def _flush(self, job: Job, final: bool) -> None:
+        if not job.pieces:
+            return
+        audio = np.concatenate(job.pieces)
+        job.stream.deliver(AudioChunk(audio, start_frame=job.chunk_start, frames=len(job.pieces), final=final))
+        job.chunk_start += len(job.pieces)
+        job.pieces = []
+
+    def _finish(self, job: Job, reason: str = "", error: BaseException | None = None) -> None:
+        # The stream learns its outcome before the slot is reused, so anyone who sees the slot
+        # free also sees the stream's final state.
+        if error is not None:
+            self.failed += 1
+            job.stream.fail(error)
+        elif reason == "cancelled":
+            self.cancelled += 1
+            job.stream.end(reason)
+        else:
+            self.completed += 1
+            self._flush(job, final=True)
+            job.stream.end(reason)
+        job.pieces = []
+        slot = job.slot
+        if slot is not None and self.jobs.get(slot) is job:
+            del self.jobs[slot]
+            self.needs_backbone[slot] = False
+            self.free.append(slot)
+            self.free.sort()
+        s = job.stream.stats
+        log.debug("request done: %s, %d frames, queued %.3f s", s.stop_reason, s.frames, s.queued_s or 0.0)

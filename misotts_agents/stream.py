@@ -1,0 +1,198 @@
+"""SpeechStream: the caller's end of one request.
+
+The scheduler thread pushes audio chunks into the stream's mailbox; the caller pulls them by
+iterating (blocking) or ``async for`` (awaiting without blocking the event loop). The watermark is
+applied here, on the caller's side (in a worker thread for async callers), so the CPU-heavy
+SilentCipher work never stalls the shared GPU step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .request import AudioChunk, StreamStats, SynthesisRequest
+from .watermark import StreamWatermarker
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: str
+
+
+class Mailbox:
+    """A thread-safe FIFO with blocking ``get`` and awaitable ``aget``, for one consumer."""
+
+    def __init__(self) -> None:
+        self._items: deque[object] = deque()
+        self._cond = threading.Condition()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def put(self, item: object) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, future = waiter
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
+                pass
+
+    def get(self) -> object:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._items.popleft()
+
+    async def aget(self) -> object:
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                loop = asyncio.get_running_loop()
+                future = loop.create_future()
+                self._waiter = (loop, future)
+            await future
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class SpeechStream:
+    """The audio of one request, as chunks, while it is generated.
+
+    ``cancel()`` (alias ``close()``) from any thread makes the scheduler drop the request at its next
+    frame step and free its slot; so do leaving a ``with`` / ``async with`` block and cancelling the
+    task that awaits it. Iteration stops at once after a cancel (buffered audio is dropped).
+    ``final`` is True on the last chunk when the utterance ended by itself (end of speech or a
+    length limit); iteration stops at the end either way.
+    """
+
+    def __init__(
+        self,
+        request: SynthesisRequest,
+        seed: int,
+        num_codebooks: int,
+        watermark: StreamWatermarker | None,
+        on_cancel: Callable[[], None],
+    ) -> None:
+        self.request = request
+        self.num_codebooks = num_codebooks
+        self.stats = StreamStats(seed=seed)
+        self.submitted_at = time.perf_counter()
+        self.cancelled = threading.Event()
+        self.mailbox = Mailbox()
+        self._codes: list[np.ndarray] = []
+        self._watermark = watermark
+        self._on_cancel = on_cancel
+        self._ended = False
+
+    # -- scheduler side -----------------------------------------------------------------------
+
+    def add_codes(self, codes: np.ndarray) -> None:
+        self._codes.append(codes)
+
+    def deliver(self, chunk: AudioChunk) -> None:
+        self.mailbox.put(chunk)
+
+    def end(self, reason: str) -> None:
+        self.stats.stop_reason = reason
+        self.stats.elapsed_s = time.perf_counter() - self.submitted_at
+        self.mailbox.put(_End(reason))
+
+    def fail(self, exc: BaseException) -> None:
+        self.stats.stop_reason = "error"
+        self.stats.elapsed_s = time.perf_counter() - self.submitted_at
+        self.mailbox.put(exc)
+
+    # -- caller side ------------------------------------------------------------------------
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The frames generated so far, (frames, K) int64, exactly as the model sampled them."""
+        if not self._codes:
+            return np.zeros((0, self.num_codebooks), dtype=np.int64)
+        return np.stack(self._codes)
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    def cancel(self) -> None:
+        if not self.cancelled.is_set() and not self._ended:
+            self.cancelled.set()
+            self._on_cancel()
+
+    close = cancel
+
+    def _take(self, item: object) -> AudioChunk | None:
+        if isinstance(item, AudioChunk):
+            return item
+        self._ended = True
+        if isinstance(item, BaseException):
+            raise item
+        return None
+
+    def _mark(self, chunk: AudioChunk) -> AudioChunk:
+        if self._watermark is not None and chunk.pcm.size:
+            chunk = AudioChunk(self._watermark.process(chunk.pcm), chunk.start_frame, chunk.frames, chunk.final)
+        if self.stats.time_to_first_audio_s is None:
+            self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
+        return chunk
+
+    def __iter__(self) -> SpeechStream:
+        return self
+
+    def __next__(self) -> AudioChunk:
+        if self._ended or self.cancelled.is_set():
+            raise StopIteration
+        chunk = self._take(self.mailbox.get())
+        if chunk is None:
+            raise StopIteration
+        return self._mark(chunk)
+
+    def __aiter__(self) -> SpeechStream:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._ended or self.cancelled.is_set():
+            raise StopAsyncIteration
+        try:
+            chunk = self._take(await self.mailbox.aget())
+            if chunk is None:
+                raise StopAsyncIteration
+            if self._watermark is None:
+                return self._mark(chunk)
+            return await asyncio.to_thread(self._mark, chunk)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def __enter__(self) -> SpeechStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> SpeechStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        if not self._ended and not self.cancelled.is_set():
+            self.cancel()

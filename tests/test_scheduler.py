@@ -1,0 +1,226 @@
+"""The shared engine: continuous batching, cancel and slot reuse, voice-prompt cache, pacing,
+failure isolation, queue limits and shutdown."""
+
+import asyncio
+import gc
+import random
+import threading
+import weakref
+
+import numpy as np
+import pytest
+from signals import tone, wait_until
+
+from misotts_agents.engine import MisoEngine
+from misotts_agents.errors import EngineBusy, EngineClosed
+from misotts_agents.prompt import Segment
+from misotts_agents.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.stream import SpeechStream
+from misotts_agents.voice import VoicePrompt
+
+TEXTS = ["Hello there.", "One moment please.", "Sure, I can do that.", "Thanks for waiting!"]
+
+
+def requests(topk, frames=(7, 5, 9, 6)):
+    return [
+        SynthesisRequest(text, seed=100 + i, topk=topk, max_audio_ms=80 * n)
+        for i, (text, n) in enumerate(zip(TEXTS, frames, strict=True))
+    ]
+
+
+async def run_all(engine, reqs):
+    async def one(r):
+        chunks = [c async for c in engine.stream(r)]
+        return np.concatenate([c.pcm for c in chunks])
+
+    return await asyncio.gather(*(one(r) for r in reqs))
+
+
+@pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "seeded-sampling"])
+def test_batched_output_equals_unbatched(engine, topk):
+    reqs = requests(topk)
+    alone = [engine.synthesize(r) for r in reqs]
+    steps_before, frames_before = engine.metrics().steps, engine.metrics().frames
+    together = asyncio.run(run_all(engine, reqs))
+    m = engine.metrics()
+    assert m.frames - frames_before == sum(a.codes.shape[0] for a in alone)
+    assert m.steps - steps_before < m.frames - frames_before  # several requests per step: really batched
+    streams = []
+    for r in reqs:  # codes of the batched run, via a second batched run with the codes kept
+        streams.append(engine.stream(r))
+    batched_codes = []
+    for s in streams:
+        list(s)
+        batched_codes.append(s.codes)
+    for a, pcm, codes in zip(alone, together, batched_codes, strict=True):
+        np.testing.assert_array_equal(codes, a.codes)
+        assert pcm.shape == a.pcm.shape
+        np.testing.assert_allclose(pcm, a.pcm, atol=1e-5 * max(1.0, float(np.abs(a.pcm).max())))
+
+
+def test_thousands_of_submit_cancel_finish_cycles_leak_nothing(engine):
+    """Random mixes of cancel-before-start, cancel-after-first-audio, abandon-and-cancel-later and
+    run-to-the-end; afterwards every slot is free, nothing is queued and nothing is kept alive."""
+    rng = random.Random(1234)
+    started = engine.metrics()
+    live: list[SpeechStream] = []
+    created: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
+    n = 2000
+    for i in range(n):
+        stream = engine.stream(SynthesisRequest(TEXTS[i % 4], seed=i, max_audio_ms=80 * rng.randint(1, 3)))
+        action = rng.random()
+        created.add(stream)
+        if action < 0.8:
+            stream.cancel()  # at once: usually before it is even prepared or admitted
+        elif action < 0.9:
+            live.append(stream)  # left running, cancelled later (or finishing on its own first)
+        elif action < 0.95:
+            next(stream, None)  # after its first chunk
+            stream.cancel()
+        else:
+            list(stream)  # to the end
+        if len(live) > 6:
+            live.pop(rng.randrange(len(live))).cancel()
+    for stream in live:
+        stream.cancel()
+    assert wait_until(lambda: engine.free_slots == engine.max_batch and engine.metrics().queued == 0, 60)
+    m = engine.metrics()
+    done = (m.completed - started.completed) + (m.cancelled - started.cancelled) + (m.failed - started.failed)
+    assert done == n and m.failed == started.failed
+    assert m.active == 0 and not engine._scheduler.jobs and not engine._scheduler.ready
+    del live, stream
+    gc.collect()
+    assert len(created) == 0  # the engine keeps no reference to finished streams
+
+
+def test_voice_prompt_prefill_is_computed_once(engine, monkeypatch):
+    voice = VoicePrompt(0, "This is the voice I speak with.", tone(2.0, 16_000, freq=170), 16_000)
+    prefill_lengths = []
+    real = engine.model.backbone_last_hidden
+
+    def spy(tokens, mask, pos, rows=None):
+        prefill_lengths.append(tokens.shape[1])
+        return real(tokens, mask, pos, rows)
+
+    monkeypatch.setattr(engine.model, "backbone_last_hidden", spy)
+    hits = engine.voices.hits
+    first = engine.synthesize(SynthesisRequest("Hi, how can I help?", voice=voice, topk=1, max_audio_ms=240))
+    first_prefill = [n for n in prefill_lengths if n > 1]
+    prefill_lengths.clear()
+    second = engine.synthesize(SynthesisRequest("Hi, how can I help?", voice=voice, topk=1, max_audio_ms=240))
+    second_prefill = [n for n in prefill_lengths if n > 1]
+
+    assert engine.voices.hits == hits + 1
+    voice_frames = first.stats.prompt_frames - second_prefill[0]
+    assert voice_frames >= 25 + 1 + 8  # 2 s of audio (25 frames) + end frame + transcript
+    assert sum(first_prefill) == first.stats.prompt_frames  # voice part + rest, once
+    assert second_prefill == [second.stats.prompt_frames - voice_frames]  # only the part after the voice
+    np.testing.assert_array_equal(first.codes, second.codes)
+
+
+def test_cached_voice_matches_the_voice_as_plain_context(engine):
+    voice = VoicePrompt(0, "My voice.", tone(1.0, freq=200))
+    with_voice = engine.synthesize(SynthesisRequest("Okay.", voice=voice, topk=1, max_audio_ms=320))
+    engine.synthesize(SynthesisRequest("Okay.", voice=voice, topk=1, max_audio_ms=320))  # cache hit
+    as_context = engine.synthesize(
+        SynthesisRequest("Okay.", context=(Segment(0, "My voice.", tone(1.0, freq=200)),), topk=1, max_audio_ms=320)
+    )
+    np.testing.assert_array_equal(with_voice.codes, as_context.codes)
+
+
+def test_pacing_keeps_generation_near_real_time(engine):
+    fast = engine.synthesize(SynthesisRequest("Paced reply.", seed=1, max_audio_ms=80 * 15))
+    paced = engine.synthesize(
+        SynthesisRequest(
+            "Paced reply.",
+            seed=1,
+            max_audio_ms=80 * 15,
+            max_ahead_s=0.2,
+            chunks=ChunkSchedule(first_frames=1, growth=1.0, max_frames=1),
+        )
+    )
+    np.testing.assert_array_equal(paced.codes, fast.codes)
+    # 1.2 s of audio may run at most 0.2 s ahead of playback that starts at the first chunk
+    assert paced.stats.elapsed_s - paced.stats.time_to_first_audio_s >= 1.2 - 0.2 - 0.08
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    real = engine.model.decode_frame
+    armed = threading.Event()
+    armed.set()
+
+    def fails_once(last_h, sampling):
+        if armed.is_set():
+            armed.clear()
+            raise RuntimeError("simulated device error")
+        return real(last_h, sampling)
+
+    monkeypatch.setattr(engine.model, "decode_frame", fails_once)
+    with pytest.raises(RuntimeError, match="simulated device error"):
+        engine.synthesize(SynthesisRequest("This one fails.", max_audio_ms=320))
+    ok = engine.synthesize(SynthesisRequest("This one works.", max_audio_ms=320))
+    assert ok.codes.shape == (4, 32)
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)
+
+
+def test_metrics_report_activity(engine):
+    before = engine.metrics()
+    with engine.stream(SynthesisRequest("Counting frames.", max_audio_ms=80 * 6)) as stream:
+        first = next(stream)
+        during = engine.metrics()
+        assert during.active == 1 and during.max_batch == engine.max_batch
+        list(stream)
+    after = engine.metrics()
+    assert first.frames == 1
+    assert after.frames - before.frames == 6 and after.completed == before.completed + 1
+    assert after.steps_per_s > 0 and after.frames_per_s > 0
+
+
+def test_streams_from_several_event_loops_and_threads(engine):
+    results = {}
+
+    def loop_thread(name, seed):
+        async def main():
+            async with engine.stream(SynthesisRequest("From a thread.", seed=seed, max_audio_ms=400)) as s:
+                results[name] = sum([c.frames async for c in s])
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=loop_thread, args=(f"t{i}", i)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {"t0": 5, "t1": 5, "t2": 5}
+
+
+@pytest.fixture
+def small_engine(tiny_dir):
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, max_queue=1, progress=False)
+    yield engine
+    engine.close()
+
+
+def test_full_queue_is_a_clear_error_not_a_hang(small_engine):
+    running = small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500))
+    next(running)
+    waiting = small_engine.stream(SynthesisRequest("Waiting.", max_audio_ms=160))
+    with pytest.raises(EngineBusy, match="max_batch=1, max_queue=1"):
+        small_engine.stream(SynthesisRequest("One too many.", max_audio_ms=160))
+    running.cancel()
+    assert sum(c.frames for c in waiting) == 2  # the queued one runs once the slot frees
+    assert sum(c.frames for c in small_engine.stream(SynthesisRequest("Room again.", max_audio_ms=160))) == 2
+
+
+def test_close_ends_running_and_waiting_requests(small_engine):
+    running = small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500))
+    next(running)
+    waiting = small_engine.stream(SynthesisRequest("Waiting.", max_audio_ms=160))
+    small_engine.close()
+    with pytest.raises(EngineClosed):
+        list(running)
+    with pytest.raises(EngineClosed):
+        list(waiting)
+    assert not small_engine._scheduler.thread.is_alive()
+    with pytest.raises(EngineClosed):
+        small_engine.stream(SynthesisRequest("Too late.", max_audio_ms=160))
