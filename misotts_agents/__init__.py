@@ -15,6 +15,8 @@ _EXPORTS = {
     "MISOTTS_8B": "config",
     "CSM_1B": "config",
     "Segment": "prompt",
+    "ConversationMemory": "conversation",
+    "shared_engine": "registry",
     "AudioChunk": "request",
     "ChunkSchedule": "request",
     "StreamStats": "request",

@@ -188,6 +188,10 @@ class MisoEngine:
         return self._scheduler.stats(pending)
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def free_slots(self) -> int:
         return len(self._scheduler.free)
 

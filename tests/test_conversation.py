@@ -1,0 +1,106 @@
+"""Turn memory: user audio with pre-roll and transcript, agent turns cut at interruptions, bounds."""
+
+import time
+
+import numpy as np
+import pytest
+from signals import tone
+
+from misotts_agents.conversation import ConversationMemory, cut_text
+from misotts_agents.registry import shared_engine
+
+
+def frames(audio: np.ndarray, rate: int, ms: int = 20):
+    step = rate * ms // 1000
+    for i in range(0, audio.size, step):
+        yield audio[i : i + step]
+
+
+def test_user_turn_has_pre_roll_audio_and_transcript():
+    mem = ConversationMemory(pre_roll_s=0.2)
+    for f in frames(tone(1.0, 16_000, 100), 16_000):  # silence-ish before VAD fires
+        mem.push_user_audio(f, 16_000)
+    mem.user_started_speaking()
+    for f in frames(tone(0.6, 16_000, 300), 16_000):
+        mem.push_user_audio((f * 32767).astype(np.int16).tobytes(), 16_000)
+    mem.add_user_transcript("Where is my order?")  # transcripts can arrive before the stop
+    mem.user_stopped_speaking()
+    (seg,) = mem.context()
+    assert seg.speaker == 1 and seg.text == "Where is my order?" and seg.sample_rate == 24_000
+    assert 0.79 <= seg.audio.size / 24_000 <= 0.81  # 0.6 s of speech + 0.2 s of pre-roll
+
+
+def test_transcript_after_stop_and_in_pieces():
+    mem = ConversationMemory()
+    mem.user_started_speaking()
+    mem.push_user_audio(tone(0.5), 24_000)
+    mem.user_stopped_speaking()
+    assert mem.context() == ()  # no transcript yet
+    mem.add_user_transcript("Hello")
+    mem.add_user_transcript("there.")
+    (seg,) = mem.context()
+    assert seg.text == "Hello there."
+
+
+def test_stereo_user_audio_is_downmixed():
+    mem = ConversationMemory(pre_roll_s=0)
+    mem.user_started_speaking()
+    stereo = np.stack([tone(0.5, 48_000), tone(0.5, 48_000)], axis=1)
+    mem.push_user_audio((stereo * 32767).astype(np.int16).tobytes(), 48_000, num_channels=2)
+    mem.user_stopped_speaking()
+    mem.add_user_transcript("ok")
+    assert mem.context()[0].audio.size == 12_000
+
+
+def test_agent_turn_cut_at_interruption():
+    mem = ConversationMemory()
+    mem.agent_started("one two three four five six seven eight nine ten")
+    mem.push_agent_audio(np.zeros(24_000 * 4, dtype=np.float32))  # 4 s generated at once
+    time.sleep(0.4)  # ... but only ~0.4 s of it was played when the user barged in
+    mem.agent_finished(interrupted=True)
+    (seg,) = mem.context()
+    assert seg.speaker == 0
+    assert 0.35 <= seg.audio.size / 24_000 < 1.0
+    assert seg.text in ("one", "one two")  # ~10% of the words
+
+
+def test_agent_turn_kept_whole_when_finished():
+    mem = ConversationMemory()
+    mem.agent_started("All done.")
+    mem.push_agent_audio(tone(0.5))
+    mem.agent_finished()
+    assert mem.context()[0].text == "All done." and mem.context()[0].audio.size == 12_000
+
+
+def test_bounded_and_switchable():
+    mem = ConversationMemory(max_turns=2, max_turn_s=1.0)
+    for i in range(5):
+        mem.agent_started(f"turn {i}")
+        mem.push_agent_audio(tone(3.0))  # longer than max_turn_s: capped
+        mem.agent_finished()
+    ctx = mem.context()
+    assert [s.text for s in ctx] == ["turn 3", "turn 4"]
+    assert all(s.audio.size == 24_000 for s in ctx)
+    mem.enabled = False
+    assert mem.context() == ()
+
+
+def test_cut_text():
+    assert cut_text("a b c d", 0.5) == "a b" and cut_text("a b", 1.0) == "a b" and cut_text("a b", 0.0) == ""
+
+
+def test_bad_user_audio_is_refused():
+    mem = ConversationMemory()
+    mem.user_started_speaking()
+    with pytest.raises(ValueError, match="NaN"):
+        mem.push_user_audio(np.array([np.nan, 0.0], dtype=np.float32), 16_000)
+
+
+def test_shared_engine_is_one_per_model(tiny_dir):
+    a = shared_engine(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
+    b = shared_engine(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
+    assert a is b
+    a.close()
+    c = shared_engine(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
+    assert c is not a and not c.closed
+    c.close()
