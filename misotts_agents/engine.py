@@ -65,7 +65,8 @@ class MisoEngine:
 
     ``max_batch`` is how many requests generate at once (KV-cache rows; about 268 MB each in bf16
     for the 8B model); ``max_queue`` how many more may wait; beyond that ``stream`` raises
-    :class:`EngineBusy` at once rather than letting callers hang.
+    :class:`EngineBusy` at once rather than letting callers hang. ``cuda_graphs`` (default: on
+    CUDA) captures the frame step per batch bucket; ``compile`` runs it under ``torch.compile``.
     """
 
     def __init__(
@@ -77,6 +78,8 @@ class MisoEngine:
         max_batch: int = 8,
         max_queue: int = 64,
         max_voices: int = 16,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -91,13 +94,13 @@ class MisoEngine:
         self.voices = VoiceCache(max_voices)
         self._encoder_mimi = copy.deepcopy(mimi)  # encoding never disturbs the streaming decoder
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
-        model.setup_caches(max_batch)
+        model.setup_caches(max_batch + 1)  # + the frame step's scratch row
         decoder = codec.MimiStreamDecoder(mimi, batch_size=max_batch)
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misotts-prep")
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
         self._lock = threading.Lock()
         self._closed = False
-        self._scheduler = Scheduler(model, decoder, self.voices, max_batch)
+        self._scheduler = Scheduler(model, decoder, self.voices, max_batch, cuda_graphs=cuda_graphs, compile=compile)
 
     @classmethod
     def load(
@@ -112,6 +115,8 @@ class MisoEngine:
         watermark_key: tuple[int, ...] = DEFAULT_WATERMARK_KEY,
         max_batch: int = 8,
         max_queue: int = 64,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
         progress: bool = True,
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
@@ -142,7 +147,16 @@ class MisoEngine:
                 watermark = bundled if (bundled / "hparams.yaml").is_file() else DEFAULT_WATERMARK_SOURCE
             watermarker = Watermarker.load(watermark, device="cpu", key=watermark_key)
         net = load_model(weights, config, device=device, dtype=dtype, progress=progress)
-        return cls(net, text_tokenizer, mimi_model, watermarker, max_batch=max_batch, max_queue=max_queue)
+        return cls(
+            net,
+            text_tokenizer,
+            mimi_model,
+            watermarker,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+        )
 
     # -- requests ---------------------------------------------------------------------------
 

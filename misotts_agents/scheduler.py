@@ -6,8 +6,9 @@ It alone touches the model, the KV cache and the streaming Mimi state. Each step
 2. admits prepared requests into free slots: copies a cached voice prefix (or computes and caches
    it), prefills the rest of the prompt into that slot's cache row -- one admission per step while
    others are running, so a newcomer never stalls the batch for more than one prefill,
-3. runs one batched step for every active, unpaced row: backbone decode at per-row positions,
-   the depth decoder for all rows at once, one Mimi decode call for all rows,
+3. runs one batched step for every active, unpaced row (step.py: static shapes per batch bucket,
+   a CUDA graph on CUDA): backbone decode at per-row positions, the depth decoder for all rows at
+   once; then one Mimi decode call for all rows,
 4. hands each row's audio to its stream in chunks and ends rows at end-of-speech or their limit.
 
 Prompt preparation (tokenising, Mimi-encoding context audio) happens before, on another thread.
@@ -33,6 +34,7 @@ from .model import MisoModel
 from .prompt import FRAME_MS, Prompt
 from .request import AudioChunk
 from .sampling import SamplingState
+from .step import FrameStepper
 from .stream import SpeechStream
 from .voice import CachedVoice, VoiceCache
 
@@ -75,7 +77,16 @@ class EngineStats:
 
 
 class Scheduler:
-    def __init__(self, model: MisoModel, decoder: codec.MimiStreamDecoder, voices: VoiceCache, max_batch: int):
+    def __init__(
+        self,
+        model: MisoModel,
+        decoder: codec.MimiStreamDecoder,
+        voices: VoiceCache,
+        max_batch: int,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ):
+        """``model`` must have caches for ``max_batch + 1`` rows: the last is the step's scratch row."""
         self.model = model
         self.decoder = decoder
         self.voices = voices
@@ -83,16 +94,18 @@ class Scheduler:
         self.device = model.device
         k = model.num_codebooks
         self.k = k
-        dim = model.backbone.flavor.embed_dim
         dev = self.device
-        self.last_h = torch.zeros(max_batch, dim, dtype=model.dtype, device=dev)
-        self.last_codes = torch.zeros(max_batch, k, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.stepper = FrameStepper(model, max_batch, scratch_row=max_batch, cuda_graphs=cuda_graphs, compile=compile)
+        # Per slot: the next backbone input frame, its position (host ints: no sync), sampling settings.
+        self.next_tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)
+        self.next_mask = torch.zeros(max_batch, 1, k + 1, dtype=torch.bool, device=dev)
+        self.audio_mask = torch.ones(1, k + 1, dtype=torch.bool, device=dev)
+        self.audio_mask[0, k] = False
+        self.positions = [0] * max_batch
         self.temperature = torch.ones(max_batch, dtype=torch.float32, device=dev)
         self.topk = torch.ones(max_batch, dtype=torch.long, device=dev)
         self.seed = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.frame = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.needs_backbone = [False] * max_batch
         self.jobs: dict[int, Job] = {}
         self.free = list(range(max_batch))
         self.ready: deque[Job] = deque()
@@ -208,32 +221,38 @@ class Scheduler:
                 self._finish(job, error=exc)
 
     def _prefill(self, job: Job) -> None:
+        """Fill the slot's cache row with every prompt frame but the last; the last is the input of
+        the slot's first frame step, so prefill never computes a hidden state nobody needs."""
         stream, prompt, slot = job.stream, job.prompt, job.slot
         request = stream.request
         stream.stats.queued_s = time.perf_counter() - stream.submitted_at
         rows = torch.tensor([slot], device=self.device)
         tokens = prompt.tokens.to(self.device).unsqueeze(0)
         mask = prompt.mask.to(self.device).unsqueeze(0)
-        start = 0
+        start, end = 0, prompt.length - 1
         if job.voice is not None:
             start = prompt.prefix_len
             if job.voice.kv is None:  # first use of this voice: compute its prefix once, keep it
-                pos = torch.arange(start, device=self.device).unsqueeze(0)
-                self.model.backbone_last_hidden(tokens[:, :start], mask[:, :start], pos, rows)
+                self._forward(tokens, mask, 0, start, rows)
                 job.voice.kv = self.model.backbone.export_prefix(slot, start)
             else:
                 self.model.backbone.import_prefix(slot, job.voice.kv)
-        pos = torch.arange(start, prompt.length, device=self.device).unsqueeze(0)
-        self.last_h[slot] = self.model.backbone_last_hidden(tokens[:, start:], mask[:, start:], pos, rows)[0]
-        self.positions[slot] = prompt.length
+        self._forward(tokens, mask, start, end, rows)
+        self.next_tokens[slot] = tokens[0, end:]
+        self.next_mask[slot] = mask[0, end:]
+        self.positions[slot] = end
         self.temperature[slot] = request.temperature
         self.topk[slot] = request.topk
         self.seed[slot] = stream.stats.seed
         self.frame[slot] = 0
-        self.needs_backbone[slot] = False
         self.decoder.reset([slot])
         job.sizes = request.chunks.sizes()
         job.want = next(job.sizes)
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, start: int, end: int, rows: torch.Tensor) -> None:
+        if end > start:
+            pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+            self.model.backbone_last_hidden(tokens[:, start:end], mask[:, start:end], pos, rows)
 
     def _runnable(self) -> tuple[list[int], float | None]:
         """Slots to step now, and (if none) how long to sleep before pacing lets one run."""
@@ -250,19 +269,15 @@ class Scheduler:
         return runnable, wait
 
     def _step(self, slots: list[int]) -> None:
-        model, dev, k = self.model, self.device, self.k
+        dev, k = self.device, self.k
         rows = torch.tensor(slots, device=dev)
-        need = [s for s in slots if self.needs_backbone[s]]
-        if need:
-            nrows = torch.tensor(need, device=dev)
-            codes = self.last_codes[nrows]
-            zero = torch.zeros(len(need), 1, dtype=torch.long, device=dev)
-            tokens = torch.cat([codes, zero], dim=1).unsqueeze(1)
-            mask = torch.cat([torch.ones_like(codes, dtype=torch.bool), zero.bool()], dim=1).unsqueeze(1)
-            self.last_h[nrows] = model.backbone_last_hidden(tokens, mask, self.positions[nrows].unsqueeze(1), nrows)
-            self.positions[nrows] += 1
+        pos = torch.tensor([self.positions[s] for s in slots], device=dev).unsqueeze(1)
         sampling = SamplingState(self.temperature[rows], self.topk[rows], self.seed[rows], self.frame[rows])
-        codes = model.decode_frame(self.last_h[rows], sampling)  # (b, K)
+        codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling)  # (b, K)
+        for s in slots:
+            self.positions[s] += 1
+        self.next_tokens[rows, 0, :k] = codes
+        self.next_mask[rows] = self.audio_mask
         speaking = codes.any(dim=1)
         audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
         batch = torch.zeros(self.max_batch, k, dtype=torch.long, device=dev)
@@ -272,15 +287,17 @@ class Scheduler:
         pcm = self.decoder.decode(batch, active).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
         speaking_np = speaking.cpu().numpy()
-        self.last_codes[rows] = codes
         self.frame[rows] += 1
         now = time.perf_counter()
+        with self._lock:  # counted before any stream hears of this step's audio
+            self.steps += 1
+            self.total_frames += int(speaking_np.sum())
+            self._step_times.append((now, int(speaking_np.sum())))
         for i, slot in enumerate(slots):
             job = self.jobs[slot]
             if not speaking_np[i]:
                 self._finish(job, reason="eos")
                 continue
-            self.needs_backbone[slot] = True
             job.stream.add_codes(codes_np[i])
             job.stream.stats.invalid_codes += int((codes_np[i] >= codec.CODEBOOK_SIZE).sum())
             job.frames += 1
@@ -288,17 +305,13 @@ class Scheduler:
             job.pieces.append(pcm[slot])
             if job.frames >= job.stream.request.max_frames:
                 self._finish(job, reason="max_frames")
-            elif int(self.positions[slot]) >= MAX_SEQ_LEN:
+            elif self.positions[slot] >= MAX_SEQ_LEN:
                 self._finish(job, reason="context_full")
             elif len(job.pieces) >= job.want:
                 self._flush(job, final=False)
                 job.want = next(job.sizes)
                 if job.first_audio_at is None:
                     job.first_audio_at = now
-        with self._lock:
-            self.steps += 1
-            self.total_frames += int(speaking_np.sum())
-            self._step_times.append((now, int(speaking_np.sum())))
 
     def _flush(self, job: Job, final: bool) -> None:
         if not job.pieces:
@@ -325,7 +338,6 @@ class Scheduler:
         slot = job.slot
         if slot is not None and self.jobs.get(slot) is job:
             del self.jobs[slot]
-            self.needs_backbone[slot] = False
             self.free.append(slot)
             self.free.sort()
         s = job.stream.stats

@@ -105,7 +105,7 @@ def test_cancel_from_another_thread_stops_at_a_frame_boundary(engine):
     stream.cancel()
     worker.join(timeout=30)
     assert not worker.is_alive()
-    assert stream.stats.stop_reason == "cancelled" and stream.stats.frames < 400
+    assert wait_until(lambda: stream.stats.stop_reason == "cancelled") and stream.stats.frames < 400
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 

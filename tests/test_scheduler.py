@@ -111,10 +111,11 @@ def test_voice_prompt_prefill_is_computed_once(engine, monkeypatch):
     second_prefill = [n for n in prefill_lengths if n > 1]
 
     assert engine.voices.hits == hits + 1
-    voice_frames = first.stats.prompt_frames - second_prefill[0]
+    # Prefill covers every prompt frame but the last (the last is the first frame step's input).
+    voice_frames = first.stats.prompt_frames - 1 - second_prefill[0]
     assert voice_frames >= 25 + 1 + 8  # 2 s of audio (25 frames) + end frame + transcript
-    assert sum(first_prefill) == first.stats.prompt_frames  # voice part + rest, once
-    assert second_prefill == [second.stats.prompt_frames - voice_frames]  # only the part after the voice
+    assert sum(first_prefill) == first.stats.prompt_frames - 1  # voice part + rest, once
+    assert second_prefill == [second.stats.prompt_frames - 1 - voice_frames]  # only what follows the voice
     np.testing.assert_array_equal(first.codes, second.codes)
 
 
