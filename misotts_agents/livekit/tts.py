@@ -1,0 +1,387 @@
+"""MisoTTS as a LiveKit Agents TTS: streaming, one engine per process, errors mapped to APIError.
+
+One ``stream()`` carries one speech segment (LiveKit 1.8 creates one per segment). Text is cut into
+sentences as it arrives from the LLM; each sentence is one engine request, started as soon as the
+sentence is complete, and its audio is pushed to the emitter chunk by chunk while it is generated.
+Earlier sentences of the same segment go into the prompt as the agent's own context (voice
+continuity inside a reply), after the conversation's tone context (see :mod:`.tone`).
+
+Cancelling the stream's task (an interruption) cancels the engine request: the scheduler drops it
+at its next frame step and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    APIConnectionError,
+    APIConnectOptions,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    tokenize,
+    tts,
+    utils,
+)
+
+from ..audio import SAMPLE_RATE
+from ..conversation import ConversationMemory
+from ..errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
+from ..prompt import Segment
+from ..request import AudioChunk, SynthesisRequest
+from ..sources import DEFAULT_MODEL
+from ..voice import VoicePrompt
+from .tone import ToneTracker, current_tracker
+
+log = logging.getLogger("misotts_agents.livekit")
+
+MIME_TYPE = "audio/pcm"
+NUM_CHANNELS = 1
+# Earlier sentences of the segment kept as the agent's context for the next sentence.
+SEGMENT_CONTEXT_SENTENCES = 2
+
+
+class AudioSource(Protocol):
+    """What the TTS needs from an engine: ``stream(request)`` -> async iterator of AudioChunk with
+    ``cancel()``. :class:`~misotts_agents.MisoEngine` and :class:`.InferenceEngine` both fit."""
+
+    def stream(self, request: SynthesisRequest) -> Any: ...
+
+
+@dataclass
+class _Options:
+    model: str
+    speaker: int
+    temperature: float
+    topk: int
+    max_audio_ms: float
+    voice: VoicePrompt | None
+    tone_conditioning: bool
+    max_ahead_s: float | None
+
+
+def map_error(exc: BaseException) -> APIError:
+    """An engine exception as the LiveKit error the framework's retry logic understands."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequest):  # the same input fails the same way: do not retry
+        return APIStatusError(f"MisoTTS rejected the request: {exc}", status_code=400, retryable=False)
+    if isinstance(exc, EngineBusy):  # every slot and the queue are full: a later try may get in
+        return APIStatusError(f"MisoTTS engine busy: {exc}", status_code=503, retryable=True)
+    if isinstance(exc, EngineClosed):
+        return APIConnectionError(f"MisoTTS engine is closed: {exc}", retryable=False)
+    if isinstance(exc, (ModelSourceError, CheckpointError)):  # the model could not be loaded
+        return APIConnectionError(f"MisoTTS engine failed to load: {exc}", retryable=False)
+    if isinstance(exc, TimeoutError):
+        return APITimeoutError(f"MisoTTS produced no audio in time: {exc}")
+    return APIConnectionError(f"MisoTTS engine error: {type(exc).__name__}: {exc}", retryable=True)
+
+
+class TTS(tts.TTS):
+    """MisoTTS (or Sesame CSM) running locally, as a streaming LiveKit TTS (24 kHz mono PCM).
+
+    ``engine``: a :class:`~misotts_agents.MisoEngine`, an :class:`.InferenceEngine` (the worker's
+    shared inference process), or None for the process-wide engine of ``model``
+    (:func:`misotts_agents.registry.shared_engine`, loaded on ``prewarm()`` or first use, in a
+    thread). ``device`` and ``watermark`` are passed to the load. ``voice`` fixes the voice;
+    ``memory`` is an explicit turn memory for every stream of this TTS (one TTS per conversation);
+    otherwise the session's memory from :class:`.MisoToneMixin` is used when
+    ``tone_conditioning`` is on. ``max_audio_ms`` caps each sentence.
+    """
+
+    def __init__(
+        self,
+        model: str | Path = DEFAULT_MODEL,
+        *,
+        engine: AudioSource | None = None,
+        device: str | None = None,
+        watermark: bool = True,
+        voice: VoicePrompt | None = None,
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_ms: float = 30_000,
+        memory: ConversationMemory | None = None,
+        tone_conditioning: bool = True,
+        speaker: int = 0,
+        max_ahead_s: float | None = None,
+        sentence_tokenizer: tokenize.SentenceTokenizer | None = None,
+        load_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=True),
+            sample_rate=SAMPLE_RATE,
+            num_channels=NUM_CHANNELS,
+        )
+        # Validate the sampling settings now, not on the first reply.
+        SynthesisRequest("x", temperature=temperature, topk=topk, max_audio_ms=max_audio_ms)
+        self._opts = _Options(
+            model=str(model),
+            speaker=speaker,
+            temperature=temperature,
+            topk=topk,
+            max_audio_ms=max_audio_ms,
+            voice=voice,
+            tone_conditioning=tone_conditioning,
+            max_ahead_s=max_ahead_s,
+        )
+        self._memory = memory
+        self._engine = engine
+        self._load_kwargs: dict[str, Any] = {"watermark": watermark, **(load_options or {})}
+        if device is not None:
+            self._load_kwargs["device"] = device
+        self._loading: concurrent.futures.Future[AudioSource] | None = None
+        self._load_lock = threading.Lock()
+        self._sentences = sentence_tokenizer or tokenize.basic.SentenceTokenizer(min_sentence_len=10)
+        self._streams: set[tts.SynthesizeStream] = set()
+
+    @property
+    def model(self) -> str:
+        return self._opts.model
+
+    @property
+    def provider(self) -> str:
+        return "misotts"
+
+    @property
+    def memory(self) -> ConversationMemory | None:
+        return self._memory
+
+    @property
+    def voice(self) -> VoicePrompt | None:
+        return self._opts.voice
+
+    def update_options(
+        self,
+        *,
+        voice: VoicePrompt | None = None,
+        temperature: float | None = None,
+        topk: int | None = None,
+        max_audio_ms: float | None = None,
+    ) -> None:
+        """Change the voice or sampling for the next sentences."""
+        opts = replace(self._opts)
+        if voice is not None:
+            opts.voice = voice
+        if temperature is not None:
+            opts.temperature = temperature
+        if topk is not None:
+            opts.topk = topk
+        if max_audio_ms is not None:
+            opts.max_audio_ms = max_audio_ms
+        SynthesisRequest("x", temperature=opts.temperature, topk=opts.topk, max_audio_ms=opts.max_audio_ms)
+        self._opts = opts
+
+    # -- the engine ---------------------------------------------------------------------------
+
+    def _start_loading(self, warm: bool) -> concurrent.futures.Future[AudioSource]:
+        with self._load_lock:
+            if self._loading is None:
+                self._loading = concurrent.futures.Future()
+                threading.Thread(target=self._load, args=(warm,), name="misotts-load", daemon=True).start()
+            return self._loading
+
+    def _load(self, warm: bool) -> None:
+        from ..registry import shared_engine
+
+        assert self._loading is not None
+        try:
+            engine = shared_engine(self._opts.model, **self._load_kwargs)
+            if warm:  # one frame through every part (model, Mimi, watermark) so lazy set-up is done
+                engine.synthesize(SynthesisRequest("Hello.", max_audio_ms=80, seed=0))
+        except BaseException as exc:
+            log.exception("loading the MisoTTS engine failed")
+            with self._load_lock:
+                self._loading.set_exception(exc)
+                self._loading = None  # a later call tries again
+            return
+        self._loading.set_result(engine)
+
+    def prewarm(self) -> None:
+        """Start loading (and warming) the shared engine in the background; returns at once."""
+        if self._engine is None:
+            self._start_loading(warm=True)
+
+    def load_engine(self) -> AudioSource:
+        """Load the engine now, blocking (for a worker's ``setup_fnc`` / process prewarm)."""
+        if self._engine is None:
+            self._engine = self._start_loading(warm=True).result()
+        return self._engine
+
+    async def _get_engine(self) -> AudioSource:
+        if self._engine is None:
+            future = self._start_loading(warm=False)
+            try:
+                self._engine = await asyncio.wrap_future(future)
+            except Exception as exc:
+                raise map_error(exc) from exc
+        return self._engine
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _memory_for_stream(self) -> tuple[ConversationMemory | None, ToneTracker | None]:
+        tracker = current_tracker()
+        if self._memory is not None:
+            return self._memory, tracker
+        if tracker is not None and self._opts.tone_conditioning:
+            return tracker.memory, tracker
+        return None, tracker
+
+    def _request(self, text: str, memory: ConversationMemory | None, earlier: list[Segment]) -> SynthesisRequest:
+        opts = self._opts
+        context: tuple[Segment, ...] = ()
+        voice = opts.voice
+        if memory is not None and opts.tone_conditioning:
+            context = memory.context()
+            voice = voice or memory.voice
+        context = context + tuple(earlier[-SEGMENT_CONTEXT_SENTENCES:])
+        return SynthesisRequest(
+            text,
+            speaker=opts.speaker,
+            context=context,
+            voice=voice,
+            temperature=opts.temperature,
+            topk=opts.topk,
+            max_audio_ms=opts.max_audio_ms,
+            max_ahead_s=opts.max_ahead_s,
+        )
+
+    def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
+        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+
+    def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SynthesizeStream:
+        stream = SynthesizeStream(tts=self, conn_options=conn_options)
+        self._streams.add(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        for stream in list(self._streams):
+            await stream.aclose()
+        self._streams.clear()
+        await super().aclose()
+
+
+class _Speaker:
+    """Speaks sentences one after another into one emitter; shared by both stream kinds."""
+
+    def __init__(self, owner: TTS, conn_options: APIConnectOptions) -> None:
+        self._tts = owner
+        self._timeout = conn_options.timeout
+        self._memory, self._tracker = owner._memory_for_stream()
+        self._earlier: list[Segment] = []
+
+    async def speak(self, text: str, emitter: tts.AudioEmitter) -> None:
+        text = text.strip()
+        if not text:
+            return
+        engine = await self._tts._get_engine()
+        if self._earlier:  # release the last sentence's held-back tail while this one is prefilled
+            emitter.flush()
+        try:
+            request = self._tts._request(text, self._memory, self._earlier)
+            stream = engine.stream(request)
+        except Exception as exc:
+            raise map_error(exc) from exc
+        pieces: list[np.ndarray] = []
+        try:
+            async for chunk in _chunks(stream, self._timeout):
+                emitter.push(chunk.to_int16())
+                pieces.append(chunk.pcm)
+                if self._tracker is not None:
+                    self._tracker.agent_audio(chunk.pcm)
+        finally:
+            stream.cancel()  # no-op when it ended by itself; frees the slot on cancel/errors
+        if self._tracker is not None:
+            self._tracker.agent_text(text)
+        if pieces:
+            self._earlier.append(Segment(self._tts._opts.speaker, text, np.concatenate(pieces), SAMPLE_RATE))
+
+
+async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise APITimeoutError(f"MisoTTS produced no audio for {timeout} s") from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from exc
+        yield chunk
+
+
+class ChunkedStream(tts.ChunkedStream):
+    """One-shot text (``session.say`` / ``tts.synthesize``), streamed sentence by sentence."""
+
+    def __init__(self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions) -> None:
+        super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
+        self._miso = tts
+        self._speaker = _Speaker(tts, conn_options)
+
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        output_emitter.initialize(
+            request_id=utils.shortuuid(),
+            sample_rate=SAMPLE_RATE,
+            num_channels=NUM_CHANNELS,
+            mime_type=MIME_TYPE,
+        )
+        for sentence in self._miso._sentences.tokenize(self.input_text) or [self.input_text]:
+            await self._speaker.speak(sentence, output_emitter)
+
+
+class SynthesizeStream(tts.SynthesizeStream):
+    """One speech segment: text pushed by the LLM, audio out while it is generated."""
+
+    def __init__(self, *, tts: TTS, conn_options: APIConnectOptions) -> None:
+        super().__init__(tts=tts, conn_options=conn_options)
+        self._miso = tts
+        self._speaker = _Speaker(tts, conn_options)
+
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        output_emitter.initialize(
+            request_id=utils.shortuuid(),
+            sample_rate=SAMPLE_RATE,
+            num_channels=NUM_CHANNELS,
+            mime_type=MIME_TYPE,
+            stream=True,
+        )
+        sentences = self._miso._sentences.stream()
+
+        async def feed() -> None:
+            async for item in self._input_ch:
+                if isinstance(item, self._FlushSentinel):
+                    sentences.flush()
+                else:
+                    sentences.push_text(item)
+            sentences.end_input()
+
+        feeder = asyncio.create_task(feed(), name="misotts-feed-text")
+        started = False
+        try:
+            async for token in sentences:
+                if not token.token.strip():
+                    continue
+                if not started:
+                    output_emitter.start_segment(segment_id=utils.shortuuid())
+                    started = True
+                self._mark_started()
+                await self._speaker.speak(token.token, output_emitter)
+            await feeder
+            if started:
+                output_emitter.end_segment()
+        finally:
+            await utils.aio.cancel_and_wait(feeder)
+            await sentences.aclose()
+        self._miso._streams.discard(self)
