@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import statistics
 import sys
@@ -149,6 +150,10 @@ def check_idle(engine: MisoEngine, label: str, wait_s: float = 1.0) -> None:
         print(f"  WARNING after {label}: engine still has active={metrics.active} queued={metrics.queued}")
 
 
+def format_load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def print_table(results: list[RunResult]) -> None:
     header = (
         f"{'N':>3}  {'mode':<10}{'agg frames/s':>13}{'RTF p50':>9}{'TTFA p50':>10}{'TTFA p95':>10}"
@@ -230,6 +235,7 @@ def main() -> None:
             f"model={args.model or 'tiny random checkpoint'} device={device} dtype={dtype} "
             f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark}"
         )
+        print(f"load average at start (1/5/15 min): {format_load()} on {os.cpu_count()} CPUs")
         print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
 
         run(engine, "batched", levels[-1], args.frames, args.seed)  # warm-up: one-off allocations
@@ -247,6 +253,7 @@ def main() -> None:
         print(f"engine metrics at the end: {metrics}")
         plot(results, args.plot, f"misotts-agents concurrency: {device} {dtype}, {args.frames} frames/stream")
         print(f"plot: {args.plot}")
+        print(f"load average at end (1/5/15 min): {format_load()}  (other work on the machine skews all figures)")
         print(f"total benchmark time: {time.perf_counter() - started:.0f} s")
     finally:
         engine.close()

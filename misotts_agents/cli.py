@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.add_argument("--phase-shift", action="store_true", help="search phase shifts like the reference (slow)")
     _add_watermark_args(check, "sony/silentcipher")
+
+    from . import demo  # light: Pipecat and torch are imported only when the demo runs
+
+    demo_parser = sub.add_parser("demo", help="talk to MisoTTS in the browser (WebRTC on localhost, Pipecat)")
+    demo.add_arguments(demo_parser)
     return parser
 
 
@@ -160,7 +165,13 @@ def cmd_watermark_check(args: argparse.Namespace) -> int:
     return 0 if result.detected else 1
 
 
-COMMANDS = {"say": cmd_say, "make-tiny": cmd_make_tiny, "watermark-check": cmd_watermark_check}
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+COMMANDS = {"say": cmd_say, "make-tiny": cmd_make_tiny, "watermark-check": cmd_watermark_check, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,11 @@ class _AudioBuffer:
         self._pieces.clear()
         self._size = 0
 
+    def peek(self) -> np.ndarray:
+        """The audio so far, without taking it."""
+        audio = np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.float32)
+        return audio[-self.max_samples :] if self.max_samples else audio[:0]
+
     @property
     def seconds(self) -> float:
         return self._size / SAMPLE_RATE
@@ -169,6 +174,34 @@ class ConversationMemory:
             self._agent = _AudioBuffer(int(self.max_turn_s * SAMPLE_RATE))
             self._agent_text = text
             self._agent_first_audio_at = None
+
+    def agent_add_text(self, text: str) -> None:
+        """More text for the current utterance (a reply spoken sentence by sentence); no-op if none."""
+        text = text.strip()
+        with self._lock:
+            if self._agent is not None and text:
+                self._agent_text = f"{self._agent_text} {text}".strip()
+
+    @property
+    def agent_speaking(self) -> bool:
+        """True between ``agent_started`` and ``agent_finished``."""
+        return self._agent is not None
+
+    def current_agent_segment(self) -> Segment | None:
+        """The utterance in progress (its text so far and the audio generated for it), or None.
+
+        A reply spoken sentence by sentence conditions each sentence on the earlier ones.
+        """
+        if not self.enabled:
+            return None
+        with self._lock:
+            if self._agent is None or not self._agent_text:
+                return None
+            audio = self._agent.peek()
+            text = self._agent_text
+        if not audio.size:
+            return None
+        return Segment(self.agent_speaker, text, audio, SAMPLE_RATE)
 
     def push_agent_audio(self, pcm: np.ndarray) -> None:
         """Audio of the current utterance (24 kHz float32), as it is sent out for playback."""

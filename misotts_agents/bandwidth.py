@@ -1,0 +1,69 @@
+"""The memory-bandwidth floor of a frame step: what no implementation can beat on a given GPU.
+
+At small batch sizes every frame step reads all the weights it uses once: the backbone once, and
+the depth decoder (plus the projection and one audio-head slice) 31 times, once per codebook. So
+the step cannot take less than ``bytes_per_frame / memory_bandwidth``, however many streams share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+# Peak memory bandwidth in GB/s from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(); the first matching key wins (more specific names first).
+KNOWN_BANDWIDTH_GBS: dict[str, float] = {
+    "H200": 4800,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "H100": 3350,  # SXM
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,  # 40 GB
+    "L40S": 864,
+    "L40": 864,
+    "RTX 6000 Ada": 960,
+    "RTX A6000": 768,
+    "A10G": 600,
+    "A10": 600,
+    "L4": 300,
+    "RTX 5090": 1792,
+    "RTX 4090": 1008,
+    "RTX 3090": 936,
+}
+
+
+def gpu_bandwidth_gbs(device: torch.device) -> tuple[float | None, str]:
+    """(peak GB/s or None if unknown, device name) for a CUDA device."""
+    if device.type != "cuda":
+        return None, "cpu"
+    name = torch.cuda.get_device_name(device)
+    for key, gbs in KNOWN_BANDWIDTH_GBS.items():
+        if key in name:
+            return gbs, name
+    return None, name
+
+
+def bytes_per_frame(config: ModelConfig, bytes_per_param: int) -> int:
+    """Weight bytes one frame step reads (batch-independent while memory-bound)."""
+    b, d = config.backbone, config.decoder
+    k, vocab = config.audio_num_codebooks, config.audio_vocab_size
+
+    def transformer(f):  # attention (q, k, v, out) + SwiGLU + norms
+        attn = f.embed_dim * f.head_dim * (2 * f.num_heads + 2 * f.num_kv_heads)
+        return f.num_layers * (attn + 3 * f.embed_dim * f.intermediate_dim + 2 * f.embed_dim) + f.embed_dim
+
+    backbone = transformer(b) + vocab * b.embed_dim  # + codebook-0 head
+    per_depth_step = transformer(d) + d.embed_dim * b.embed_dim + d.embed_dim * vocab  # + projection, head slice
+    return (backbone + (k - 1) * per_depth_step) * bytes_per_param
+
+
+def floor_ms(config: ModelConfig, bytes_per_param: int, bandwidth_gbs: float) -> float:
+    return bytes_per_frame(config, bytes_per_param) / (bandwidth_gbs * 1e9) * 1e3
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8 if dtype.is_floating_point else math.ceil(torch.iinfo(dtype).bits / 8)

@@ -1,0 +1,430 @@
+"""MisoTTSService: the shared MisoTTS engine as a Pipecat (1.14) TTS service, with tone conditioning.
+
+How the pieces fit (see the class docstring for the user-facing summary):
+
+- ``run_tts`` builds one :class:`SynthesisRequest` per sentence (Pipecat aggregates the LLM's text into
+  sentences and calls ``run_tts`` once for each, all sentences of a reply sharing one ``context_id``),
+  submits it to the shared engine and ``async for``-s its stream: chunks arrive while the engine
+  generates and are pushed as ``TTSAudioRawFrame`` at once. The event loop never blocks.
+- An interruption cancels the task running ``run_tts``: the ``CancelledError`` lands on the stream's
+  ``await``, which cancels the engine request (its slot is freed at the scheduler's next step).
+- The turn memory (:class:`ConversationMemory`) is fed the user's turn audio and transcript and the
+  agent's generated audio; each request's ``context`` is read from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextUserTurnFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.utils.tracing.service_decorators import traced_tts
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+from ..audio import SAMPLE_RATE
+from ..conversation import ConversationMemory
+from ..engine import MisoEngine
+from ..errors import EngineClosed, MisoError
+from ..prompt import Segment
+from ..registry import shared_engine
+from ..request import SynthesisRequest
+from ..sources import DEFAULT_MODEL
+from ..voice import VoicePrompt
+
+DEFAULT_VOICE = "default"
+_REQUEST_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)}
+
+
+@dataclass
+class MisoTTSSettings(TTSSettings):
+    """Runtime-updatable settings of :class:`MisoTTSService` (send a delta in ``TTSUpdateSettingsFrame``).
+
+    Every change applies from the next request (the next sentence) on.
+
+    Parameters:
+        voice: name of a registered voice prompt (``MisoTTSService.register_voice``; the constructor's
+            ``voice=`` is registered as ``"default"``), or None for no voice prompt.
+        temperature: sampling temperature (> 0).
+        topk: top-k sampling (>= 1; 1 is greedy).
+        watermark: None uses the engine's setting; False opts requests out of the SilentCipher mark;
+            True requires it (an error if the engine was loaded without a watermarker).
+        max_audio_ms: longest audio per sentence.
+        max_ahead_s: pace generation to at most this many seconds of audio ahead of real time
+            (less GPU work wasted when the user barges in); None generates flat out.
+        seed: fixed sampling seed (reproducible audio), or None for a fresh one per request.
+    """
+
+    temperature: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    topk: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    watermark: bool | NotGiven | None = field(default_factory=lambda: NOT_GIVEN)
+    max_audio_ms: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    max_ahead_s: float | NotGiven | None = field(default_factory=lambda: NOT_GIVEN)
+    seed: int | NotGiven | None = field(default_factory=lambda: NOT_GIVEN)
+
+
+class _UserTurnCapture:
+    """Feeds the user's side of the conversation into the memory, from the service or its tap.
+
+    The same frames may reach both the tap and the service: audio is taken from the first processor
+    that delivers any (the tap, which sits upstream), transcripts are de-duplicated by frame id, and
+    turn frames and transcripts are taken once (by frame id, or their broadcast sibling's).
+    """
+
+    def __init__(self, memory: ConversationMemory) -> None:
+        self.memory = memory
+        self.audio_source: object | None = None
+        self._seen: deque[int] = deque(maxlen=64)
+        self._transcribed = False  # a TranscriptionFrame fed this turn's text already
+
+    def _first_time(self, frame: Frame) -> bool:
+        # The same frame passes the tap and the service; a broadcast's two copies are siblings.
+        if frame.id in self._seen or (
+            frame.broadcast_sibling_id is not None and frame.broadcast_sibling_id in self._seen
+        ):
+            return False
+        self._seen.append(frame.id)
+        return True
+
+    def audio(self, frame: InputAudioRawFrame, source: object) -> None:
+        if self.audio_source is None:
+            self.audio_source = source
+        if source is self.audio_source and frame.audio:
+            self.memory.push_user_audio(frame.audio, frame.sample_rate, frame.num_channels)
+
+    def started(self, frame: Frame) -> None:
+        if self._first_time(frame) and self.memory.enabled:
+            self._transcribed = False
+            self.memory.user_started_speaking()
+
+    def stopped(self, frame: Frame) -> None:
+        if self._first_time(frame):
+            self.memory.user_stopped_speaking()
+
+    def transcription(self, frame: TranscriptionFrame) -> None:
+        if self._first_time(frame) and self.memory.enabled:
+            self._transcribed = True
+            self.memory.add_user_transcript(frame.text)
+
+    def user_turn(self, frame: LLMContextUserTurnFrame) -> None:
+        # The user aggregator's text of the whole turn; used unless transcriptions already gave it.
+        if self._first_time(frame) and not self._transcribed and self.memory.enabled:
+            self.memory.add_user_transcript(frame.text)
+
+    def handle(self, frame: Frame, direction: FrameDirection, source: object) -> None:
+        if isinstance(frame, InputAudioRawFrame):
+            if direction == FrameDirection.DOWNSTREAM:
+                self.audio(frame, source)
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            self.started(frame)
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            self.stopped(frame)
+        elif isinstance(frame, TranscriptionFrame):
+            self.transcription(frame)
+        elif isinstance(frame, LLMContextUserTurnFrame):
+            self.user_turn(frame)
+
+
+class MisoUserAudioTap(FrameProcessor):
+    """Taps the user's audio into a :class:`MisoTTSService`'s turn memory; passes every frame on.
+
+    Place it right after ``transport.input()`` (make it with ``tts.user_audio_tap()``). It is only
+    needed when input audio does not reach the TTS on its own: a processor between the transport and
+    the TTS that drops ``InputAudioRawFrame`` (the stock STT services, user aggregator and LLM services
+    forward it), or ``audio_passthrough=False`` on the STT. Turn start/stop frames reach it going
+    upstream (the user aggregator broadcasts them both ways); VAD lag is covered by the pre-roll.
+    """
+
+    def __init__(self, service: MisoTTSService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = service
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if self._service.tone_conditioning:
+            self._service._capture.handle(frame, direction, self)
+        await self.push_frame(frame, direction)
+
+
+class MisoTTSService(TTSService):
+    """MisoTTS (or Sesame CSM-1B) as a local, streaming Pipecat TTS service.
+
+    One engine serves every pipeline in the process: by default the service asks
+    :func:`misotts_agents.registry.shared_engine` for ``model`` (loaded once, on first use; load it
+    before building pipelines, Pipecat's setup timeout is 20 s), or pass ``engine=``. Each service
+    (one per pipeline) has its own :class:`ConversationMemory`.
+
+    Audio streams while the engine generates (first chunk after one 80 ms frame), as 16-bit mono
+    ``TTSAudioRawFrame`` at the pipeline's output rate (``PipelineParams(audio_out_sample_rate=...)``,
+    or ``sample_rate=``); the 24 kHz model audio is resampled with one streaming soxr resampler per
+    utterance. An ``InterruptionFrame`` cancels the engine request at its next frame step.
+
+    **Tone conditioning** (``tone_conditioning=True``): each request's prompt holds the last
+    ``max_turns`` turns of the conversation, oldest first: the user's turns (their audio and
+    transcript) and the agent's own earlier replies (only what was played when the user barged in),
+    plus the reply being spoken (later sentences hear the earlier ones), after the optional voice
+    prompt. How the user's side gets here, in Pipecat 1.14:
+
+    - *Audio*: ``InputAudioRawFrame`` flows down the whole pipeline by default: the input transport
+      passes it on (``TransportParams.audio_in_passthrough=True``), so do the STT services
+      (``audio_passthrough=True``), the user aggregator (its catch-all branch) and the LLM services
+      (their catch-all ``push_frame``). The service records it between ``UserStartedSpeakingFrame`` and
+      ``UserStoppedSpeakingFrame`` (broadcast by the user aggregator, so they reach the TTS
+      downstream), with a pre-roll for VAD lag; any input rate. Where a processor in between drops
+      input audio, put ``tts.user_audio_tap()`` right after ``transport.input()``.
+    - *Transcript*: ``TranscriptionFrame`` is consumed by the user aggregator; the aggregator then
+      broadcasts ``LLMContextUserTurnFrame`` (the turn's text as written to the LLM context) before it
+      runs the LLM, so it reaches the TTS ahead of the reply. A ``TranscriptionFrame`` that does reach
+      the service (no aggregator in front) is used instead.
+
+    The agent's side is recorded from the generated audio; its played part is estimated from wall
+    time since the reply's first audio (playback runs at real time) and the utterance is closed at
+    the user's next turn start or interruption (cut to what was played) or at the next reply.
+    """
+
+    Settings = MisoTTSSettings
+    _settings: MisoTTSSettings
+
+    def __init__(
+        self,
+        model: str | Path = DEFAULT_MODEL,
+        *,
+        engine: MisoEngine | None = None,
+        device: str | None = None,
+        watermark: bool | str = True,
+        voice: VoicePrompt | None = None,
+        memory: ConversationMemory | None = None,
+        tone_conditioning: bool = True,
+        max_turns: int = 4,
+        settings: MisoTTSSettings | None = None,
+        sample_rate: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the service.
+
+        Args:
+            model: local directory or Hub repo id of the checkpoint (ignored when ``engine`` is given).
+            engine: an explicit (shared) engine instead of the process-wide one for ``model``.
+            device: device for the engine the service loads (default: CUDA when available).
+            watermark: passed to the engine load: True (SilentCipher), a directory/repo, or False.
+            voice: voice prompt fixing the agent's voice (its prefill is cached by the engine);
+                registered as ``"default"``.
+            memory: the conversation memory to use (default: a new one for this service).
+            tone_conditioning: feed the user's last turns and the agent's earlier turns into the prompt.
+            max_turns: most conversation turns in each prompt.
+            settings: initial settings (a delta over the defaults).
+            sample_rate: output rate; None follows the pipeline's ``audio_out_sample_rate``.
+            **kwargs: passed to Pipecat's ``TTSService``.
+        """
+        if max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+        if memory is None:
+            memory = ConversationMemory(max_turns=max(max_turns, 1), voice=voice, enabled=tone_conditioning)
+        voice = voice if voice is not None else memory.voice
+        default_settings = self.Settings(
+            model=str(model),
+            voice=DEFAULT_VOICE if voice is not None else None,
+            language=None,
+            temperature=_REQUEST_DEFAULTS["temperature"],
+            topk=_REQUEST_DEFAULTS["topk"],
+            watermark=None,
+            max_audio_ms=_REQUEST_DEFAULTS["max_audio_ms"],
+            max_ahead_s=None,
+            seed=None,
+        )
+        if settings is not None:
+            default_settings.apply_update(settings)
+        super().__init__(
+            push_start_frame=True,
+            push_stop_frames=True,
+            sample_rate=sample_rate,
+            settings=default_settings,
+            **kwargs,
+        )
+        if engine is None:
+            # Only non-default options: ``MisoTTSService(model)`` then shares ``shared_engine(model)``.
+            options: dict[str, Any] = {} if device is None else {"device": device}
+            if watermark is not True:
+                options["watermark"] = watermark
+            engine = shared_engine(model, **options)
+        self._engine = engine
+        self._memory = memory
+        self._capture = _UserTurnCapture(memory)
+        self._tone_conditioning = tone_conditioning
+        self._max_turns = max_turns
+        self._voices: dict[str, VoicePrompt] = {}
+        if voice is not None:
+            self._voices[DEFAULT_VOICE] = voice
+        self._agent_context: str | None = None  # context_id of the reply open in the memory
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> MisoEngine:
+        return self._engine
+
+    @property
+    def memory(self) -> ConversationMemory:
+        return self._memory
+
+    @property
+    def tone_conditioning(self) -> bool:
+        return self._tone_conditioning
+
+    def register_voice(self, name: str, voice: VoicePrompt) -> None:
+        """Make a voice prompt selectable by name (``Settings(voice=name)``, also at run time)."""
+        if not isinstance(voice, VoicePrompt):
+            raise TypeError(f"voice must be a VoicePrompt, got {type(voice).__name__}")
+        self._voices[name] = voice
+
+    def user_audio_tap(self, **kwargs: Any) -> MisoUserAudioTap:
+        """A processor to put right after ``transport.input()`` when input audio doesn't reach the TTS."""
+        return MisoUserAudioTap(self, **kwargs)
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    # -- frames --------------------------------------------------------------------------------
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, (InterruptionFrame, UserStartedSpeakingFrame)):
+            # The user takes the floor: the reply ends here, cut to what was played by now.
+            self._finish_agent_turn(interrupted=True)
+        if self._tone_conditioning:
+            self._capture.handle(frame, direction, self)
+
+    async def on_audio_context_interrupted(self, context_id: str) -> None:
+        if context_id == self._agent_context:
+            self._finish_agent_turn(interrupted=True)
+
+    async def _update_settings(self, delta: MisoTTSSettings) -> dict[str, Any]:
+        changed = await super()._update_settings(delta)
+        if "voice" in changed and self._settings.voice is not None and self._settings.voice not in self._voices:
+            logger.warning(f"{self}: unknown voice {self._settings.voice!r}; register it with register_voice()")
+        unhandled = {k for k in changed if k in ("model", "language")}
+        if unhandled:
+            self._warn_unhandled_updated_settings(unhandled)
+        return changed
+
+    # -- synthesis -----------------------------------------------------------------------------
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Stream the sentence's audio while the engine generates it.
+
+        Args:
+            text: the sentence to speak.
+            context_id: the reply's audio context (shared by its sentences).
+        """
+        await self.start_tts_usage_metrics(text)
+        stream = None
+        keepalive = None
+        try:
+            request = self._request(text)
+            stream = self._engine.stream(request)
+            if self._tone_conditioning:
+                self._agent_says(text, context_id)
+            keepalive = self.create_task(self._keep_context_alive(context_id), name=f"{self}::keepalive")
+            resampler = create_stream_resampler(clear_after_secs=None) if self.sample_rate != SAMPLE_RATE else None
+            first = True
+            async for chunk in stream:
+                if first:
+                    await self.stop_ttfb_metrics()
+                    first = False
+                if self._agent_context == context_id:
+                    self._memory.push_agent_audio(chunk.pcm)
+                audio = chunk.to_int16()
+                if resampler is not None:
+                    audio = await resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
+                if audio:
+                    yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+            if resampler is not None:
+                tail = await resampler.flush()
+                if tail:
+                    yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+        except EngineClosed as exc:
+            await self.push_error(f"{self}: {exc}", exception=exc, force_treat_as_permanent=True)
+        except MisoError as exc:  # invalid request (text, settings, audio), engine busy, missing watermark
+            yield ErrorFrame(error=f"{self}: {exc}", exception=exc)
+        except Exception as exc:  # a failure inside the engine: this utterance only
+            yield ErrorFrame(error=f"{self}: synthesis failed: {exc}", exception=exc)
+        finally:
+            if stream is not None:
+                stream.cancel()  # no-op when it ended; frees the engine slot at the next step otherwise
+            if keepalive is not None:
+                await self.cancel_task(keepalive)
+            await self.stop_ttfb_metrics()
+
+    def _request(self, text: str) -> SynthesisRequest:
+        s = self._settings
+        voice = None
+        if s.voice is not None:
+            voice = self._voices.get(s.voice)
+            if voice is None:
+                raise _UnknownVoice(f"unknown voice {s.voice!r}: register it with register_voice() first")
+        return SynthesisRequest(
+            text,
+            speaker=self._memory.agent_speaker,
+            context=self._context(),
+            voice=voice,
+            temperature=s.temperature,
+            topk=s.topk,
+            seed=s.seed,
+            max_audio_ms=s.max_audio_ms,
+            watermark=s.watermark,
+            max_ahead_s=s.max_ahead_s,
+        )
+
+    def _context(self) -> tuple[Segment, ...]:
+        if not self._tone_conditioning or not self._max_turns:
+            return ()
+        context = self._memory.context()
+        current = self._memory.current_agent_segment() if self._agent_context is not None else None
+        if current is not None:
+            context += (current,)
+        return context[-self._max_turns :]
+
+    def _agent_says(self, text: str, context_id: str) -> None:
+        """Open the reply in the memory on its first sentence; add later sentences' text to it."""
+        if self._agent_context == context_id and self._memory.agent_speaking:
+            self._memory.agent_add_text(text)
+            return
+        self._finish_agent_turn(interrupted=False)  # the previous reply was played out
+        self._memory.agent_started(text)
+        self._agent_context = context_id
+
+    def _finish_agent_turn(self, interrupted: bool) -> None:
+        if self._agent_context is not None:
+            self._agent_context = None
+            self._memory.agent_finished(interrupted=interrupted)
+
+    async def _keep_context_alive(self, context_id: str) -> None:
+        # Pipecat ends an audio context that gets nothing for stop_frame_timeout_s (3 s): keep it open
+        # while the engine prepares, queues or prefills the request.
+        interval = max(0.05, self._stop_frame_timeout_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            self._refresh_audio_context(context_id)
+
+
+class _UnknownVoice(MisoError, ValueError):
+    pass

@@ -1,0 +1,436 @@
+"""MisoTTSService in real Pipecat 1.14 pipelines (pipecat.tests.utils.run_test) on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextUserTurnFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSUpdateSettingsFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.tests.utils import SleepFrame, run_test
+from signals import tone, wait_until
+
+from misotts_agents.engine import MisoEngine
+from misotts_agents.errors import EngineBusy
+from misotts_agents.pipecat import MisoTTSService
+from misotts_agents.prompt import FRAME_SAMPLES
+from misotts_agents.registry import shared_engine
+from misotts_agents.request import AudioChunk
+from misotts_agents.voice import VoicePrompt
+
+SHORT = MisoTTSService.Settings(max_audio_ms=480, seed=1)  # 6 frames per sentence
+
+
+@pytest.fixture(scope="module")
+def miso(tiny_dir):
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
+    yield engine
+    engine.close()
+
+
+class Spy:
+    """Wraps ``engine.stream`` to record every request and the stream it got."""
+
+    def __init__(self, engine: MisoEngine, monkeypatch: pytest.MonkeyPatch, fake=None) -> None:
+        self.calls: list[tuple] = []
+        real = engine.stream
+
+        def stream(request):
+            s = fake(request) if fake is not None else real(request)
+            self.calls.append((request, s))
+            return s
+
+        monkeypatch.setattr(engine, "stream", stream)
+
+    @property
+    def requests(self):
+        return [r for r, _ in self.calls]
+
+
+def run(service, frames, rate: int = 24_000):
+    return asyncio.run(
+        run_test(service, frames_to_send=frames, pipeline_params=PipelineParams(audio_out_sample_rate=rate))
+    )
+
+
+def names(frames: list[Frame]) -> list[str]:
+    out: list[str] = []
+    for f in frames:
+        name = type(f).__name__
+        if name == "TTSAudioRawFrame" and out and out[-1] == name:
+            continue
+        out.append(name)
+    return out
+
+
+def user_turn(text_frame: Frame, seconds: float = 0.6, rate: int = 16_000) -> list[Frame]:
+    pcm = (tone(seconds, rate) * 32767).astype(np.int16)
+    step = rate // 50  # 20 ms frames, like a transport
+    audio = [InputAudioRawFrame(pcm[i : i + step].tobytes(), rate, 1) for i in range(0, pcm.size, step)]
+    return [UserStartedSpeakingFrame(), *audio, UserStoppedSpeakingFrame(), text_frame]
+
+
+def test_speak_frame_order_and_pcm(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    down, up = run(tts, [TTSSpeakFrame("Hello there.")])
+    assert names(down) == [
+        "AggregatedTextFrame",
+        "TTSStartedFrame",
+        "TTSAudioRawFrame",
+        "TTSTextFrame",
+        "LLMAssistantPushAggregationFrame",
+        "TTSStoppedFrame",
+    ]
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert len(audio) > 1  # streamed in chunks, not one blob
+    ctx = down[1].context_id
+    assert all(f.context_id == ctx and f.num_channels == 1 and f.sample_rate == 24_000 for f in audio)
+    (request, stream), *_ = spy.calls
+    assert request.text == "Hello there." and stream.stats.stop_reason in ("max_frames", "eos")
+    assert sum(len(f.audio) for f in audio) == 2 * stream.stats.frames * FRAME_SAMPLES  # int16, 80 ms a frame
+
+
+def test_llm_reply_one_context_and_sentences_condition_each_other(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    frames = [
+        LLMFullResponseStartFrame(),
+        LLMTextFrame("Hello there. "),
+        LLMTextFrame("How are you today?"),
+        LLMFullResponseEndFrame(),
+    ]
+    down, _ = run(tts, frames)
+    assert names(down) == [
+        "LLMFullResponseStartFrame",
+        "AggregatedTextFrame",
+        "TTSStartedFrame",
+        "TTSAudioRawFrame",
+        "TTSTextFrame",
+        "AggregatedTextFrame",
+        "TTSAudioRawFrame",
+        "TTSTextFrame",
+        "TTSStoppedFrame",
+        "LLMFullResponseEndFrame",
+    ]
+    assert len({f.context_id for f in down if isinstance(f, TTSAudioRawFrame)}) == 1
+    first, second = spy.requests
+    assert first.context == ()
+    (seg,) = second.context  # the reply so far: its first sentence, as generated
+    assert (seg.speaker, seg.text) == (0, "Hello there.")
+    assert seg.audio.size == spy.calls[0][1].stats.frames * FRAME_SAMPLES
+
+
+@pytest.mark.parametrize("rate", [8_000, 16_000, 24_000, 48_000])
+def test_output_rate_labels_and_lengths(miso, monkeypatch, rate):
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    down, _ = run(tts, [TTSSpeakFrame("Hello there.")], rate=rate)
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert audio and {(f.sample_rate, f.num_channels) for f in audio} == {(rate, 1)}
+    samples = sum(len(f.audio) for f in audio) // 2
+    expected = spy.calls[0][1].stats.frames * FRAME_SAMPLES * rate / 24_000
+    assert abs(samples - expected) <= rate * 0.002  # streaming resampler, flushed at the end: within 2 ms
+
+
+def test_interruption_cancels_the_engine_request_and_frees_its_slot(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    before = miso.metrics().cancelled
+    long = MisoTTSService.Settings(max_audio_ms=8_000, seed=1)  # 100 frames: far longer than the test
+    tts = MisoTTSService(engine=miso, settings=long)
+    frames = [
+        TTSSpeakFrame("This reply is going to be interrupted."),
+        SleepFrame(0.8),
+        InterruptionFrame(),
+        SleepFrame(0.4),
+        TTSUpdateSettingsFrame(delta=MisoTTSService.Settings(max_audio_ms=240)),
+        TTSSpeakFrame("Okay."),
+    ]
+    down, up = run(tts, frames)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    (_, cut), (_, after) = spy.calls
+    assert cut.stats.stop_reason == "cancelled" and 0 < cut.stats.frames < 100
+    assert after.stats.stop_reason in ("max_frames", "eos")
+    assert miso.metrics().cancelled == before + 1
+    # (a stream learns its end just before the scheduler thread puts its slot back)
+    assert wait_until(lambda: miso.free_slots == miso.max_batch and miso.metrics().active == 0, timeout=2.0)
+    # no audio of the interrupted reply after the interruption; the next reply plays normally
+    i = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    first_ctx = next(f.context_id for f in down if isinstance(f, TTSStartedFrame))
+    assert not [f for f in down[i:] if isinstance(f, TTSAudioRawFrame) and f.context_id == first_ctx]
+    assert [f for f in down[i:] if isinstance(f, TTSAudioRawFrame)]
+    assert isinstance(down[-1], TTSStoppedFrame)
+
+
+def test_interruption_frees_the_slot_within_a_frame_step(miso):
+    """The cancel reaches the scheduler while the pipeline is still running, not at its end."""
+
+    class Probe(FrameProcessor):
+        slots: list[int] = []  # noqa: RUF012
+        waited: list[float] = []  # noqa: RUF012
+
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, InterruptionFrame):  # the TTS has handled it: poll the engine
+                start = time.monotonic()
+                while miso.free_slots < miso.max_batch and time.monotonic() - start < 2.0:
+                    await asyncio.sleep(0.01)
+                self.slots.append(miso.free_slots)
+                self.waited.append(time.monotonic() - start)
+            await self.push_frame(frame, direction)
+
+    tts = MisoTTSService(engine=miso, settings=MisoTTSService.Settings(max_audio_ms=8_000, seed=2))
+    frames = [TTSSpeakFrame("Interrupt me, please."), SleepFrame(0.6), InterruptionFrame(), SleepFrame(0.5)]
+    run(Pipeline([tts, Probe()]), frames)
+    assert Probe.slots == [miso.max_batch]
+    assert Probe.waited[0] < 1.0  # one frame step of the tiny model is ~0.1 s on 2 CPU cores
+
+
+class FakeStream:
+    """A stream that hands over ``seconds`` of audio at once (faster than real time), then waits."""
+
+    def __init__(self, seconds: float, fail: Exception | None = None, hold: bool = False, delay: float = 0.0) -> None:
+        self.chunks = [AudioChunk(tone(seconds), 0, int(seconds * 12.5), False)]
+        self.delay = delay
+        self.fail = fail
+        self.hold = hold
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.delay:  # queued behind other conversations, or a long prefill
+            await asyncio.sleep(self.delay)
+            self.delay = 0.0
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.fail is not None:
+            raise self.fail
+        if self.hold:
+            await asyncio.sleep(30)  # generation goes on until cancelled
+        raise StopAsyncIteration
+
+
+def test_agent_turn_is_cut_to_what_was_played(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch, fake=lambda r: FakeStream(2.0, hold=True) if len(spy.calls) == 0 else FakeStream(0.1))
+    tts = MisoTTSService(engine=miso)
+    said = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen."
+    start = time.monotonic()
+    frames = [TTSSpeakFrame(said), SleepFrame(0.4), InterruptionFrame(), SleepFrame(0.1), TTSSpeakFrame("Sorry?")]
+    _down, _ = run(tts, frames)
+    elapsed = time.monotonic() - start
+    first, _ = spy.calls
+    assert first[1].cancelled
+    (seg,) = spy.requests[1].context
+    played = seg.audio.size / 24_000
+    assert 0.25 <= played <= min(elapsed, 1.9)  # ~0.4 s of the 2 s generated had played
+    assert seg.speaker == 0 and said.startswith(seg.text) and 0 < len(seg.text.split()) < 16
+
+
+@pytest.mark.parametrize("via", ["user_turn_frame", "transcription"])
+def test_user_audio_and_transcript_reach_the_prompt(miso, monkeypatch, via):
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    text = (
+        LLMContextUserTurnFrame(text="Where is my order?", timestamp="")
+        if via == "user_turn_frame"
+        else TranscriptionFrame("Where is my order?", "user", "")
+    )
+    run(tts, [*user_turn(text), TTSSpeakFrame("It is on its way."), TTSSpeakFrame("It comes today.")])
+    first, second = spy.requests
+    (user,) = first.context
+    assert (user.speaker, user.text, user.sample_rate) == (1, "Where is my order?", 24_000)
+    assert abs(user.audio.size / 24_000 - 0.6) < 0.01  # the 16 kHz turn, resampled to 24 kHz
+    # the next utterance hears the user's turn and then the agent's first reply
+    assert [(s.speaker, s.text) for s in second.context] == [(1, "Where is my order?"), (0, "It is on its way.")]
+
+
+def test_user_audio_tap_when_audio_does_not_reach_the_tts(miso, monkeypatch):
+    class DropInputAudio(FrameProcessor):  # e.g. an STT with audio_passthrough=False
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if not isinstance(frame, InputAudioRawFrame):
+                await self.push_frame(frame, direction)
+
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    text = LLMContextUserTurnFrame(text="Can you hear me?", timestamp="")
+    run(Pipeline([tts.user_audio_tap(), DropInputAudio(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Yes.")])
+    (user,) = spy.requests[0].context
+    assert user.text == "Can you hear me?" and abs(user.audio.size / 24_000 - 0.4) < 0.01
+
+
+def test_tap_and_service_do_not_record_the_audio_twice(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    text = TranscriptionFrame("Twice?", "user", "")
+    run(Pipeline([tts.user_audio_tap(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Once.")])
+    (user,) = spy.requests[0].context
+    assert user.text == "Twice?" and abs(user.audio.size / 24_000 - 0.4) < 0.01
+
+
+def test_tone_conditioning_off_and_max_turns(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    off = MisoTTSService(engine=miso, settings=SHORT, tone_conditioning=False)
+    text = LLMContextUserTurnFrame(text="Hi.", timestamp="")
+    run(off, [*user_turn(text, 0.2), TTSSpeakFrame("Hello."), TTSSpeakFrame("Again.")])
+    assert [r.context for r in spy.requests] == [(), ()]
+    one = MisoTTSService(engine=miso, settings=SHORT, max_turns=1)
+    run(one, [*user_turn(text, 0.2), TTSSpeakFrame("Hello."), TTSSpeakFrame("Again.")])
+    assert [[s.text for s in r.context] for r in spy.requests[2:]] == [["Hi."], ["Hello."]]
+
+
+def test_engine_rejections_and_failures_become_error_frames(miso, monkeypatch):
+    # a request the engine rejects: a watermark asked of an engine loaded without one
+    # (a context without audio ends after stop_frame_timeout_s, as in any Pipecat TTS: keep it short)
+    quick = {"engine": miso, "stop_frame_timeout_s": 0.5}
+    tts = MisoTTSService(**quick, settings=MisoTTSService.Settings(max_audio_ms=240, watermark=True))
+    fix = TTSUpdateSettingsFrame(delta=MisoTTSService.Settings(watermark=None))
+    down, up = run(tts, [TTSSpeakFrame("Mark this."), fix, TTSSpeakFrame("Now without.")])
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors and "watermark" in errors[0].error
+    assert [f for f in down if isinstance(f, TTSAudioRawFrame)]  # the pipeline kept going
+
+    # bad settings (invalid request), a busy engine and a failure mid-stream
+    bad = MisoTTSService(**quick, settings=MisoTTSService.Settings(temperature=-1.0))
+    _, up = run(bad, [TTSSpeakFrame("Too cold.")])
+    assert any("temperature" in f.error for f in up if isinstance(f, ErrorFrame))
+
+    def busy(request):
+        raise EngineBusy("engine busy: test")
+
+    Spy(miso, monkeypatch, fake=busy)
+    _, up = run(MisoTTSService(**quick), [TTSSpeakFrame("Anyone?")])
+    assert any("engine busy" in f.error for f in up if isinstance(f, ErrorFrame))
+
+    Spy(miso, monkeypatch, fake=lambda r: FakeStream(0.2, fail=RuntimeError("step failed")))
+    down, up = run(MisoTTSService(**quick), [TTSSpeakFrame("Half.")])
+    assert any("step failed" in f.error for f in up if isinstance(f, ErrorFrame))
+    assert [f for f in down if isinstance(f, TTSAudioRawFrame)]  # the audio before the failure was kept
+
+
+def test_settings_update_applies_to_the_next_request(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    voice = VoicePrompt(0, "This is my voice.", tone(1.0), 24_000)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    tts.register_voice("alto", voice)
+    delta = MisoTTSService.Settings(temperature=0.5, topk=3, max_audio_ms=240, seed=7, voice="alto", watermark=False)
+    run(tts, [TTSSpeakFrame("Before."), TTSUpdateSettingsFrame(delta=delta), TTSSpeakFrame("After.")])
+    before, after = spy.requests
+    assert (before.temperature, before.topk, before.max_frames, before.seed, before.voice) == (0.9, 50, 6, 1, None)
+    assert (after.temperature, after.topk, after.max_frames, after.seed, after.voice) == (0.5, 3, 3, 7, voice)
+    assert after.watermark is False
+    assert spy.calls[1][1].stats.frames <= 3
+
+
+def test_constructor_voice_is_the_default(miso, monkeypatch):
+    spy = Spy(miso, monkeypatch)
+    voice = VoicePrompt(0, "This is my voice.", tone(1.0), 24_000)
+    tts = MisoTTSService(engine=miso, voice=voice, settings=SHORT)
+    run(tts, [TTSSpeakFrame("Hello."), TTSUpdateSettingsFrame(delta=MisoTTSService.Settings(voice="nobody"))])
+    assert spy.requests[0].voice is voice
+
+
+def test_services_share_one_engine(tiny_dir):
+    a = MisoTTSService(str(tiny_dir), device="cpu", watermark=False)
+    b = MisoTTSService(str(tiny_dir), device="cpu", watermark=False)
+    try:
+        assert a.engine is b.engine and a.memory is not b.memory
+        assert a.engine is shared_engine(str(tiny_dir), device="cpu", watermark=False)
+    finally:
+        a.engine.close()
+
+
+def test_real_user_aggregator_and_llm_stand_in(miso, monkeypatch):
+    """Pipecat's own user aggregator decides the turn; the TTS, after a stand-in LLM, gets the user's
+    audio (InputAudioRawFrame passed down by the aggregator and the LLM) and the turn's text
+    (LLMContextUserTurnFrame, which the aggregator broadcasts before it runs the LLM)."""
+    from pipecat.frames.frames import LLMContextFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import (
+        LLMContextAggregatorPair,
+        LLMUserAggregatorParams,
+    )
+    from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
+    from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+    class StandInLLM(FrameProcessor):  # forwards what it doesn't handle, like pipecat's LLM services
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, LLMContextFrame):
+                await self.push_frame(LLMFullResponseStartFrame())
+                await self.push_frame(LLMTextFrame("It is on its way."))
+                await self.push_frame(LLMFullResponseEndFrame())
+            else:
+                await self.push_frame(frame, direction)
+
+    spy = Spy(miso, monkeypatch)
+    strategies = UserTurnStrategies(stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=0.1)])
+    user, _ = LLMContextAggregatorPair(
+        LLMContext(), user_params=LLMUserAggregatorParams(user_turn_strategies=strategies)
+    )
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    turn = user_turn(TranscriptionFrame("Where is my order?", "user", ""), 0.6)
+    frames = [VADUserStartedSpeakingFrame(), *turn[1:-2], turn[-1], VADUserStoppedSpeakingFrame(), SleepFrame(1.0)]
+    down, _ = run(Pipeline([user, StandInLLM(), tts]), frames)
+    assert [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    (request,) = spy.requests
+    (seg,) = request.context
+    assert (seg.speaker, seg.text) == (1, "Where is my order?")
+    assert 0.3 <= seg.audio.size / 24_000 <= 0.7  # from the aggregator's turn start (plus pre-roll)
+
+
+def test_ttfb_and_usage_metrics(miso):
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
+
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    params = PipelineParams(enable_metrics=True, enable_usage_metrics=True)
+    down, _ = asyncio.run(run_test(tts, frames_to_send=[TTSSpeakFrame("Hello there.")], pipeline_params=params))
+    data = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
+    ttfb = [d for d in data if isinstance(d, TTFBMetricsData) and d.value > 0]
+    usage = [d for d in data if isinstance(d, TTSUsageMetricsData)]
+    assert ttfb and usage and usage[0].value == len("Hello there.")
+
+
+def test_slow_first_audio_keeps_the_audio_context_open(miso, monkeypatch):
+    """Pipecat ends a context that gets nothing for stop_frame_timeout_s (3 s by default); a request
+    waiting in a busy engine must not be written off as "completed with no audio"."""
+    Spy(miso, monkeypatch, fake=lambda r: FakeStream(0.2, delay=1.2))
+    tts = MisoTTSService(engine=miso, stop_frame_timeout_s=0.4)
+    down, up = run(tts, [TTSSpeakFrame("Wait for it.")])
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert names(down) == [
+        "AggregatedTextFrame",
+        "TTSStartedFrame",
+        "TTSAudioRawFrame",
+        "TTSTextFrame",
+        "LLMAssistantPushAggregationFrame",
+        "TTSStoppedFrame",
+    ]
