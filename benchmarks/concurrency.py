@@ -181,8 +181,15 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
         levels = [r.level for r in rows]
         ax_rate.plot(levels, [r.frames_per_s for r in rows], marker=marker, color=color, label=mode)
         ax_ttfa.plot(levels, [r.ttfa(50) * 1000 for r in rows], marker=marker, color=color, label=f"{mode} p50")
-        ax_ttfa.plot(
-            levels, [r.ttfa(95) * 1000 for r in rows], marker=marker, color=color, linestyle="--", label=f"{mode} p95"
+        ax_ttfa.plot(  # hollow, larger markers: visible even where p95 equals p50
+            levels,
+            [r.ttfa(95) * 1000 for r in rows],
+            marker=marker,
+            markersize=10,
+            markerfacecolor="none",
+            color=color,
+            linestyle="--",
+            label=f"{mode} p95",
         )
     levels = sorted({r.level for r in results})
     for ax in (ax_rate, ax_ttfa):

@@ -15,8 +15,11 @@ SAMPLE_RATE = 24_000
 MAX_CHANNELS = 8
 
 
-def to_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, what: str = "audio") -> np.ndarray:
-    """Any numeric mono or multi-channel clip -> validated float32 mono at ``SAMPLE_RATE``.
+def to_mono(
+    audio: np.ndarray | torch.Tensor, sample_rate: int, what: str = "audio", resample: bool = True
+) -> np.ndarray:
+    """Any numeric mono or multi-channel clip -> validated float32 mono at ``SAMPLE_RATE``
+    (at ``sample_rate`` when ``resample`` is False: for callers that resample a stream themselves).
 
     2-D input may be (channels, samples) or (samples, channels): the short axis (<= 8) is taken as
     channels and averaged. Integer PCM is scaled to [-1, 1]. Empty, NaN or infinite audio is an error.
@@ -42,7 +45,7 @@ def to_mono(audio: np.ndarray | torch.Tensor, sample_rate: int, what: str = "aud
     if not np.isfinite(audio).all():
         raise InvalidRequest(f"{what}: the clip contains NaN or infinite samples")
     audio = audio.astype(np.float32, copy=False)
-    if sample_rate != SAMPLE_RATE:
+    if resample and sample_rate != SAMPLE_RATE:
         audio = soxr.resample(audio, sample_rate, SAMPLE_RATE).astype(np.float32, copy=False)
     return np.ascontiguousarray(audio)
 

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import soxr
 
 from .audio import SAMPLE_RATE, to_mono
 from .prompt import Segment
@@ -106,11 +107,13 @@ class ConversationMemory:
         self._pre_roll = _AudioBuffer(int(pre_roll_s * SAMPLE_RATE))
         self._user = _AudioBuffer(int(max_turn_s * SAMPLE_RATE))
         self._user_speaking = False
+        self._resampler: tuple[int, soxr.ResampleStream] | None = None
         self._user_audio: np.ndarray | None = None  # the last finished user turn, waiting for its transcript
         self._user_text: list[str] = []
         self._agent: _AudioBuffer | None = None
         self._agent_text = ""
         self._agent_first_audio_at: float | None = None
+        self._agent_samples = 0
 
     # -- the user -----------------------------------------------------------------------------
 
@@ -124,8 +127,14 @@ class ConversationMemory:
                 pcm = pcm.reshape(-1, num_channels)
         if np.asarray(pcm).size == 0:
             return
-        audio = to_mono(pcm, sample_rate, what="user audio")
+        audio = to_mono(pcm, sample_rate, what="user audio", resample=False)
         with self._lock:
+            if sample_rate != SAMPLE_RATE:
+                # One resampler for the whole input stream: resampling each 10-20 ms frame on its
+                # own would leave a discontinuity at every frame boundary of the audio Mimi encodes.
+                if self._resampler is None or self._resampler[0] != sample_rate:
+                    self._resampler = (sample_rate, soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32"))
+                audio = self._resampler[1].resample_chunk(audio)
             (self._user if self._user_speaking else self._pre_roll).append(audio)
 
     def user_started_speaking(self) -> None:
@@ -174,6 +183,7 @@ class ConversationMemory:
             self._agent = _AudioBuffer(int(self.max_turn_s * SAMPLE_RATE))
             self._agent_text = text
             self._agent_first_audio_at = None
+            self._agent_samples = 0  # all generated, including what exceeds max_turn_s
 
     def agent_add_text(self, text: str) -> None:
         """More text for the current utterance (a reply spoken sentence by sentence); no-op if none."""
@@ -210,22 +220,26 @@ class ConversationMemory:
                 return
             if self._agent_first_audio_at is None:
                 self._agent_first_audio_at = time.monotonic()
-            self._agent.append(np.asarray(pcm, dtype=np.float32))
+            pcm = np.asarray(pcm, dtype=np.float32)
+            room = self._agent.max_samples - self._agent_samples
+            if room > 0:  # keep the beginning: that is what the listener heard first
+                self._agent.append(pcm[:room])
+            self._agent_samples += pcm.size
 
     def agent_finished(self, interrupted: bool = False) -> None:
         """End of the utterance; on an interruption, keep only what was played by now."""
         with self._lock:
             if self._agent is None:
                 return
-            total = self._agent.seconds
+            total = self._agent_samples / SAMPLE_RATE
             audio = self._agent.take()
-            text = self._agent_text
+            heard = total
             if interrupted:
                 played = 0.0 if self._agent_first_audio_at is None else time.monotonic() - self._agent_first_audio_at
-                played = min(played, total)
-                fraction = played / total if total else 0.0
-                audio = audio[: int(played * SAMPLE_RATE)]
-                text = cut_text(text, fraction)
+                heard = min(played, total)
+            audio = audio[: int(heard * SAMPLE_RATE)]
+            # The transcript follows the audio kept: cut at an interruption and at the max_turn_s cap.
+            text = cut_text(self._agent_text, audio.size / SAMPLE_RATE / total if total else 0.0)
             self._agent = None
             if self.enabled and audio.size and text:
                 self._turns.append(_Turn(self.agent_speaker, text, audio))

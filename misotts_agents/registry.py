@@ -7,6 +7,7 @@ together.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ _lock = threading.Lock()
 
 
 def _key(model: str | Path, options: dict[str, Any]) -> tuple:
-    return (str(model), tuple(sorted((k, repr(v)) for k, v in options.items())))
+    """Options as ``MisoEngine.load`` will see them, defaults filled in: leaving an option out and
+    passing its default value are the same request for the same engine."""
+    bound = inspect.signature(MisoEngine.load).bind(model, **options)
+    bound.apply_defaults()
+    return tuple((k, repr(v)) for k, v in bound.arguments.items())
 
 
 def shared_engine(model: str | Path = DEFAULT_MODEL, **options: Any) -> MisoEngine:

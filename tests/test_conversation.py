@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from signals import tone
 
+from misotts_agents.audio import to_mono
 from misotts_agents.conversation import ConversationMemory, cut_text
 from misotts_agents.registry import shared_engine
 
@@ -27,7 +28,7 @@ def test_user_turn_has_pre_roll_audio_and_transcript():
     mem.user_stopped_speaking()
     (seg,) = mem.context()
     assert seg.speaker == 1 and seg.text == "Where is my order?" and seg.sample_rate == 24_000
-    assert 0.79 <= seg.audio.size / 24_000 <= 0.81  # 0.6 s of speech + 0.2 s of pre-roll
+    assert 0.76 <= seg.audio.size / 24_000 <= 0.84  # 0.6 s of speech + 0.2 s of pre-roll (± resampler delay)
 
 
 def test_transcript_after_stop_and_in_pieces():
@@ -49,7 +50,7 @@ def test_stereo_user_audio_is_downmixed():
     mem.push_user_audio((stereo * 32767).astype(np.int16).tobytes(), 48_000, num_channels=2)
     mem.user_stopped_speaking()
     mem.add_user_transcript("ok")
-    assert mem.context()[0].audio.size == 12_000
+    assert abs(mem.context()[0].audio.size - 12_000) <= 960  # 0.5 s, less the stream resampler's delay
 
 
 def test_agent_turn_cut_at_interruption():
@@ -76,13 +77,44 @@ def test_bounded_and_switchable():
     mem = ConversationMemory(max_turns=2, max_turn_s=1.0)
     for i in range(5):
         mem.agent_started(f"turn {i}")
-        mem.push_agent_audio(tone(3.0))  # longer than max_turn_s: capped
+        mem.push_agent_audio(tone(1.0))
         mem.agent_finished()
     ctx = mem.context()
     assert [s.text for s in ctx] == ["turn 3", "turn 4"]
     assert all(s.audio.size == 24_000 for s in ctx)
     mem.enabled = False
     assert mem.context() == ()
+
+
+def test_long_agent_turn_keeps_its_start_and_the_matching_text():
+    mem = ConversationMemory(max_turn_s=1.0)
+    mem.agent_started("one two three four")
+    mem.push_agent_audio(tone(2.0))  # twice the cap: the first second is kept, and half the words
+    mem.agent_finished()
+    (seg,) = mem.context()
+    assert seg.audio.size == 24_000 and seg.text == "one two"
+
+
+def test_user_audio_resampled_as_one_stream():
+    mem = ConversationMemory(pre_roll_s=0)
+    mem.user_started_speaking()
+    audio = tone(1.0, 16_000)
+    for f in frames(audio, 16_000, ms=10):
+        mem.push_user_audio(f, 16_000)
+    mem.user_stopped_speaking()
+    mem.add_user_transcript("hm")
+    whole = to_mono(audio, 16_000)
+    got = mem.context()[0].audio
+    assert 0 <= whole.size - got.size <= 960  # the stream resampler holds back its last few ms
+    n = got.size - 960
+    np.testing.assert_allclose(got[960:n], whole[960:n], atol=2e-3)  # no seams at the 10 ms frame edges
+
+
+def test_shared_engine_key_fills_defaults():
+    from misotts_agents.registry import _key
+
+    assert _key("m", {}) == _key("m", {"device": None, "watermark": True})
+    assert _key("m", {}) != _key("m", {"max_batch": 2})
 
 
 def test_cut_text():

@@ -266,7 +266,8 @@ def test_user_audio_and_transcript_reach_the_prompt(miso, monkeypatch, via):
     first, second = spy.requests
     (user,) = first.context
     assert (user.speaker, user.text, user.sample_rate) == (1, "Where is my order?", 24_000)
-    assert abs(user.audio.size / 24_000 - 0.6) < 0.01  # the 16 kHz turn, resampled to 24 kHz
+    # the 16 kHz turn, resampled to 24 kHz as one stream (the resampler's delay shifts it by < 40 ms)
+    assert abs(user.audio.size / 24_000 - 0.6) < 0.04
     # the next utterance hears the user's turn and then the agent's first reply
     assert [(s.speaker, s.text) for s in second.context] == [(1, "Where is my order?"), (0, "It is on its way.")]
 
@@ -283,7 +284,7 @@ def test_user_audio_tap_when_audio_does_not_reach_the_tts(miso, monkeypatch):
     text = LLMContextUserTurnFrame(text="Can you hear me?", timestamp="")
     run(Pipeline([tts.user_audio_tap(), DropInputAudio(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Yes.")])
     (user,) = spy.requests[0].context
-    assert user.text == "Can you hear me?" and abs(user.audio.size / 24_000 - 0.4) < 0.01
+    assert user.text == "Can you hear me?" and abs(user.audio.size / 24_000 - 0.4) < 0.04
 
 
 def test_tap_and_service_do_not_record_the_audio_twice(miso, monkeypatch):
@@ -292,7 +293,7 @@ def test_tap_and_service_do_not_record_the_audio_twice(miso, monkeypatch):
     text = TranscriptionFrame("Twice?", "user", "")
     run(Pipeline([tts.user_audio_tap(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Once.")])
     (user,) = spy.requests[0].context
-    assert user.text == "Twice?" and abs(user.audio.size / 24_000 - 0.4) < 0.01
+    assert user.text == "Twice?" and abs(user.audio.size / 24_000 - 0.4) < 0.04
 
 
 def test_tone_conditioning_off_and_max_turns(miso, monkeypatch):
