@@ -1,4 +1,4 @@
-"""The `misotts-agents` command: say, make-tiny, watermark-check."""
+"""The `misotts-agents` command: demo, say, make-tiny, bench, watermark-check."""
 
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--tokenizer", default=None, help="tokenizer.json source (default: the bundled Llama-3.2 file)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="time to first audio, RTF and frames/s for 1..N concurrent streams (see `bench --help`)",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     check = sub.add_parser("watermark-check", help="report whether a file carries the SilentCipher watermark")
     check.add_argument("file", type=Path)
@@ -171,10 +178,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-COMMANDS = {"say": cmd_say, "make-tiny": cmd_make_tiny, "watermark-check": cmd_watermark_check, "demo": cmd_demo}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.args)
+
+
+COMMANDS = {
+    "say": cmd_say,
+    "make-tiny": cmd_make_tiny,
+    "watermark-check": cmd_watermark_check,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are bench's own (argparse REMAINDER cannot take leading options)
+        return cmd_bench(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

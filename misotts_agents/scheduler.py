@@ -174,7 +174,9 @@ class Scheduler:
                 except Exception as exc:  # one bad step fails its requests, never the engine
                     log.exception("frame step failed; ending the %d requests in it", len(runnable))
                     for slot in runnable:
-                        self._finish(self.jobs[slot], error=exc)
+                        job = self.jobs.get(slot)  # rows the step already ended are gone
+                        if job is not None:
+                            self._finish(job, error=exc)
             self._shutdown()
 
     def _shutdown(self) -> None:

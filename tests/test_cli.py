@@ -93,5 +93,14 @@ def test_help_is_fast_and_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "misotts_agents.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("say", "make-tiny", "watermark-check"):
+    for command in ("demo", "say", "make-tiny", "bench", "watermark-check"):
         assert command in out
+
+
+def test_bench_runs_and_plots(tiny_dir, tmp_path, capsys):
+    plot = tmp_path / "bench.png"
+    args = ["--model", str(tiny_dir), "--levels", "1,2", "--frames", "3", "--plot", str(plot), "--bandwidth-gbs", "100"]
+    assert main(["bench", *args]) == 0
+    out = capsys.readouterr().out
+    assert "batched" in out and "sequential" in out and "bandwidth floor at 100 GB/s" in out
+    assert plot.stat().st_size > 10_000

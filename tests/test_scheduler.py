@@ -225,3 +225,23 @@ def test_close_ends_running_and_waiting_requests(small_engine):
     assert not small_engine._scheduler.thread.is_alive()
     with pytest.raises(EngineClosed):
         small_engine.stream(SynthesisRequest("Too late.", max_audio_ms=160))
+
+
+def test_a_step_failing_after_some_rows_ended_keeps_the_scheduler_alive(engine):
+    """A failure in the per-row part of a step, after an earlier row already finished in it."""
+    short = engine.stream(SynthesisRequest("Ends first.", max_audio_ms=160))
+    doomed = engine.stream(SynthesisRequest("Fails.", max_audio_ms=80 * 50))
+
+    calls = []
+
+    def boom(codes):
+        calls.append(codes)
+        if len(calls) == 2:  # the step in which `short` (the lower slot) reaches its last frame
+            raise RuntimeError("simulated delivery failure")
+
+    doomed.add_codes = boom
+    assert sum(c.frames for c in short) == 2
+    with pytest.raises(RuntimeError, match="simulated delivery failure"):
+        list(doomed)
+    assert engine.synthesize(SynthesisRequest("Still alive.", max_audio_ms=160)).codes.shape == (2, 32)
+    assert wait_until(lambda: engine.free_slots == engine.max_batch)

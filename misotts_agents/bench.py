@@ -1,0 +1,303 @@
+"""`misotts-agents bench`: N streams batched together vs the same N requests run one at a time.
+
+For each concurrency level N (default 1, 2, 4, 8, 16) the script submits N requests of the same
+length (default 25 frames = 2 s of audio, a different seed each) to one shared engine in two ways:
+
+- batched: all N streams are created at once and consumed concurrently (one asyncio task per
+  stream, ``async for``), so the engine's scheduler advances them together, one frame per step;
+- sequential: the same N requests on the same engine, one after another, each alone.
+
+and measures, per mode:
+
+- aggregate frames/s: total frames of all N streams / wall time from submission to the last chunk;
+- per-stream real-time factor (median): the stream's own ``stats.real_time_factor``, i.e. its
+  elapsed seconds per second of audio (in sequential mode this does not include waiting in line);
+- time to first audio, p50 and p95 across the N streams, measured by this script from the moment
+  all N requests were submitted, in both modes. For the sequential queue this includes waiting for
+  the requests ahead: its p95 is what the user who arrived last would see.
+
+One warm-up run (batched, at the highest level) comes first. Watermarking is off unless
+``--watermark`` is given (then the model directory's ``silentcipher/`` is used: for the tiny
+checkpoint a random-weight SilentCipher with the real one's compute). The table goes to stdout and a
+two-panel plot (aggregate frames/s and TTFA vs concurrency) to ``--plot``.
+
+On CUDA it also prints the memory-bandwidth floor of one frame step (bandwidth.py): the weights a
+step must read divided by the GPU's peak bandwidth, next to the measured time per step.
+
+    uv run misotts-agents bench                      # tiny random checkpoint, CPU
+    uv run misotts-agents bench --levels 1,4,16 --frames 50 --watermark
+    uv run misotts-agents bench --model MisoLabs/MisoTTS --levels 1,2,4,8,16,32     # on your GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bandwidth import bytes_per_frame, dtype_bytes, floor_ms, gpu_bandwidth_gbs
+from .engine import MisoEngine
+from .request import SynthesisRequest
+from .tiny import make_tiny
+
+TEXT = "Thanks for calling. Let me look that up for you right away."
+FRAME_S = 0.08
+NOTES = """\
+agg frames/s: frames of all N streams / wall time from submission to the last chunk.
+RTF p50:      median of each stream's own stats.real_time_factor (wall s per audio s, from that stream's
+              submission to its end; a sequential stream is submitted when the one before it ends).
+TTFA:         measured by this script from the moment all N requests were submitted, in BOTH modes, so it
+              includes waiting in line (sequential p95 = roughly what the user who arrived last sees).
+speed-up:     batched / sequential agg frames/s.  frames/step: frames / engine steps during the run."""
+
+
+@dataclass
+class StreamResult:
+    frames: int
+    first_audio_s: float  # from the moment all N requests were submitted
+    rtf: float | None  # the stream's own stats.real_time_factor
+    stop_reason: str
+
+
+@dataclass
+class RunResult:
+    level: int
+    mode: str  # "batched" | "sequential"
+    wall_s: float
+    streams: list[StreamResult]
+    engine_steps: int  # engine steps taken during the run (from engine.metrics())
+
+    @property
+    def frames(self) -> int:
+        return sum(s.frames for s in self.streams)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s
+
+    @property
+    def rtf_p50(self) -> float:
+        return statistics.median(s.rtf for s in self.streams if s.rtf is not None)
+
+    def ttfa(self, q: float) -> float:
+        return float(np.percentile([s.first_audio_s for s in self.streams], q))
+
+    @property
+    def frames_per_step(self) -> float:
+        return self.frames / self.engine_steps if self.engine_steps else float("nan")
+
+
+def requests_for(level: int, frames: int, base_seed: int) -> list[SynthesisRequest]:
+    return [SynthesisRequest(TEXT, seed=base_seed + i, max_audio_ms=FRAME_S * 1000 * frames) for i in range(level)]
+
+
+async def consume(stream, submitted: float) -> StreamResult:
+    """Pull every chunk of one stream; note when its first audio arrived (since submission)."""
+    first = None
+    frames = 0
+    async for chunk in stream:
+        if first is None:
+            first = time.perf_counter() - submitted
+        frames += chunk.frames
+    stats = stream.stats
+    return StreamResult(frames, first if first is not None else float("nan"), stats.real_time_factor, stats.stop_reason)
+
+
+async def run_batched(engine: MisoEngine, requests: list[SynthesisRequest]) -> tuple[float, list[StreamResult]]:
+    submitted = time.perf_counter()
+    streams = [engine.stream(r) for r in requests]
+    results = await asyncio.gather(*(consume(s, submitted) for s in streams))
+    return time.perf_counter() - submitted, list(results)
+
+
+async def run_sequential(engine: MisoEngine, requests: list[SynthesisRequest]) -> tuple[float, list[StreamResult]]:
+    submitted = time.perf_counter()  # all N are "submitted" now; each waits for the ones ahead of it
+    results = [await consume(engine.stream(r), submitted) for r in requests]
+    return time.perf_counter() - submitted, results
+
+
+def run(engine: MisoEngine, mode: str, level: int, frames: int, base_seed: int) -> RunResult:
+    requests = requests_for(level, frames, base_seed)
+    steps_before = engine.metrics().steps
+    runner = run_batched if mode == "batched" else run_sequential
+    wall_s, streams = asyncio.run(runner(engine, requests))
+    check_idle(engine, f"{mode} N={level}")
+    for i, s in enumerate(streams):
+        if s.frames != frames:
+            print(f"  note: {mode} N={level} stream {i} gave {s.frames} frames ({s.stop_reason}), not {frames}")
+    return RunResult(level, mode, wall_s, streams, engine.metrics().steps - steps_before)
+
+
+def check_idle(engine: MisoEngine, label: str, wait_s: float = 1.0) -> None:
+    """After a run every stream has ended: the engine should have no active or queued request left."""
+    deadline = time.perf_counter() + wait_s
+    metrics = engine.metrics()
+    while (metrics.active or metrics.queued) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+        metrics = engine.metrics()
+    if metrics.active or metrics.queued:
+        print(f"  WARNING after {label}: engine still has active={metrics.active} queued={metrics.queued}")
+
+
+def format_load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def print_table(results: list[RunResult]) -> None:
+    header = (
+        f"{'N':>3}  {'mode':<10}{'agg frames/s':>13}{'RTF p50':>9}{'TTFA p50':>10}{'TTFA p95':>10}"
+        f"{'speed-up':>10}{'frames/step':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    by_key = {(r.level, r.mode): r for r in results}
+    for r in results:
+        speedup = ""
+        if r.mode == "batched" and (r.level, "sequential") in by_key:
+            speedup = f"{r.frames_per_s / by_key[(r.level, 'sequential')].frames_per_s:.2f}x"
+        print(
+            f"{r.level:>3}  {r.mode:<10}{r.frames_per_s:>13.1f}{r.rtf_p50:>9.2f}"
+            f"{r.ttfa(50) * 1000:>8.0f}ms{r.ttfa(95) * 1000:>8.0f}ms{speedup:>10}{r.frames_per_step:>13.2f}"
+        )
+
+
+def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: float | None) -> None:
+    """The bandwidth floor of one frame step next to the measured seconds per step."""
+    known, name = gpu_bandwidth_gbs(engine.device)
+    gbs = bandwidth_gbs or known
+    per_frame = bytes_per_frame(engine.model.config, dtype_bytes(engine.model.dtype))
+    print(f"weights read per frame step: {per_frame / 1e9:.3f} GB ({engine.model.dtype}); device: {name}")
+    if gbs is None:
+        print("bandwidth floor: unknown memory bandwidth for this device (pass --bandwidth-gbs)")
+        return
+    floor = floor_ms(engine.model.config, dtype_bytes(engine.model.dtype), gbs)
+    print(f"bandwidth floor at {gbs:.0f} GB/s: {floor:.2f} ms per step = RTF {floor / 80:.3f} per stream")
+    for r in results:
+        if r.mode == "batched":
+            step_ms = r.wall_s / r.engine_steps * 1000 if r.engine_steps else float("nan")
+            print(f"  N={r.level:<3} measured {step_ms:7.2f} ms per step ({step_ms / floor:5.1f}x the floor)")
+
+
+def plot(results: list[RunResult], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")  # headless; must come before pyplot is imported
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_rate, ax_ttfa) = plt.subplots(1, 2, figsize=(11, 4.5))
+    styles = {"batched": ("tab:blue", "o"), "sequential": ("tab:orange", "s")}
+    for mode, (color, marker) in styles.items():
+        rows = [r for r in results if r.mode == mode]
+        levels = [r.level for r in rows]
+        ax_rate.plot(levels, [r.frames_per_s for r in rows], marker=marker, color=color, label=mode)
+        ax_ttfa.plot(levels, [r.ttfa(50) * 1000 for r in rows], marker=marker, color=color, label=f"{mode} p50")
+        ax_ttfa.plot(  # hollow, larger markers: visible even where p95 equals p50
+            levels,
+            [r.ttfa(95) * 1000 for r in rows],
+            marker=marker,
+            markersize=10,
+            markerfacecolor="none",
+            color=color,
+            linestyle="--",
+            label=f"{mode} p95",
+        )
+    levels = sorted({r.level for r in results})
+    for ax in (ax_rate, ax_ttfa):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(n) for n in levels])
+        ax.set_xlabel("concurrent streams N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax_rate.set_ylim(bottom=0)
+    ax_rate.set_ylabel("aggregate frames/s (80 ms frames)")
+    ax_rate.set_title("throughput")
+    ax_ttfa.set_ylabel("time to first audio (ms, from submission of all N)")
+    ax_ttfa.set_yscale("log")
+    ax_ttfa.yaxis.set_major_formatter(ScalarFormatter())
+    ax_ttfa.set_title("time to first audio")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="misotts-agents bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model dir or Hub repo (default: a fresh tiny random checkpoint)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--levels", default="1,2,4,8,16", help="comma-separated concurrency levels (default: 1,2,4,8,16)"
+    )
+    parser.add_argument("--frames", type=int, default=25, help="frames per stream, 80 ms each (default 25 = 2 s)")
+    parser.add_argument("--max-batch", type=int, default=None, help="engine max_batch (default: the highest level)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the first stream; stream i gets seed+i")
+    parser.add_argument(
+        "--watermark", action="store_true", help="watermark the audio (SilentCipher from the model dir's silentcipher/)"
+    )
+    parser.add_argument("--plot", type=Path, default=Path("out/concurrency.png"), help="PNG to write")
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=None, help="GPU memory bandwidth for the floor (default: known GPUs)"
+    )
+    args = parser.parse_args(argv)
+    levels = sorted({int(n) for n in args.levels.split(",")})
+    if not levels or levels[0] < 1 or args.frames < 1:
+        parser.error("levels and frames must be positive integers")
+
+    started = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory()
+    model = args.model or make_tiny(Path(tmp.name) / "tiny")
+    max_batch = args.max_batch or levels[-1]
+    engine = MisoEngine.load(model, device=args.device, watermark=args.watermark, max_batch=max_batch, progress=False)
+    try:
+        device, dtype = str(engine.device), str(engine.model.dtype).removeprefix("torch.")
+        print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+        print(
+            f"model={args.model or 'tiny random checkpoint'} device={device} dtype={dtype} "
+            f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark}"
+        )
+        print(f"load average at start (1/5/15 min): {format_load()} on {os.cpu_count()} CPUs")
+        print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
+
+        run(engine, "batched", levels[-1], args.frames, args.seed)  # warm-up: one-off allocations
+        results = []
+        for level in levels:
+            for mode in ("batched", "sequential"):
+                result = run(engine, mode, level, args.frames, args.seed)
+                results.append(result)
+                print(f"  N={level:<3} {mode:<10} {result.wall_s:6.2f} s wall", flush=True)
+        print()
+        print_table(results)
+        print()
+        print(NOTES)
+        print_floor(engine, results, args.bandwidth_gbs)
+        metrics = engine.metrics()
+        print(f"engine metrics at the end: {metrics}")
+        plot(results, args.plot, f"misotts-agents concurrency: {device} {dtype}, {args.frames} frames/stream")
+        print(f"plot: {args.plot}")
+        print(f"load average at end (1/5/15 min): {format_load()}  (other work on the machine skews all figures)")
+        print(f"total benchmark time: {time.perf_counter() - started:.0f} s")
+    finally:
+        engine.close()
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
