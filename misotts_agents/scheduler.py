@@ -40,6 +40,8 @@ from .voice import CachedVoice, VoiceCache
 
 log = logging.getLogger(__name__)
 
+STATS_LOG_INTERVAL_S = 30.0  # while busy, the engine's figures go to the log this often
+
 
 @dataclass(eq=False)
 class Job:
@@ -160,8 +162,12 @@ class Scheduler:
     # -- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        next_report = time.monotonic() + STATS_LOG_INTERVAL_S
         with torch.inference_mode():
             while not self._stopping:
+                if time.monotonic() >= next_report and self.jobs:
+                    log.info("engine: %s", self.stats(0))
+                    next_report = time.monotonic() + STATS_LOG_INTERVAL_S
                 self.wake.clear()
                 self._drop_cancelled()
                 self._admit()
@@ -343,4 +349,11 @@ class Scheduler:
             self.free.append(slot)
             self.free.sort()
         s = job.stream.stats
-        log.debug("request done: %s, %d frames, queued %.3f s", s.stop_reason, s.frames, s.queued_s or 0.0)
+        log.debug(
+            "request done: %s, %d frames, queued %.3f s, first audio %s, RTF %s",
+            s.stop_reason,
+            s.frames,
+            s.queued_s or 0.0,
+            f"{s.time_to_first_audio_s:.3f} s" if s.time_to_first_audio_s is not None else "n/a",
+            f"{s.real_time_factor:.2f}" if s.real_time_factor is not None else "n/a",
+        )
