@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--phase-shift", action="store_true", help="search phase shifts like the reference (slow)")
     _add_watermark_args(check, "sony/silentcipher")
 
+    serve = sub.add_parser("serve", help="serve one shared engine: WebSocket stream + OpenAI-compatible speech")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="local directory or Hub repo id (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s; others need --token)")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' on every endpoint but /health"
+    )
+    serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    serve.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
+    serve.add_argument("--max-text", type=int, default=4000, help="longest text per request in characters")
+    serve.add_argument("--max-per-connection", type=int, default=8, help="concurrent requests per WebSocket")
+
     from . import demo  # light: Pipecat and torch are imported only when the demo runs
 
     demo_parser = sub.add_parser("demo", help="talk to MisoTTS in the browser (WebRTC on localhost, Pipecat)")
@@ -184,12 +197,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .engine import MisoEngine
+    from .server.app import check_bind, create_app
+    from .server.protocol import Limits
+
+    check_bind(args.host, args.token)
+    limits = Limits(max_text_chars=args.max_text, max_concurrent_per_connection=args.max_per_connection)
+    engine = MisoEngine.load(
+        args.model, device=args.device, watermark=False if args.no_watermark else True, max_batch=args.max_batch
+    )
+    try:
+        app = create_app(engine, token=args.token, limits=limits, model_name=str(args.model))
+        uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.ws_max_size, log_level="info")
+    finally:
+        engine.close()
+    return 0
+
+
 COMMANDS = {
     "say": cmd_say,
     "make-tiny": cmd_make_tiny,
     "watermark-check": cmd_watermark_check,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "serve": cmd_serve,
 }
 
 

@@ -1,0 +1,327 @@
+"""RemoteEngine: a MisoEngine look-alike that runs requests on a ``misotts-agents serve`` server.
+
+It offers what the integrations use from :class:`MisoEngine`: ``stream(request)`` returns an object
+to ``async for`` (AudioChunk: float32 24 kHz ``pcm``, ``frames``, ``start_frame``, ``final``), with
+``cancel()``, ``with`` / ``async with``, ``.stats`` and ``.codes``. **Async consumers only**: the
+stream is iterated with ``async for`` inside an event loop (no blocking ``for``, no ``synthesize``).
+One WebSocket connection per RemoteEngine (opened on first use, reopened after a drop) carries
+every request, multiplexed by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from ..request import AudioChunk, StreamStats, SynthesisRequest
+from . import protocol
+
+
+class RemoteError(MisoError):
+    """The server reported an error this client has no closer class for, or the connection failed."""
+
+    def __init__(self, message: str, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteConnectionError(RemoteError, ConnectionError):
+    """The connection to the server failed or dropped; the next request reconnects."""
+
+
+_ERRORS: dict[str, type[MisoError]] = {
+    "invalid_request": InvalidRequest,
+    "too_large": InvalidRequest,
+    "busy": EngineBusy,
+    "too_many": EngineBusy,
+    "closed": EngineClosed,
+}
+
+
+def _exception(code: str, message: str) -> MisoError:
+    cls = _ERRORS.get(code)
+    return cls(message) if cls is not None else RemoteError(message, code)
+
+
+def _ws_url(url: str) -> str:
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://") :]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://") :]
+    if "/v1/stream" not in url:
+        url = url.rstrip("/") + "/v1/stream"
+    return url
+
+
+class _End:
+    pass
+
+
+class RemoteEngine:
+    """Client of the engine server's ``/v1/stream`` (see protocol.py), shaped like MisoEngine.
+
+    ``url``: ``ws://host:port`` (or ``http://``; ``/v1/stream`` is added). ``token``: the server's
+    bearer token. ``codes``: ask the server for each request's sampled codes (small: K ints a frame).
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, codes: bool = True, open_timeout: float = 10.0) -> None:
+        self.url = _ws_url(url)
+        self.token = token
+        self.want_codes = codes
+        self.open_timeout = open_timeout
+        self._ws: ClientConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._streams: dict[str, RemoteSpeechStream] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- MisoEngine's surface ---------------------------------------------------------------
+
+    def stream(self, request: SynthesisRequest) -> RemoteSpeechStream:
+        """A stream for ``request``; it is sent to the server when first iterated."""
+        if self._closed:
+            raise EngineClosed("the remote engine is closed")
+        return RemoteSpeechStream(self, request)
+
+    def metrics(self) -> None:
+        """Engine figures are on the server's ``/metrics`` (Prometheus); not fetched here."""
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Cancel running requests and close the connection (in the background when called inside a loop)."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams.values()):
+            stream._push(EngineClosed("the remote engine was closed"))
+        self._streams.clear()
+        ws, self._ws = self._ws, None
+        if ws is not None and self._loop is not None and not self._loop.is_closed():
+            self._spawn(ws.close())
+
+    async def aclose(self) -> None:
+        ws = self._ws
+        self.close()
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
+    async def __aenter__(self) -> RemoteEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def _connection(self) -> ClientConnection:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop: start afresh
+            self._loop, self._ws, self._reader, self._connecting = loop, None, None, asyncio.Lock()
+        assert self._connecting is not None
+        async with self._connecting:
+            if self._ws is None:
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+                try:
+                    self._ws = await connect(
+                        self.url,
+                        additional_headers=headers,
+                        open_timeout=self.open_timeout,
+                        max_size=None,
+                        compression=None,
+                    )
+                except Exception as exc:  # refused, timed out, or an HTTP status refusing the handshake
+                    raise RemoteConnectionError(f"cannot connect to {self.url}: {exc}", "connection") from exc
+                self._reader = asyncio.create_task(self._read(self._ws))
+            return self._ws
+
+    async def _read(self, ws: ClientConnection) -> None:
+        reason = "connection closed"
+        try:
+            async for data in ws:
+                if isinstance(data, bytes):
+                    rid, start, frames, final, pcm = protocol.unpack_audio(data)
+                    stream = self._streams.get(rid)
+                    if stream is not None:
+                        stream._push(AudioChunk(protocol.from_int16(pcm), start, frames, final))
+                    continue
+                msg = json.loads(data)
+                stream = self._streams.get(msg.get("id") or "")
+                if stream is None:
+                    continue
+                if msg.get("type") == "end":
+                    stream._finish(msg)
+                elif msg.get("type") == "error":
+                    stream._push(_exception(msg.get("code", "internal"), msg.get("message", "")))
+        except ConnectionClosed as exc:
+            reason = f"connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
+            if exc.rcvd is not None and exc.rcvd.code == 1008:
+                reason = f"the server refused the connection: {exc.rcvd.reason or 'policy violation'}"
+        finally:
+            if self._ws is ws:
+                self._ws = None
+            for rid, stream in list(self._streams.items()):
+                if stream._conn is ws:
+                    self._streams.pop(rid, None)
+                    stream._push(RemoteConnectionError(reason, "connection"))
+
+    async def _send(self, ws: ClientConnection, text: str) -> None:
+        try:
+            await ws.send(text)
+        except ConnectionClosed as exc:
+            raise RemoteConnectionError(f"connection to {self.url} lost: {exc}", "connection") from exc
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def quiet() -> None:
+            with contextlib.suppress(Exception):
+                await coro
+
+        assert self._loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            task = self._loop.create_task(quiet())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            asyncio.run_coroutine_threadsafe(quiet(), self._loop)
+
+
+class RemoteSpeechStream:
+    """One request on the server: ``async for`` its AudioChunks; ``cancel()`` stops it there too."""
+
+    def __init__(self, engine: RemoteEngine, request: SynthesisRequest) -> None:
+        self.engine = engine
+        self.request = request
+        self.id = uuid.uuid4().hex
+        self.stats = StreamStats(seed=request.seed or 0)
+        self._queue: asyncio.Queue[Any] | None = None
+        self._pending: list[Any] = []
+        self._conn: ClientConnection | None = None
+        self._codes: np.ndarray | None = None
+        self._started = False
+        self._ended = False
+        self._cancelled = False
+
+    # -- fed by the reader --------------------------------------------------------------------
+
+    def _push(self, item: Any) -> None:
+        if self._queue is None:
+            self._pending.append(item)
+        else:
+            self._queue.put_nowait(item)
+
+    def _finish(self, msg: dict[str, Any]) -> None:
+        self.engine._streams.pop(self.id, None)
+        s = msg.get("stats") or {}
+        for key in ("seed", "frames", "prompt_frames", "dropped_segments", "invalid_codes"):
+            if isinstance(s.get(key), int):
+                setattr(self.stats, key, s[key])
+        for key in ("queued_s", "time_to_first_audio_s", "elapsed_s"):
+            if s.get(key) is not None:
+                setattr(self.stats, key, float(s[key]))
+        self.stats.stop_reason = s.get("stop_reason", "eos")
+        if msg.get("codes") is not None:
+            self._codes = np.asarray(msg["codes"], dtype=np.int64).reshape(len(msg["codes"]), -1)
+        self._push(_End())
+
+    # -- caller side ------------------------------------------------------------------------
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The sampled codes (frames, K) once the request ended, when the server sent them; else empty."""
+        return self._codes if self._codes is not None else np.zeros((0, 32), dtype=np.int64)
+
+    @property
+    def done(self) -> bool:
+        return self._ended
+
+    async def _start(self) -> None:
+        self._started = True
+        self._queue = asyncio.Queue()
+        for item in self._pending:
+            self._queue.put_nowait(item)
+        self._pending.clear()
+        ws = await self.engine._connection()
+        self._conn = ws
+        self.engine._streams[self.id] = self
+        try:
+            await self.engine._send(ws, protocol.start_message(self.id, self.request, codes=self.engine.want_codes))
+        except BaseException:
+            self.engine._streams.pop(self.id, None)
+            raise
+
+    def __aiter__(self) -> RemoteSpeechStream:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._ended or self._cancelled:
+            raise StopAsyncIteration
+        try:
+            if not self._started:
+                await self._start()
+            assert self._queue is not None
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except BaseException:
+            self._ended = True
+            raise
+        if isinstance(item, AudioChunk):
+            if self.stats.time_to_first_audio_s is None:
+                self.stats.time_to_first_audio_s = 0.0  # replaced by the server's figure at the end
+            return item
+        self._ended = True
+        if isinstance(item, BaseException):
+            self.stats.stop_reason = "error"
+            raise item
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        """Stop the request; the server frees its slot at the next frame step. Safe to repeat."""
+        if self._cancelled or self._ended:
+            return
+        self._cancelled = True
+        self.stats.stop_reason = "cancelled"
+        self.engine._streams.pop(self.id, None)
+        if self._started and self._conn is not None:
+            self.engine._spawn(self._conn.send(protocol.message("cancel", id=self.id)))
+
+    close = cancel
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    def __enter__(self) -> RemoteSpeechStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> RemoteSpeechStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()

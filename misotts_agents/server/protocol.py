@@ -1,0 +1,301 @@
+"""The wire protocol of ``misotts-agents serve`` (WebSocket ``/v1/stream``), shared by server and client.
+
+Control messages are JSON text frames; audio travels in binary frames.
+
+Client -> server
+----------------
+
+``{"type": "start", "id": "r1", "text": "...", ...}``
+    Start an utterance. ``id`` is the client's name for it (a non-empty string of at most 128
+    UTF-8 bytes, unique among the connection's running requests). Optional fields:
+    ``speaker`` (int, default 0), ``temperature`` (0.9), ``topk`` (50), ``seed`` (int; default random,
+    reported in the end stats), ``max_audio_ms`` (90000), ``max_ahead_s`` (pacing, default none),
+    ``watermark`` (false opts out where the server allows it; default: the server's setting),
+    ``chunks`` (``{"first_frames", "growth", "max_frames"}``), ``codes`` (true: the end message also
+    carries the sampled codes), ``context`` (earlier turns, oldest first:
+    ``[{"speaker": 1, "text": "...", "audio_b64": "..."}]``) and ``voice``
+    (``{"speaker": 0, "text": "...", "audio_b64": "..."}``). Audio is base64 of int16 little-endian
+    PCM, 24 kHz mono.
+``{"type": "cancel", "id": "r1"}``
+    Stop a running request; its engine slot is freed at the next frame step. The server answers with
+    the request's ``end`` message (``stats.stop_reason == "cancelled"``). Cancelling an unknown or
+    finished id is not an error (it is ignored).
+``{"type": "ping"}``
+    Answered with ``{"type": "pong"}``.
+
+Incremental text (``append`` / ``end`` of text for one request) is **not implemented yet**: such
+messages are answered with an ``error`` of code ``unsupported``.
+
+Server -> client
+----------------
+
+Binary audio frame (one per streamed chunk, in order for each id; chunks of concurrent requests
+interleave)::
+
+    uint16 LE  n            length of the id in bytes
+    n bytes    id           UTF-8
+    uint32 LE  start_frame  first 80 ms frame of the chunk within the utterance
+    uint32 LE  frames       frames in the chunk (PCM samples = frames * 1920)
+    uint8      flags        bit 0: final (the utterance ended by itself with this chunk)
+    rest       PCM          int16 little-endian, 24 kHz mono
+
+``{"type": "end", "id": "r1", "stats": {...}}``
+    The request is over (finished, hit a limit, or cancelled): ``stats`` holds ``seed``, ``frames``,
+    ``stop_reason`` (eos | max_frames | context_full | cancelled), ``prompt_frames``,
+    ``dropped_segments``, ``time_to_first_audio_s``, ``elapsed_s``, ``real_time_factor``; plus
+    ``codes`` (list of frames of K ints) when the start asked for them.
+``{"type": "error", "id": "r1" | null, "code": "...", "message": "..."}``
+    The request failed (or, with ``id`` null, a message could not be understood). After an error for
+    an id, nothing more comes for it. Codes: ``bad_json``, ``bad_message``, ``unknown_type``,
+    ``unsupported``, ``too_large``, ``invalid_request``, ``duplicate_id``, ``too_many`` (per
+    connection limit), ``busy`` (engine queue full), ``closed`` (engine closed), ``internal``.
+    The connection stays open after every error.
+
+Authentication: with a server token, the WebSocket handshake must carry ``Authorization: Bearer
+<token>``; otherwise the server accepts and at once closes with code 1008 (policy violation).
+A message larger than the server's WebSocket ``max_size`` closes that connection (code 1009);
+smaller but still over the request limits is answered with an ``error`` (``too_large``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidRequest
+from ..prompt import Segment
+from ..request import ChunkSchedule, SynthesisRequest
+from ..voice import VoicePrompt
+
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1920
+MAX_ID_BYTES = 128
+_TAIL = struct.Struct("<IIB")
+_LEN = struct.Struct("<H")
+FLAG_FINAL = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the server."""
+
+    max_text_chars: int = 4_000  # one utterance
+    max_audio_b64_bytes: int = 4 * 1024 * 1024  # base64 audio in one start (context + voice): ~65 s
+    max_message_bytes: int = 6 * 1024 * 1024  # one JSON message (checked by the app)
+    ws_max_size: int = 8 * 1024 * 1024  # the transport limit: larger frames close the connection
+    max_concurrent_per_connection: int = 8
+    max_context_segments: int = 16
+
+
+class ProtocolError(Exception):
+    """A message the server refuses; ``code`` is one of the protocol's error codes."""
+
+    def __init__(self, code: str, message: str, rid: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.rid = rid
+
+
+# -- binary audio frames ----------------------------------------------------------------------
+
+
+def pack_audio(rid: str, start_frame: int, frames: int, final: bool, pcm16: bytes) -> bytes:
+    raw = rid.encode()
+    return _LEN.pack(len(raw)) + raw + _TAIL.pack(start_frame, frames, FLAG_FINAL if final else 0) + pcm16
+
+
+def unpack_audio(data: bytes) -> tuple[str, int, int, bool, memoryview]:
+    view = memoryview(data)
+    (n,) = _LEN.unpack_from(view, 0)
+    rid = bytes(view[2 : 2 + n]).decode()
+    start_frame, frames, flags = _TAIL.unpack_from(view, 2 + n)
+    return rid, start_frame, frames, bool(flags & FLAG_FINAL), view[2 + n + _TAIL.size :]
+
+
+def to_int16(pcm: np.ndarray) -> bytes:
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def from_int16(data: bytes | memoryview) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
+
+
+def audio_to_b64(audio: np.ndarray) -> str:
+    return base64.b64encode(to_int16(np.asarray(audio, dtype=np.float32))).decode()
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def message(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, **fields})
+
+
+def error_message(code: str, text: str, rid: str | None = None) -> str:
+    return message("error", id=rid, code=code, message=text)
+
+
+def parse_json(text: str, limits: Limits) -> dict[str, Any]:
+    if len(text) > limits.max_message_bytes:
+        raise ProtocolError("too_large", f"message too large: {len(text)} bytes (at most {limits.max_message_bytes})")
+    try:
+        msg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"message is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad_message", "a message is a JSON object with a 'type'")
+    return msg
+
+
+def _rid(msg: dict[str, Any]) -> str:
+    rid = msg.get("id")
+    if not isinstance(rid, str) or not rid or len(rid.encode()) > MAX_ID_BYTES:
+        raise ProtocolError("bad_message", f"'id' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+    return rid
+
+
+def request_id(msg: dict[str, Any]) -> str:
+    return _rid(msg)
+
+
+def _audio(item: dict[str, Any], what: str, budget: list[int]) -> np.ndarray:
+    data = item.get("audio_b64")
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest(f"{what}: 'audio_b64' (base64 int16 LE 24 kHz mono PCM) is required")
+    budget[0] -= len(data)
+    if budget[0] < 0:
+        raise ProtocolError("too_large", "audio too large for one request")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what}: 'audio_b64' is not valid base64") from None
+    if len(raw) % 2 or not raw:
+        raise InvalidRequest(f"{what}: audio must be whole int16 samples")
+    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
+
+
+def _int(msg: dict[str, Any], key: str, default: int | None) -> int | None:
+    value = msg.get(key, default)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise InvalidRequest(f"'{key}' must be an integer, got {value!r}")
+
+
+def _num(msg: dict[str, Any], key: str, default: float | None) -> float | None:
+    value = msg.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"'{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def parse_start(msg: dict[str, Any], limits: Limits) -> SynthesisRequest:
+    """The engine request a ``start`` message asks for (raises ProtocolError / InvalidRequest)."""
+    text = msg.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest("'text' (the words to speak) is required")
+    if len(text) > limits.max_text_chars:
+        raise ProtocolError("too_large", f"text too long: {len(text)} characters (at most {limits.max_text_chars})")
+    budget = [limits.max_audio_b64_bytes]
+    context = msg.get("context") or []
+    if not isinstance(context, list) or not all(isinstance(s, dict) for s in context):
+        raise InvalidRequest("'context' must be a list of {speaker, text, audio_b64} objects")
+    if len(context) > limits.max_context_segments:
+        raise ProtocolError("too_large", f"too many context segments (at most {limits.max_context_segments})")
+    segments = []
+    for i, item in enumerate(context):
+        speaker = _int(item, "speaker", 1)
+        seg_text = item.get("text")
+        if not isinstance(seg_text, str) or len(seg_text) > limits.max_text_chars:
+            raise InvalidRequest(f"context[{i}]: 'text' must be a string of at most {limits.max_text_chars} characters")
+        segments.append(Segment(speaker, seg_text, _audio(item, f"context[{i}]", budget)))
+    voice = None
+    if msg.get("voice") is not None:
+        item = msg["voice"]
+        if not isinstance(item, dict):
+            raise InvalidRequest("'voice' must be a {speaker, text, audio_b64} object")
+        voice = VoicePrompt(_int(item, "speaker", 0), item.get("text"), _audio(item, "voice", budget))
+    chunks = ChunkSchedule()
+    if msg.get("chunks") is not None:
+        c = msg["chunks"]
+        if not isinstance(c, dict):
+            raise InvalidRequest("'chunks' must be {first_frames, growth, max_frames}")
+        chunks = ChunkSchedule(
+            first_frames=_int(c, "first_frames", 1), growth=_num(c, "growth", 2.0), max_frames=_int(c, "max_frames", 25)
+        )
+    watermark = msg.get("watermark")
+    if watermark is not None and not isinstance(watermark, bool):
+        raise InvalidRequest("'watermark' must be true, false or absent")
+    return SynthesisRequest(
+        text=text,
+        speaker=_int(msg, "speaker", 0),
+        context=tuple(segments),
+        voice=voice,
+        temperature=_num(msg, "temperature", 0.9),
+        topk=_int(msg, "topk", 50),
+        seed=_int(msg, "seed", None),
+        max_audio_ms=_num(msg, "max_audio_ms", 90_000),
+        chunks=chunks,
+        watermark=watermark,
+        max_ahead_s=_num(msg, "max_ahead_s", None),
+    )
+
+
+def start_message(rid: str, request: SynthesisRequest, codes: bool = False) -> str:
+    """The ``start`` message for an engine request (what :class:`RemoteEngine` sends)."""
+    fields: dict[str, Any] = {
+        "id": rid,
+        "text": request.text,
+        "speaker": request.speaker,
+        "temperature": request.temperature,
+        "topk": request.topk,
+        "seed": request.seed,
+        "max_audio_ms": request.max_audio_ms,
+        "max_ahead_s": request.max_ahead_s,
+        "chunks": {
+            "first_frames": request.chunks.first_frames,
+            "growth": request.chunks.growth,
+            "max_frames": request.chunks.max_frames,
+        },
+        "codes": codes,
+        "context": [
+            {"speaker": s.speaker, "text": s.text, "audio_b64": audio_to_b64(_at_24k(s.audio, s.sample_rate))}
+            for s in request.context
+        ],
+    }
+    if request.watermark is not None:
+        fields["watermark"] = request.watermark
+    if request.voice is not None:
+        v = request.voice
+        fields["voice"] = {"speaker": v.speaker, "text": v.text, "audio_b64": audio_to_b64(v.audio)}
+    return message("start", **fields)
+
+
+def _at_24k(audio: Any, sample_rate: int) -> np.ndarray:
+    from ..audio import to_mono
+
+    return to_mono(audio, sample_rate, what="context audio")
+
+
+def stats_dict(stats: Any) -> dict[str, Any]:
+    return {
+        "seed": stats.seed,
+        "frames": stats.frames,
+        "stop_reason": stats.stop_reason,
+        "prompt_frames": stats.prompt_frames,
+        "dropped_segments": stats.dropped_segments,
+        "invalid_codes": stats.invalid_codes,
+        "queued_s": stats.queued_s,
+        "time_to_first_audio_s": stats.time_to_first_audio_s,
+        "elapsed_s": stats.elapsed_s,
+        "real_time_factor": stats.real_time_factor,
+    }

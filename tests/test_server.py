@@ -1,0 +1,350 @@
+"""The engine server over loopback: WebSocket protocol, OpenAI speech, auth, limits, RemoteEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import struct
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from signals import tone, wait_until
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from misotts_agents.errors import EngineBusy, InvalidRequest
+from misotts_agents.prompt import Segment
+from misotts_agents.request import SynthesisRequest
+from misotts_agents.server import Limits, RemoteEngine
+from misotts_agents.server.app import check_bind, create_app
+from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
+
+TOKEN = "s3cret"
+LIMITS = Limits(max_text_chars=500, max_concurrent_per_connection=6, max_message_bytes=200_000, ws_max_size=400_000)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, app) -> None:
+        self.port = _free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", ws_max_size=LIMITS.ws_max_size
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        assert wait_until(lambda: self.server.started, timeout=20)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def srv_engine(tiny_dir):
+    from misotts_agents.engine import MisoEngine
+
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(srv_engine):
+    s = _Server(create_app(srv_engine, limits=LIMITS, model_name="tiny"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(srv_engine):
+    s = _Server(create_app(srv_engine, token=TOKEN, limits=LIMITS))
+    yield s
+    s.stop()
+
+
+def ws_url(s: _Server) -> str:
+    return f"ws://127.0.0.1:{s.port}/v1/stream"
+
+
+def http_url(s: _Server, path: str) -> str:
+    return f"http://127.0.0.1:{s.port}{path}"
+
+
+def start(rid: str, frames: int, seed: int = 7, **kw) -> str:
+    return json.dumps(
+        {"type": "start", "id": rid, "text": "Hello from Miso.", "seed": seed, "max_audio_ms": 80 * frames, **kw}
+    )
+
+
+async def collect(ws, ids: set[str], timeout: float = 30.0) -> tuple[dict[str, list], dict[str, dict]]:
+    """Audio frames and final (end / error) messages per id, until every id in ``ids`` ended."""
+    audio: dict[str, list] = {rid: [] for rid in ids}
+    ends: dict[str, dict] = {}
+    async with asyncio.timeout(timeout):
+        while set(ends) != ids:
+            data = await ws.recv()
+            if isinstance(data, bytes):
+                rid, start_frame, frames, final, pcm = unpack_audio(data)
+                audio[rid].append((start_frame, frames, final, bytes(pcm)))
+            else:
+                msg = json.loads(data)
+                if msg["type"] in ("end", "error") and msg.get("id") in ids:
+                    ends[msg["id"]] = msg
+    return audio, ends
+
+
+def free(engine) -> bool:
+    return wait_until(lambda: engine.free_slots == engine.max_batch, timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_round_trip_with_context(server, srv_engine):
+    ctx = [{"speaker": 1, "text": "Why so slow?", "audio_b64": audio_to_b64(tone(0.5, freq=300))}]
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("a", 6, context=ctx, codes=True))
+        audio, ends = await collect(ws, {"a"})
+    end = ends["a"]
+    assert end["type"] == "end" and end["stats"]["frames"] == 6 and end["stats"]["stop_reason"] == "max_frames"
+    assert end["stats"]["prompt_frames"] > 8 and len(end["codes"]) == 6
+    chunks = audio["a"]
+    assert [c[0] for c in chunks] == [0, 1, 3] and chunks[-1][2]
+    assert all(len(pcm) == 2 * frames * FRAME_SAMPLES for _, frames, _, pcm in chunks)
+    assert sum(len(c[3]) for c in chunks) == 2 * 6 * FRAME_SAMPLES
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_two_concurrent_requests_on_one_connection(server, srv_engine):
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("x", 5, seed=1))
+        await ws.send(start("y", 7, seed=2))
+        audio, ends = await collect(ws, {"x", "y"})
+    assert ends["x"]["stats"]["frames"] == 5 and ends["y"]["stats"]["frames"] == 7
+    assert sum(len(c[3]) for c in audio["x"]) == 2 * 5 * FRAME_SAMPLES
+    assert sum(len(c[3]) for c in audio["y"]) == 2 * 7 * FRAME_SAMPLES
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_cancel_frees_the_slot(server, srv_engine):
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("long", 400))
+        async with asyncio.timeout(20):
+            first = await ws.recv()
+        assert isinstance(first, bytes) and unpack_audio(first)[0] == "long"
+        await ws.send(json.dumps({"type": "cancel", "id": "long"}))
+        _, ends = await collect(ws, {"long"})
+        assert ends["long"]["type"] == "end" and ends["long"]["stats"]["stop_reason"] == "cancelled"
+        assert free(srv_engine)
+        await ws.send(json.dumps({"type": "cancel", "id": "nope"}))  # unknown ids are ignored
+        await ws.send(json.dumps({"type": "ping"}))
+        async with asyncio.timeout(10):
+            assert json.loads(await ws.recv())["type"] == "pong"
+
+
+@pytest.mark.asyncio
+async def test_disconnect_mid_utterance_frees_the_slot(server, srv_engine):
+    ws = await connect(ws_url(server))
+    await ws.send(start("gone", 400))
+    await ws.send(start("gone2", 400))
+    async with asyncio.timeout(20):
+        assert isinstance(await ws.recv(), bytes)
+    assert srv_engine.free_slots < srv_engine.max_batch
+    await ws.close()
+    assert await asyncio.to_thread(free, srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_bad_messages_get_errors_and_the_connection_keeps_working(server, srv_engine):
+    async def next_json(ws):
+        async with asyncio.timeout(10):
+            while True:
+                data = await ws.recv()
+                if isinstance(data, str):
+                    return json.loads(data)
+
+    async with connect(ws_url(server)) as ws:
+        await ws.send("{not json")
+        assert (await next_json(ws))["code"] == "bad_json"
+        await ws.send(json.dumps([1, 2]))
+        assert (await next_json(ws))["code"] == "bad_message"
+        await ws.send(json.dumps({"type": "dance"}))
+        assert (await next_json(ws))["code"] == "unknown_type"
+        await ws.send(json.dumps({"type": "start", "id": "t", "text": "x" * 600}))
+        err = await next_json(ws)
+        assert err["code"] == "too_large" and err["id"] == "t" and "text too long" in err["message"]
+        await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "topk": 0}))
+        assert (await next_json(ws))["code"] == "invalid_request"
+        bad_audio = [{"speaker": 1, "text": "hm", "audio_b64": "!!!"}]
+        await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "context": bad_audio}))
+        assert (await next_json(ws))["code"] == "invalid_request"
+        big = [{"speaker": 1, "text": "hm", "audio_b64": "A" * 250_000}]  # over the app's message limit
+        await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "context": big}))
+        assert (await next_json(ws))["code"] == "too_large"
+        await ws.send(json.dumps({"type": "append", "id": "t", "text": "more"}))
+        assert (await next_json(ws))["code"] == "unsupported"
+        await ws.send(b"\x00binary")
+        assert (await next_json(ws))["code"] == "bad_message"
+        for i in range(LIMITS.max_concurrent_per_connection + 1):
+            await ws.send(start(f"n{i}", 200))
+        await ws.send(start("n0", 3))
+        errors = {}
+        while len(errors) < 2:
+            msg = await next_json(ws)
+            if msg["type"] == "error":
+                errors[msg["code"]] = msg["id"]
+        assert errors == {"too_many": f"n{LIMITS.max_concurrent_per_connection}", "duplicate_id": "n0"}
+        for i in range(LIMITS.max_concurrent_per_connection):
+            await ws.send(json.dumps({"type": "cancel", "id": f"n{i}"}))
+        await collect(ws, {f"n{i}" for i in range(LIMITS.max_concurrent_per_connection)})
+        await ws.send(start("ok", 3))  # still works
+        _, ends = await collect(ws, {"ok"})
+        assert ends["ok"]["type"] == "end" and ends["ok"]["stats"]["frames"] == 3
+    # a frame over the transport limit closes only that connection
+    async with connect(ws_url(server), max_size=None) as ws:
+        await ws.send("x" * (LIMITS.ws_max_size + 10))
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_auth(secured):
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.get(http_url(secured, "/health"))).status_code == 200
+        assert (await http.get(http_url(secured, "/metrics"))).status_code == 401
+        body = {"model": "misotts", "input": "Hi.", "voice": "0", "response_format": "pcm"}
+        r = await http.post(http_url(secured, "/v1/audio/speech"), json=body, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        ok = await http.get(http_url(secured, "/metrics"), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+    async with connect(ws_url(secured)) as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        assert info.value.rcvd.code == 1008
+    async with connect(ws_url(secured), additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        await ws.send(start("a", 2))
+        _, ends = await collect(ws, {"a"})
+        assert ends["a"]["type"] == "end"
+    async with RemoteEngine(ws_url(secured), token=TOKEN) as remote:
+        chunks = [c async for c in remote.stream(SynthesisRequest("Hi.", max_audio_ms=160, seed=1))]
+        assert sum(c.frames for c in chunks) == 2
+
+
+def test_refuses_public_host_without_token():
+    with pytest.raises(SystemExit, match="--token"):
+        check_bind("0.0.0.0", None)
+    check_bind("0.0.0.0", "t")
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+
+
+@pytest.mark.asyncio
+async def test_openai_speech_pcm_and_wav(server, srv_engine):
+    url = http_url(server, "/v1/audio/speech")
+    async with httpx.AsyncClient(timeout=60) as http:
+        body = {"model": "misotts", "input": "Hello there.", "voice": "alloy", "response_format": "pcm", "seed": 3}
+        body["max_audio_ms"] = 80 * 6  # an extension; random tiny weights never say end-of-speech
+        async with http.stream("POST", url, json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("audio/pcm")
+            assert "content-length" not in r.headers  # chunked: audio flows while it is generated
+            parts = [p async for p in r.aiter_bytes()]
+        pcm = b"".join(parts)
+        assert len(pcm) == 2 * 6 * FRAME_SAMPLES
+        r = await http.post(url, json={**body, "response_format": "wav"})
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+        data = r.content
+        assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+        fmt, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
+        assert (fmt, channels, rate, bits) == (1, 1, 24_000, 16)
+        assert data[44:] == pcm  # same seed, same audio
+        bad = await http.post(url, json={**body, "response_format": "mp3"})
+        assert bad.status_code == 400 and "pcm" in bad.json()["error"]["message"]
+        assert (await http.post(url, json={"input": ""})).status_code == 400
+        assert (await http.post(url, content=b"nope")).status_code == 400
+        metrics = (await http.get(http_url(server, "/metrics"))).text
+        health = (await http.get(http_url(server, "/health"))).json()
+    for name in (
+        "misotts_active_streams",
+        "misotts_queue_depth",
+        "misotts_time_to_first_audio_seconds_bucket",
+        "misotts_real_time_factor_bucket",
+        'misotts_requests_total{endpoint="openai",outcome="completed"}',
+        "misotts_websocket_connections",
+    ):
+        assert name in metrics
+    assert health["status"] == "ok" and health["max_batch"] == 2
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_remote_engine_matches_in_process(server, srv_engine):
+    context = (Segment(1, "Why so slow?", tone(0.4, freq=300)),)
+    request = SynthesisRequest("Sure, one moment.", context=context, seed=11, max_audio_ms=80 * 6)
+    local = await asyncio.to_thread(srv_engine.synthesize, request)
+    async with RemoteEngine(f"http://127.0.0.1:{server.port}") as remote:
+        with remote.stream(request) as stream:
+            chunks = [c async for c in stream]
+        pcm = np.concatenate([c.pcm for c in chunks])
+        assert [c.start_frame for c in chunks] == [0, 1, 3] and chunks[-1].final
+        np.testing.assert_array_equal(stream.codes, local.codes)
+        np.testing.assert_allclose(pcm, np.clip(local.pcm, -1, 1), atol=2 / 32767)
+        assert stream.stats.frames == 6 and stream.stats.seed == 11 and stream.stats.stop_reason == "max_frames"
+        with pytest.raises(InvalidRequest):  # the server's refusal, as the engine's exception
+            async for _ in remote.stream(SynthesisRequest("x" * 600)):
+                pass
+        # cancel from the client frees the slot on the server
+        long = remote.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 400, seed=2))
+        await long.__anext__()
+        long.cancel()
+        assert await asyncio.to_thread(free, srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_load_many_remote_requests(server, srv_engine):
+    n = 8
+    outcomes: list[str] = []
+    t0 = time.monotonic()
+
+    async def one(remote: RemoteEngine, i: int) -> None:
+        stream = remote.stream(SynthesisRequest(f"Request number {i}.", seed=i, max_audio_ms=80 * 5))
+        try:
+            samples = sum([c.pcm.size async for c in stream])
+        except EngineBusy:
+            outcomes.append("busy")
+            return
+        assert samples == 5 * FRAME_SAMPLES and stream.stats.frames == 5
+        outcomes.append("ok")
+
+    async with RemoteEngine(ws_url(server)) as remote:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(one(remote, i) for i in range(n)))
+    assert len(outcomes) == n
+    assert outcomes.count("ok") >= LIMITS.max_concurrent_per_connection  # the rest were told: too many
+    assert time.monotonic() - t0 < 60
+    assert free(srv_engine)
+    # the server still answers after the burst
+    async with RemoteEngine(ws_url(server)) as remote:
+        chunks = [c async for c in remote.stream(SynthesisRequest("Again.", seed=1, max_audio_ms=160))]
+    assert sum(c.frames for c in chunks) == 2
+
+
+def test_audio_b64_is_int16_le():
+    data = base64.b64decode(audio_to_b64(np.array([0.0, 1.0, -1.0], dtype=np.float32)))
+    assert np.frombuffer(data, "<i2").tolist() == [0, 32767, -32767]
