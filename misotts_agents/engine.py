@@ -67,6 +67,8 @@ class MisoEngine:
     for the 8B model); ``max_queue`` how many more may wait; beyond that ``stream`` raises
     :class:`EngineBusy` at once rather than letting callers hang. ``cuda_graphs`` (default: on
     CUDA) captures the frame step per batch bucket; ``compile`` runs it under ``torch.compile``.
+    Every step runs ``max_batch`` rows (padded), so a request's audio does not depend on what
+    shares its batch; ``batch_buckets=True`` trades that for smaller steps at low load (step.py).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class MisoEngine:
         max_voices: int = 16,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        batch_buckets: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -100,7 +103,15 @@ class MisoEngine:
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
         self._lock = threading.Lock()
         self._closed = False
-        self._scheduler = Scheduler(model, decoder, self.voices, max_batch, cuda_graphs=cuda_graphs, compile=compile)
+        self._scheduler = Scheduler(
+            model,
+            decoder,
+            self.voices,
+            max_batch,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            batch_buckets=batch_buckets,
+        )
 
     @classmethod
     def load(
@@ -117,6 +128,7 @@ class MisoEngine:
         max_queue: int = 64,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        batch_buckets: bool = False,
         progress: bool = True,
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
@@ -157,6 +169,7 @@ class MisoEngine:
             max_queue=max_queue,
             cuda_graphs=cuda_graphs,
             compile=compile,
+            batch_buckets=batch_buckets,
         )
 
     # -- requests ---------------------------------------------------------------------------

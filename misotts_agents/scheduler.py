@@ -87,6 +87,7 @@ class Scheduler:
         max_batch: int,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        batch_buckets: bool = False,
     ):
         """``model`` must have caches for ``max_batch + 1`` rows: the last is the step's scratch row."""
         self.model = model
@@ -97,7 +98,9 @@ class Scheduler:
         k = model.num_codebooks
         self.k = k
         dev = self.device
-        self.stepper = FrameStepper(model, max_batch, scratch_row=max_batch, cuda_graphs=cuda_graphs, compile=compile)
+        self.stepper = FrameStepper(
+            model, max_batch, scratch_row=max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets
+        )
         # Per slot: the next backbone input frame, its position (host ints: no sync), sampling settings.
         self.next_tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)
         self.next_mask = torch.zeros(max_batch, 1, k + 1, dtype=torch.bool, device=dev)

@@ -3,8 +3,16 @@
 One step takes, for each active row, the next backbone input frame (the last prompt frame for a
 request just prefilled, else ``[previous codes, 0]``) and produces that row's next 32 codes:
 backbone decode, codebook-0 head and sampling, all 31 depth-decoder steps with sampling. Shapes
-depend only on the batch-size *bucket* (1, 2, 4, ... up to ``max_batch``); rows beyond the active
-ones are padded with a scratch cache row whose results are ignored. There is no branching on
+depend only on the batch-size *bucket*; rows beyond the active ones are padded with a scratch cache
+row whose results are ignored.
+
+By default there is one bucket, ``max_batch``: every step has the same shape, so a request's audio
+is bit-identical whatever else shares the batch (matrix kernels round differently for different
+row counts -- a one-row product is a matrix-vector kernel -- so a row's result would otherwise
+depend on how many rows ran with it). On a memory-bound GPU the padding rows cost little.
+``buckets=True`` uses 1, 2, 4, ... ``max_batch`` instead: less compute at low load, at the price
+of last-bit differences between batch sizes. With ``max_batch=1`` the step is the reference's
+batch-1 computation exactly. There is no branching on
 tensor values and no host synchronisation inside: end-of-speech and cancellation are checked by
 the scheduler between steps. Prefill (variable length) stays outside the captured graph.
 
@@ -61,12 +69,14 @@ class FrameStepper:
         scratch_row: int,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        buckets: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
         self.scratch_row = scratch_row
         self.k = model.num_codebooks
-        self.buckets = {b: _Bucket(b, self.k, self.device) for b in bucket_sizes(max_batch)}
+        sizes = bucket_sizes(max_batch) if buckets else [max_batch]
+        self.buckets = {b: _Bucket(b, self.k, self.device) for b in sizes}
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._fn: Callable[..., torch.Tensor] = self._step
         if compile:

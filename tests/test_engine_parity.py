@@ -2,17 +2,28 @@
 segment and a user turn, both with text and audio) are the reference model's codes."""
 
 import numpy as np
+import pytest
 import torch
 from oracle import OracleModel
 from signals import tone
 
+from misotts_agents.engine import MisoEngine
 from misotts_agents.prompt import Segment
 from misotts_agents.request import SynthesisRequest
 
 FRAMES = 10
 
 
-def test_greedy_codes_match_the_oracle(engine):
+@pytest.fixture(scope="module")
+def batch1_engine(tiny_dir):
+    """max_batch=1: the step is the reference's batch-1 computation (see step.py on batch shapes)."""
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, progress=False)
+    yield engine
+    engine.close()
+
+
+def test_greedy_codes_match_the_oracle(batch1_engine):
+    engine = batch1_engine
     context = (
         Segment(0, "This is how I sound.", tone(0.8, freq=180)),
         Segment(1, "Why is this taking so long?", tone(0.5, freq=260)),

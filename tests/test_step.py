@@ -18,7 +18,7 @@ def test_bucket_sizes():
 
 
 def test_padding_rows_do_not_change_results(engine):
-    """Three rows run in the 4-row bucket (one scratch row) give what each gives alone (bucket 1)."""
+    """Three rows batched (one scratch row) give what each gives alone (three scratch rows)."""
     reqs = [SynthesisRequest(t, topk=1, max_audio_ms=320) for t in TEXTS]
     alone = [engine.synthesize(r).codes for r in reqs]
     streams = [engine.stream(r) for r in reqs]
@@ -36,7 +36,10 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
     because it is the only check that the step stays traceable (no data-dependent Python branching,
     no host syncs) before it meets CUDA graphs on a GPU.
     """
-    compiled = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, compile=True, progress=False)
+    # the same max_batch as the eager session engine, so both run the same step shape
+    compiled = MisoEngine.load(
+        tiny_dir, device="cpu", watermark=False, max_batch=engine.max_batch, compile=True, progress=False
+    )
     try:
         for text in TEXTS[:2]:
             request = SynthesisRequest(text, topk=1, max_audio_ms=400)
@@ -44,3 +47,13 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
     finally:
         compiled.close()
         torch._dynamo.reset()
+
+
+def test_power_of_two_buckets(tiny_dir):
+    bucketed = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, batch_buckets=True, progress=False)
+    try:
+        assert sorted(bucketed._scheduler.stepper.buckets) == [1, 2, 4]
+        streams = [bucketed.stream(SynthesisRequest(t, max_audio_ms=240)) for t in TEXTS]
+        assert [sum(c.frames for c in s) for s in streams] == [3, 3, 3]
+    finally:
+        bucketed.close()
