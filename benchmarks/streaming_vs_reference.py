@@ -93,7 +93,8 @@ def main() -> None:
         watermark = True  # the tiny checkpoint carries a random-weight SilentCipher in silentcipher/
     else:
         watermark = args.watermark
-    engine = MisoEngine.load(model, device=args.device, watermark=watermark, progress=False)
+    # One stream: max_batch=1, so the engine's step is the same batch-1 work as the reference's.
+    engine = MisoEngine.load(model, device=args.device, watermark=watermark, max_batch=1, progress=False)
     mimi = codec.load_mimi(model if Path(str(model)).is_dir() else None, device=engine.device)
     request = SynthesisRequest(TEXT, seed=1, max_audio_ms=80 * args.frames)
 

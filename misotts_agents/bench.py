@@ -253,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot", type=Path, default=Path("out/concurrency.png"), help="PNG to write")
     parser.add_argument(
+        "--batch-buckets",
+        action="store_true",
+        help="power-of-two step shapes instead of always max_batch rows (less compute at low load)",
+    )
+    parser.add_argument(
         "--bandwidth-gbs", type=float, default=None, help="GPU memory bandwidth for the floor (default: known GPUs)"
     )
     args = parser.parse_args(argv)
@@ -264,13 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     model = args.model or make_tiny(Path(tmp.name) / "tiny")
     max_batch = args.max_batch or levels[-1]
-    engine = MisoEngine.load(model, device=args.device, watermark=args.watermark, max_batch=max_batch, progress=False)
+    engine = MisoEngine.load(
+        model,
+        device=args.device,
+        watermark=args.watermark,
+        max_batch=max_batch,
+        batch_buckets=args.batch_buckets,
+        progress=False,
+    )
     try:
         device, dtype = str(engine.device), str(engine.model.dtype).removeprefix("torch.")
         print(f"command: {shlex.join([sys.executable, *sys.argv])}")
         print(
             f"model={args.model or 'tiny random checkpoint'} device={device} dtype={dtype} "
-            f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark}"
+            f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark} "
+            f"batch_buckets={args.batch_buckets}"
         )
         print(f"load average at start (1/5/15 min): {format_load()} on {os.cpu_count()} CPUs")
         print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
