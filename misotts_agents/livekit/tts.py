@@ -322,6 +322,17 @@ async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
         yield chunk
 
 
+def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:
+    """Declare what follows: one request id, 24 kHz mono raw PCM."""
+    output_emitter.initialize(
+        request_id=utils.shortuuid(),
+        sample_rate=SAMPLE_RATE,
+        num_channels=NUM_CHANNELS,
+        mime_type=MIME_TYPE,
+        stream=stream,
+    )
+
+
 class ChunkedStream(tts.ChunkedStream):
     """One-shot text (``session.say`` / ``tts.synthesize``), streamed sentence by sentence."""
 
@@ -331,12 +342,7 @@ class ChunkedStream(tts.ChunkedStream):
         self._speaker = _Speaker(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        output_emitter.initialize(
-            request_id=utils.shortuuid(),
-            sample_rate=SAMPLE_RATE,
-            num_channels=NUM_CHANNELS,
-            mime_type=MIME_TYPE,
-        )
+        _initialize(output_emitter, stream=False)
         for sentence in self._miso._sentences.tokenize(self.input_text) or [self.input_text]:
             await self._speaker.speak(sentence, output_emitter)
 
@@ -350,13 +356,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         self._speaker = _Speaker(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        output_emitter.initialize(
-            request_id=utils.shortuuid(),
-            sample_rate=SAMPLE_RATE,
-            num_channels=NUM_CHANNELS,
-            mime_type=MIME_TYPE,
-            stream=True,
-        )
+        _initialize(output_emitter, stream=True)
         sentences = self._miso._sentences.stream()
 
         async def feed() -> None:
