@@ -50,7 +50,6 @@ class Job:
     stream: SpeechStream
     prompt: Prompt | None = None
     voice: CachedVoice | None = None
-    voice_key: str | None = None
     slot: int | None = None
     frames: int = 0
     chunk_start: int = 0

@@ -91,18 +91,22 @@ def user_turn(text_frame: Frame, seconds: float = 0.6, rate: int = 16_000) -> li
     return [UserStartedSpeakingFrame(), *audio, UserStoppedSpeakingFrame(), text_frame]
 
 
+# What one TTSSpeakFrame produces downstream, in order, when its utterance streams one chunk.
+SPEAK_FRAMES = [
+    "AggregatedTextFrame",
+    "TTSStartedFrame",
+    "TTSAudioRawFrame",
+    "TTSTextFrame",
+    "LLMAssistantPushAggregationFrame",
+    "TTSStoppedFrame",
+]
+
+
 def test_speak_frame_order_and_pcm(miso, monkeypatch):
     spy = Spy(miso, monkeypatch)
     tts = MisoTTSService(engine=miso, settings=SHORT)
     down, up = run(tts, [TTSSpeakFrame("Hello there.")])
-    assert names(down) == [
-        "AggregatedTextFrame",
-        "TTSStartedFrame",
-        "TTSAudioRawFrame",
-        "TTSTextFrame",
-        "LLMAssistantPushAggregationFrame",
-        "TTSStoppedFrame",
-    ]
+    assert names(down) == SPEAK_FRAMES
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert len(audio) > 1  # streamed in chunks, not one blob
@@ -427,11 +431,4 @@ def test_slow_first_audio_keeps_the_audio_context_open(miso, monkeypatch):
     tts = MisoTTSService(engine=miso, stop_frame_timeout_s=0.4)
     down, up = run(tts, [TTSSpeakFrame("Wait for it.")])
     assert not [f for f in up if isinstance(f, ErrorFrame)]
-    assert names(down) == [
-        "AggregatedTextFrame",
-        "TTSStartedFrame",
-        "TTSAudioRawFrame",
-        "TTSTextFrame",
-        "LLMAssistantPushAggregationFrame",
-        "TTSStoppedFrame",
-    ]
+    assert names(down) == SPEAK_FRAMES
