@@ -7,11 +7,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import MisoError
 from .sources import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .voice import VoicePrompt
 
 
 def _key(text: str) -> tuple[int, ...]:
@@ -91,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
     serve.add_argument("--max-text", type=int, default=4000, help="longest text per request in characters")
     serve.add_argument("--max-per-connection", type=int, default=8, help="concurrent requests per WebSocket")
+    serve.add_argument(
+        "--voice",
+        action="append",
+        default=[],
+        metavar="NAME=CLIP",
+        help="a named voice (repeatable): a ~10 s clip, its transcript in the file beside it with .txt "
+        "(anna=voices/anna.wav reads voices/anna.txt); requests and the OpenAI 'voice' pick it by name",
+    )
+    serve.add_argument("--session-ttl", type=float, default=1800, help="forget sessions idle this many seconds")
 
     from . import demo  # light: Pipecat and torch are imported only when the demo runs
 
@@ -197,20 +210,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
+def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
+    """``NAME=CLIP`` options as voice prompts; each clip's transcript is the .txt file beside it."""
+    from .audio import read_audio
+    from .voice import VoicePrompt
+
+    voices = {}
+    for spec in specs:
+        name, sep, clip = spec.partition("=")
+        if not sep or not name or not clip:
+            raise SystemExit(f"error: --voice {spec!r}: expected NAME=CLIP (e.g. anna=voices/anna.wav)")
+        transcript = Path(clip).with_suffix(".txt")
+        if not transcript.is_file():
+            raise SystemExit(f"error: --voice {name}: no transcript {transcript} beside the clip")
+        try:
+            voices[name] = VoicePrompt(0, transcript.read_text().strip(), read_audio(clip))
+        except MisoError as exc:
+            raise SystemExit(f"error: --voice {name}: {exc}") from None
+    return voices
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .engine import MisoEngine
     from .server.app import check_bind, create_app
+    from .server.backend import EngineBackend, SessionStore
     from .server.protocol import Limits
 
     check_bind(args.host, args.token)
+    voices = named_voices(args.voice)
     limits = Limits(max_text_chars=args.max_text, max_concurrent_per_connection=args.max_per_connection)
     engine = MisoEngine.load(
         args.model, device=args.device, watermark=False if args.no_watermark else True, max_batch=args.max_batch
     )
     try:
-        app = create_app(engine, token=args.token, limits=limits, model_name=str(args.model))
+        backend = EngineBackend(engine, limits, voices, SessionStore(ttl_s=args.session_ttl))
+        app = create_app(backend, token=args.token, limits=limits, model_name=str(args.model))
         uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.ws_max_size, log_level="info")
     finally:
         engine.close()

@@ -27,6 +27,7 @@ import numpy as np
 import soxr
 
 from .audio import SAMPLE_RATE, to_mono
+from .errors import InvalidRequest
 from .prompt import Segment
 from .voice import VoicePrompt
 
@@ -174,6 +175,16 @@ class ConversationMemory:
             self._turns[-1].text = text
         elif self._user_audio.size:
             self._turns.append(_Turn(self.user_speaker, text, self._user_audio))
+
+    def add_turn(self, speaker: int, text: str, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+        """A whole turn known at once (a server session is told each user turn after it ends)."""
+        text = text.strip()
+        if not text:
+            raise InvalidRequest("a turn needs its transcript")
+        audio = to_mono(audio, sample_rate, what="turn audio")
+        if self.enabled:
+            with self._lock:
+                self._turns.append(_Turn(speaker, text, audio[-int(self.max_turn_s * SAMPLE_RATE) :]))
 
     # -- the agent ----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,3 +105,50 @@ def test_bench_runs_and_plots(tiny_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "batched" in out and "sequential" in out and "bandwidth floor at 100 GB/s" in out
     assert plot.stat().st_size > 10_000
+
+
+def test_serve_runs_the_server_with_named_voices(tiny_dir, tmp_path):
+    """The real command in its own process: loads the model, serves the OpenAI endpoint with a --voice."""
+    import socket
+
+    import httpx
+
+    from misotts_agents.audio import write_wav
+
+    write_wav(tmp_path / "anna.wav", tone(1.0, freq=190))
+    (tmp_path / "anna.txt").write_text("I am Anna.\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--model", str(tiny_dir), "--device", "cpu", "--no-watermark", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "misotts_agents.cli", "serve", *args, "--voice", f"anna={tmp_path / 'anna.wav'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+        body = {"input": "Hello.", "voice": "anna", "response_format": "pcm", "max_audio_ms": 160}
+        r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.content) == 2 * 2 * 1920
+        r = httpx.post(f"{url}/v1/audio/speech", json={**body, "voice": "bob"}, timeout=60)
+        assert r.status_code == 400 and "anna" in r.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_voice_needs_a_transcript(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no transcript"):
+        main(["serve", "--voice", f"anna={tmp_path / 'anna.wav'}"])
+    with pytest.raises(SystemExit, match="NAME=CLIP"):
+        main(["serve", "--voice", "anna"])

@@ -24,9 +24,17 @@ from misotts_agents.request import SynthesisRequest
 from misotts_agents.server import Limits, RemoteEngine
 from misotts_agents.server.app import check_bind, create_app
 from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
+from misotts_agents.voice import VoicePrompt
 
 TOKEN = "s3cret"
-LIMITS = Limits(max_text_chars=500, max_concurrent_per_connection=6, max_message_bytes=200_000, ws_max_size=400_000)
+LIMITS = Limits(
+    max_text_chars=500,
+    max_concurrent_per_connection=6,
+    max_sessions_per_connection=3,
+    max_message_bytes=200_000,
+    ws_max_size=400_000,
+)
+ANNA = VoicePrompt(0, "I am Anna.", tone(0.5, freq=190))
 
 
 def _free_port() -> int:
@@ -72,6 +80,35 @@ def secured(srv_engine):
     s = _Server(create_app(srv_engine, token=TOKEN, limits=LIMITS))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def voiced(srv_engine):
+    s = _Server(create_app(srv_engine, limits=LIMITS, voices={"anna": ANNA}))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def engine_requests(srv_engine, monkeypatch) -> list[SynthesisRequest]:
+    """Every request the server hands the engine (the server calls it from its own thread)."""
+    seen: list[SynthesisRequest] = []
+    real = srv_engine.stream
+
+    def spy(request):
+        seen.append(request)
+        return real(request)
+
+    monkeypatch.setattr(srv_engine, "stream", spy)
+    return seen
+
+
+async def next_json(ws) -> dict:
+    async with asyncio.timeout(10):
+        while True:
+            data = await ws.recv()
+            if isinstance(data, str):
+                return json.loads(data)
 
 
 def ws_url(s: _Server) -> str:
@@ -168,13 +205,6 @@ async def test_disconnect_mid_utterance_frees_the_slot(server, srv_engine):
 
 @pytest.mark.asyncio
 async def test_bad_messages_get_errors_and_the_connection_keeps_working(server, srv_engine):
-    async def next_json(ws):
-        async with asyncio.timeout(10):
-            while True:
-                data = await ws.recv()
-                if isinstance(data, str):
-                    return json.loads(data)
-
     async with connect(ws_url(server)) as ws:
         await ws.send("{not json")
         assert (await next_json(ws))["code"] == "bad_json"
@@ -193,8 +223,17 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(server, 
         big = [{"speaker": 1, "text": "hm", "audio_b64": "A" * 250_000}]  # over the app's message limit
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "context": big}))
         assert (await next_json(ws))["code"] == "too_large"
-        await ws.send(json.dumps({"type": "append", "id": "t", "text": "more"}))
-        assert (await next_json(ws))["code"] == "unsupported"
+        await ws.send(json.dumps({"type": "append", "id": "t", "text": "more"}))  # no such incremental request
+        assert (await next_json(ws))["code"] == "bad_message"
+        await ws.send(json.dumps({"type": "session", "op": "clear"}))
+        assert (await next_json(ws))["code"] == "bad_message"
+        await ws.send(json.dumps({"type": "session", "session": "s", "op": "dance"}))
+        assert (await next_json(ws))["code"] == "bad_message"
+        await ws.send(json.dumps({"type": "session", "session": "s", "op": "user_turn", "text": "hm"}))
+        assert (await next_json(ws))["code"] == "invalid_request"  # no audio
+        await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "voice": "nobody"}))
+        err = await next_json(ws)
+        assert err["code"] == "invalid_request" and "unknown voice" in err["message"]
         await ws.send(b"\x00binary")
         assert (await next_json(ws))["code"] == "bad_message"
         for i in range(LIMITS.max_concurrent_per_connection + 1):
@@ -348,3 +387,174 @@ async def test_load_many_remote_requests(server, srv_engine):
 def test_audio_b64_is_int16_le():
     data = base64.b64decode(audio_to_b64(np.array([0.0, 1.0, -1.0], dtype=np.float32)))
     assert np.frombuffer(data, "<i2").tolist() == [0, 32767, -32767]
+
+
+def contiguous(chunks: list[tuple]) -> bool:
+    """Chunks (start_frame, frames, ...) follow each other with no gap or overlap from frame 0."""
+    at = 0
+    for start_frame, frames, *_ in chunks:
+        if start_frame != at:
+            return False
+        at += frames
+    return True
+
+
+@pytest.mark.asyncio
+async def test_incremental_text_is_spoken_sentence_by_sentence(server, srv_engine, engine_requests):
+    frames = 3
+    async with connect(ws_url(server)) as ws:
+        first = {"type": "start", "id": "inc", "incremental": True, "text": "Hello there. How", "seed": 3}
+        await ws.send(json.dumps(first | {"max_audio_ms": 80 * frames, "codes": True}))
+        async with asyncio.timeout(20):  # the first sentence is spoken before the rest of the text exists
+            data = await ws.recv()
+        assert isinstance(data, bytes) and unpack_audio(data)[:2] == ("inc", 0)
+        head = unpack_audio(data)
+        for piece in (" are you?", " Fine"):
+            await ws.send(json.dumps({"type": "append", "id": "inc", "text": piece}))
+        await ws.send(json.dumps({"type": "end", "id": "inc"}))
+        audio, ends = await collect(ws, {"inc"})
+        await ws.send(json.dumps({"type": "append", "id": "inc", "text": "late"}))  # the request is over
+        assert (await next_json(ws))["code"] == "bad_message"
+    chunks = [(head[1], head[2], head[3], bytes(head[4])), *audio["inc"]]
+    end = ends["inc"]
+    assert end["type"] == "end" and end["stats"]["parts"] == 3 and end["stats"]["frames"] == 3 * frames
+    assert len(end["codes"]) == 3 * frames
+    assert contiguous(chunks) and sum(len(c[3]) for c in chunks) == 2 * 3 * frames * FRAME_SAMPLES
+    assert chunks[-1][2] and not any(c[2] for c in chunks[:-1])  # final: only the end of the last part
+    assert [r.text for r in engine_requests] == ["Hello there.", "How are you?", "Fine"]
+    # Each part is conditioned on what was already spoken of the utterance (text and audio).
+    assert engine_requests[0].context == ()
+    spoken = [r.context[-1] for r in engine_requests[1:]]
+    assert [seg.text for seg in spoken] == ["Hello there.", "Hello there. How are you?"]
+    assert [seg.audio.size for seg in spoken] == [frames * FRAME_SAMPLES, 2 * frames * FRAME_SAMPLES]
+    assert all(r.seed == 3 and r.max_frames == frames for r in engine_requests)
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_incremental_flush_cancel_and_empty(server, srv_engine, engine_requests):
+    async with connect(ws_url(server)) as ws:
+        await ws.send(json.dumps({"type": "start", "id": "e", "incremental": True}))
+        await ws.send(json.dumps({"type": "end", "id": "e"}))
+        _, ends = await collect(ws, {"e"})
+        assert ends["e"]["stats"] == {**ends["e"]["stats"], "frames": 0, "parts": 0, "stop_reason": "empty"}
+        await ws.send(json.dumps({"type": "start", "id": "f", "incremental": True, "max_audio_ms": 80 * 400}))
+        await ws.send(json.dumps({"type": "append", "id": "f", "text": "no sentence end yet", "flush": True}))
+        async with asyncio.timeout(20):
+            assert isinstance(await ws.recv(), bytes)  # flushed: spoken without an end of sentence
+        await ws.send(json.dumps({"type": "cancel", "id": "f"}))
+        _, ends = await collect(ws, {"f"})
+        assert ends["f"]["stats"]["stop_reason"] == "cancelled" and ends["f"]["stats"]["frames"] < 400
+    assert [r.text for r in engine_requests] == ["no sentence end yet"]
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_session_keeps_the_voice_and_the_turns(server, srv_engine, engine_requests):
+    user_audio = tone(0.6, freq=250)
+    voice = {"speaker": 0, "text": "This is my voice.", "audio_b64": audio_to_b64(tone(0.5, freq=180))}
+    turn = {"text": "Where is my order?", "audio_b64": audio_to_b64(user_audio)}
+    async with connect(ws_url(server)) as ws:
+        await ws.send(json.dumps({"type": "session", "session": "c1", "op": "voice", "voice": voice}))
+        assert await next_json(ws) == {"type": "session", "session": "c1", "op": "voice", "turns": 0, "voice": True}
+        await ws.send(json.dumps({"type": "session", "session": "c1", "op": "user_turn", **turn}))
+        assert (await next_json(ws))["turns"] == 1
+        for rid in ("r1", "r2"):
+            await ws.send(start(rid, 4, session="c1"))
+            await collect(ws, {rid})
+        long = "A long answer that the user will interrupt."  # paced: generated about as fast as it plays
+        one_frame_chunks = {"first_frames": 1, "growth": 1.0, "max_frames": 1}
+        await ws.send(start("cut", 400, session="c1", text=long, max_ahead_s=0.3, chunks=one_frame_chunks))
+        async with asyncio.timeout(20):
+            assert isinstance(await ws.recv(), bytes)
+        await asyncio.sleep(1.0)  # the user listens for a second, then barges in
+        await ws.send(json.dumps({"type": "cancel", "id": "cut"}))
+        await collect(ws, {"cut"})
+        await ws.send(start("r4", 2, session="c1"))
+        await collect(ws, {"r4"})
+        await ws.send(start("solo", 2))  # no session: no memory
+        await collect(ws, {"solo"})
+        await ws.send(json.dumps({"type": "session", "session": "c1", "op": "close"}))
+        assert (await next_json(ws))["closed"] is True
+        for sid in ("c2", "c3"):  # c1 still counts: three sessions per connection
+            await ws.send(json.dumps({"type": "session", "session": sid, "op": "clear"}))
+            assert (await next_json(ws))["turns"] == 0
+        await ws.send(start("x", 2, session="c4"))
+        assert (await next_json(ws))["code"] == "too_many"
+    r1, r2, cut, r4, solo = engine_requests
+    assert r1.voice is not None and r1.voice.text == "This is my voice." and r2.voice == r1.voice
+    assert [(s.speaker, s.text) for s in r1.context] == [(1, "Where is my order?")]
+    assert r1.context[0].audio.size == user_audio.size
+    assert [(s.speaker, s.text) for s in r2.context] == [(1, "Where is my order?"), (0, "Hello from Miso.")]
+    assert r2.context[1].audio.size == 4 * FRAME_SAMPLES  # the agent's reply as generated
+    # The interrupted reply is remembered as far as it was heard: cut audio, cut words.
+    heard = r4.context[-1]
+    assert heard.speaker == 0 and 0 < heard.audio.size < 400 * FRAME_SAMPLES
+    assert cut.text.startswith(heard.text) and len(heard.text) < len(cut.text)
+    assert solo.context == () and solo.voice is None
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_named_voices_and_sessions_on_the_openai_endpoint(voiced, srv_engine, engine_requests):
+    url = http_url(voiced, "/v1/audio/speech")
+    body = {"model": "misotts", "input": "Hello.", "voice": "anna", "response_format": "pcm", "max_audio_ms": 160}
+    async with httpx.AsyncClient(timeout=60) as http:
+        ok = await http.post(url, json=body | {"session": "oa"})
+        again = await http.post(url, json=body | {"session": "oa", "voice": "1"})
+        unknown = await http.post(url, json=body | {"voice": "alloy"})
+    assert ok.status_code == 200 and len(ok.content) == 2 * 2 * FRAME_SAMPLES and again.status_code == 200
+    assert unknown.status_code == 400 and "anna" in unknown.json()["error"]["message"]
+    first, second = engine_requests
+    assert first.voice == ANNA and first.context == ()
+    # The session remembers the first reply; the second asks for speaker 1 and keeps the session's
+    # memory (the named voice belonged to the first request only).
+    assert second.speaker == 1 and second.voice is None
+    assert [(s.speaker, s.text) for s in second.context] == [(0, "Hello.")]
+    async with connect(ws_url(voiced)) as ws:
+        await ws.send(start("v", 2, voice="anna"))
+        _, ends = await collect(ws, {"v"})
+    assert ends["v"]["type"] == "end" and engine_requests[-1].voice == ANNA
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_many_clients_at_once_lose_nothing(server, srv_engine):
+    """Eight connections (with incremental text, sessions and a client that vanishes) on a two-slot
+    engine: every request either completes with all its audio or ends with an error it was told."""
+    outcomes: list[str] = []
+
+    async def client(i: int) -> None:
+        async with RemoteEngine(ws_url(server)) as remote:
+            for j in range(2):
+                stream = remote.stream(SynthesisRequest(f"Client {i}, reply {j}.", seed=i, max_audio_ms=80 * 4))
+                try:
+                    samples = sum([c.pcm.size async for c in stream])
+                except EngineBusy:
+                    outcomes.append("busy")
+                    continue
+                assert samples == 4 * FRAME_SAMPLES and stream.stats.frames == 4
+                outcomes.append("ok")
+
+    async def incremental(i: int) -> None:
+        async with connect(ws_url(server)) as ws:
+            msg = {"type": "start", "id": "t", "incremental": True, "session": f"s{i}", "max_audio_ms": 80 * 2}
+            await ws.send(json.dumps(msg | {"text": "One. Two."}))
+            await ws.send(json.dumps({"type": "end", "id": "t"}))
+            audio, ends = await collect(ws, {"t"}, timeout=60)
+        assert ends["t"]["stats"]["frames"] == 4 and sum(len(c[3]) for c in audio["t"]) == 2 * 4 * FRAME_SAMPLES
+        outcomes.append("ok")
+
+    async def vanishing() -> None:
+        ws = await connect(ws_url(server))
+        await ws.send(start("gone", 400))
+        async with asyncio.timeout(30):
+            await ws.recv()
+        await ws.close()
+        outcomes.append("gone")
+
+    async with asyncio.timeout(120):
+        await asyncio.gather(*(client(i) for i in range(5)), incremental(0), incremental(1), vanishing())
+    # The engine queues (64 deep): below that nobody is turned away, and everybody got all their audio.
+    assert sorted(outcomes) == ["gone"] + ["ok"] * 12
+    assert await asyncio.to_thread(free, srv_engine)

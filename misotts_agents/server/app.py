@@ -10,6 +10,9 @@ import ipaddress
 import json
 import logging
 import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -17,9 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
-from ..request import SynthesisRequest
+from ..voice import VoicePrompt
 from . import protocol
+from .backend import EngineBackend
 from .protocol import Limits, ProtocolError
+from .textfeed import TextFeed
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +52,16 @@ def check_bind(host: str, token: str | None) -> None:
 class Metrics:
     """Prometheus figures of one server (own registry, so several apps can live in one process)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, backend: Any) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active = Gauge("misotts_active_streams", "requests being streamed to clients", registry=r)
         queue = Gauge("misotts_queue_depth", "engine requests waiting for a batch slot", registry=r)
-        queue.set_function(lambda: _safe(lambda: engine.metrics().queued))
+        queue.set_function(lambda: _safe(lambda: backend.metrics().queued))
         busy = Gauge("misotts_engine_active", "engine requests generating now", registry=r)
-        busy.set_function(lambda: _safe(lambda: engine.metrics().active))
+        busy.set_function(lambda: _safe(lambda: backend.metrics().active))
         slots = Gauge("misotts_engine_free_slots", "free engine batch slots", registry=r)
-        slots.set_function(lambda: _safe(lambda: engine.free_slots))
+        slots.set_function(lambda: _safe(lambda: backend.free_slots))
         self.connections = Gauge("misotts_websocket_connections", "open /v1/stream connections", registry=r)
         self.ttfa = Histogram(
             "misotts_time_to_first_audio_seconds",
@@ -105,12 +110,27 @@ def _error_code(exc: BaseException) -> str:
     return "internal"
 
 
-def create_app(engine: Any, *, token: str | None = None, limits: Limits | None = None, model_name: str = "") -> FastAPI:
-    """The FastAPI app serving ``engine`` (a :class:`MisoEngine`; the caller owns and closes it)."""
+def create_app(
+    engine: Any,
+    *,
+    token: str | None = None,
+    limits: Limits | None = None,
+    model_name: str = "",
+    voices: dict[str, VoicePrompt] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``: a :class:`MisoEngine` (the caller owns and closes it),
+    or a backend (an :class:`EngineBackend` or a proxy with its methods, as the Ray Serve ingress).
+    ``voices`` are the named voices of a MisoEngine's backend."""
     limits = limits or Limits()
-    metrics = Metrics(engine)
+    if hasattr(engine, "start"):
+        if voices:
+            raise ValueError("pass named voices to the backend, not to create_app")
+        backend = engine
+    else:
+        backend = EngineBackend(engine, limits, voices)
+    metrics = Metrics(backend)
     app = FastAPI(title="misotts-agents", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.backend = backend
     app.state.metrics = metrics
     app.state.limits = limits
 
@@ -130,10 +150,10 @@ def create_app(engine: Any, *, token: str | None = None, limits: Limits | None =
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        closed = engine.closed
-        body = {"status": "closed" if closed else "ok", "model": model_name, "max_batch": engine.max_batch}
+        closed = backend.closed
+        body = {"status": "closed" if closed else "ok", "model": model_name, "max_batch": backend.max_batch}
         if not closed:
-            body["free_slots"] = engine.free_slots
+            body["free_slots"] = backend.free_slots
         return JSONResponse(body, status_code=503 if closed else 200)
 
     @app.get("/metrics")
@@ -177,15 +197,20 @@ def create_app(engine: Any, *, token: str | None = None, limits: Limits | None =
         if speed not in (None, 1, 1.0):
             return openai_error(400, "speed other than 1.0 is not supported", "unsupported")
         voice = msg.get("voice")
-        speaker = 0
+        start: dict[str, Any] = {"type": "start", "id": "speech", "text": text}
         if isinstance(voice, int) and not isinstance(voice, bool):
-            speaker = voice
+            start["speaker"] = voice
         elif isinstance(voice, str) and voice.isdigit():
-            speaker = int(voice)
+            start["speaker"] = int(voice)
+        elif isinstance(voice, str) and getattr(backend, "voices", None):
+            start["voice"] = voice  # one of the server's named voices (an unknown name is a 400)
+        # Other OpenAI voice names mean the default voice on a server without named voices.
+        # Non-OpenAI extras: a session (turn memory, voice), seed, sampling and length.
+        for key in ("session", "seed", "temperature", "topk", "max_audio_ms"):
+            if msg.get(key) is not None:
+                start[key] = msg[key]
         try:
-            extra = {k: msg[k] for k in ("seed", "temperature", "topk", "max_audio_ms") if msg.get(k) is not None}
-            req = SynthesisRequest(text=text, speaker=speaker, **extra)  # non-OpenAI extras: seed, sampling, length
-            stream = engine.stream(req)
+            stream = backend.start(start)
         except Exception as exc:
             metrics.finished("openai", "rejected")
             status = 503 if isinstance(exc, (EngineBusy, EngineClosed)) else 400
@@ -233,7 +258,7 @@ def create_app(engine: Any, *, token: str | None = None, limits: Limits | None =
             await ws.close(code=1008, reason="missing or wrong bearer token")
             return
         metrics.connections.inc()
-        conn = _Connection(ws, engine, limits, metrics)
+        conn = _Connection(ws, backend, limits, metrics)
         try:
             await conn.run()
         finally:
@@ -258,15 +283,17 @@ def wav_header(sample_rate: int = 24_000) -> bytes:
 
 
 class _Connection:
-    """One WebSocket client: its running requests (tasks by id), serialised sends."""
+    """One WebSocket client: its running requests (tasks by id), their text feeds, serialised sends."""
 
-    def __init__(self, ws: WebSocket, engine: Any, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, ws: WebSocket, backend: Any, limits: Limits, metrics: Metrics) -> None:
         self.ws = ws
-        self.engine = engine
+        self.backend = backend
         self.limits = limits
         self.metrics = metrics
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.feeds: dict[str, TextFeed] = {}  # the incremental requests' text
         self.cancelled: set[str] = set()
+        self.sessions: set[str] = set()  # the session ids this client used
         self.send_lock = asyncio.Lock()
         self.open = True
 
@@ -298,8 +325,20 @@ class _Connection:
                 await self.handle(protocol.parse_json(text, self.limits))
             except ProtocolError as exc:
                 await self.send_text(protocol.error_message(exc.code, exc.message, exc.rid))
+            except MisoError as exc:
+                await self.send_text(protocol.error_message(_error_code(exc), str(exc), None))
             except (WebSocketDisconnect, RuntimeError):
                 return
+
+    def use_session(self, msg: dict[str, Any]) -> str | None:
+        sid = protocol.session_id(msg)
+        if sid is not None and sid not in self.sessions:
+            if len(self.sessions) >= self.limits.max_sessions_per_connection:
+                raise ProtocolError(
+                    "too_many", f"at most {self.limits.max_sessions_per_connection} sessions per connection"
+                )
+            self.sessions.add(sid)
+        return sid
 
     async def handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -313,65 +352,116 @@ class _Connection:
                         "too_many",
                         f"at most {self.limits.max_concurrent_per_connection} concurrent requests per connection",
                     )
-                request = protocol.parse_start(msg, self.limits)
-                stream = self.engine.stream(request)
+                self.use_session(msg)
+                if msg.get("incremental"):
+                    feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
+                    if msg.get("text"):
+                        feed.append(str(msg["text"]))
+                    parts = self.incremental_parts(msg, feed)
+                else:
+                    parts = _one(self.backend.start(msg))
             except Exception as exc:
+                self.feeds.pop(rid, None)
                 self.metrics.finished("websocket", "rejected")
                 await self.send_text(protocol.error_message(_error_code(exc), str(exc), rid))
                 return
-            self.tasks[rid] = asyncio.create_task(self.pump(rid, stream, bool(msg.get("codes"))))
+            self.tasks[rid] = asyncio.create_task(self.pump(rid, parts, bool(msg.get("codes"))))
+        elif kind in ("append", "end"):
+            rid = protocol.request_id(msg)
+            feed = self.feeds.get(rid)
+            if feed is None:
+                raise ProtocolError("bad_message", f"no incremental request {rid!r} is waiting for text", rid)
+            if kind == "end":
+                feed.end()
+                return
+            text = msg.get("text", "")
+            if not isinstance(text, str) or len(text) > self.limits.max_text_chars:
+                raise ProtocolError(
+                    "bad_message", f"'text' must be a string of at most {self.limits.max_text_chars}", rid
+                )
+            feed.append(text, flush=msg.get("flush") is True)
         elif kind == "cancel":
             rid = protocol.request_id(msg)
             task = self.tasks.get(rid)
             if task is not None and rid not in self.cancelled:
                 self.cancelled.add(rid)
                 task.cancel()
+        elif kind == "session":
+            self.use_session(msg)
+            reply = await self.backend.session(msg)
+            await self.send_text(protocol.message("session", **reply))
         elif kind == "ping":
             await self.send_text(protocol.message("pong"))
-        elif kind in ("append", "end"):
-            raise ProtocolError("unsupported", "incremental text (append/end) is not supported yet", msg.get("id"))
         else:
             raise ProtocolError("unknown_type", f"unknown message type {kind!r}", _maybe_id(msg))
 
-    async def pump(self, rid: str, stream: Any, want_codes: bool) -> None:
-        """Stream one request's audio to the client, then its end (or error) message."""
+    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncIterator[tuple[Any, bool]]:
+        """One backend request per sentence, all in one session so each is conditioned on the parts
+        already spoken; a request without a session gets a private one for its lifetime."""
+        sid = protocol.session_id(msg) or f"~{uuid.uuid4().hex}"
+        base = {k: v for k, v in msg.items() if k not in ("text", "incremental")} | {"session": sid}
+        first, last = True, False
+        try:
+            async for text, last in feed.parts():
+                yield self.backend.start(base | {"text": text, "continue": not first, "more": not last}), last
+                first = False
+        finally:
+            if sid != msg.get("session"):
+                await self.backend.session({"session": sid, "op": "close"})
+            elif not first and not last:  # the end came after the last part started: close the turn
+                interrupted = not feed.ended
+                await self.backend.session({"session": sid, "op": "end_turn", "interrupted": interrupted})
+
+    async def pump(self, rid: str, parts: AsyncIterator[tuple[Any, bool]], want_codes: bool) -> None:
+        """Stream a request's audio (its backend streams, one after the other, each with whether it is
+        the last) to the client, then its end (or error) message."""
         self.metrics.active.inc()
         outcome = "completed"
+        started = time.perf_counter()
+        current, done = None, []
         try:
-            async for chunk in stream:
-                await self.send_bytes(
-                    protocol.pack_audio(rid, chunk.start_frame, chunk.frames, chunk.final, protocol.to_int16(chunk.pcm))
-                )
-                self.metrics.audio_seconds.inc(chunk.duration_s)
-            end = {"id": rid, "stats": protocol.stats_dict(stream.stats)}
+            async for stream, last in parts:
+                current, offset = stream, sum(s.stats.frames for s in done)
+                async for chunk in stream:
+                    pcm = protocol.to_int16(chunk.pcm)
+                    final = chunk.final and last
+                    await self.send_bytes(
+                        protocol.pack_audio(rid, offset + chunk.start_frame, chunk.frames, final, pcm)
+                    )
+                    self.metrics.audio_seconds.inc(chunk.duration_s)
+                done.append(stream)
+                current = None
+            end = {"id": rid, "stats": _merged_stats(done, started)}
             if want_codes:
-                end["codes"] = stream.codes.tolist()
+                end["codes"] = [row for s in done for row in s.codes.tolist()]
             await self.send_text(protocol.message("end", **end))
         except asyncio.CancelledError:
-            stream.cancel()
             if rid in self.cancelled:  # the client's cancel: tell it the id is free
                 outcome = "cancelled"
-                stats = protocol.stats_dict(stream.stats)
+                stats = _merged_stats([*done, current] if current is not None else done, started)
                 stats["stop_reason"] = "cancelled"
                 with contextlib.suppress(Exception):
                     await self.send_text(protocol.message("end", id=rid, stats=stats))
             else:
                 outcome = "disconnected"
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:  # the client went away mid-send
-            stream.cancel()
             outcome = "disconnected"
             log.debug("stream %s: client gone: %s", rid, exc)
         except Exception as exc:
-            stream.cancel()
             outcome = "error"
             with contextlib.suppress(Exception):
                 await self.send_text(protocol.error_message(_error_code(exc), str(exc), rid))
         finally:
-            stream.cancel()
+            if current is not None:
+                current.cancel()
+            with contextlib.suppress(Exception):
+                await parts.aclose()
             self.tasks.pop(rid, None)
+            self.feeds.pop(rid, None)
             self.cancelled.discard(rid)
             self.metrics.active.dec()
-            self.metrics.finished("websocket", outcome, stream.stats)
+            first = (done or [current])[0]
+            self.metrics.finished("websocket", outcome, first.stats if first is not None else None)
 
     async def shutdown(self) -> None:
         """The client is gone: cancel every request it still had, freeing their slots now."""
@@ -381,6 +471,29 @@ class _Connection:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one(stream: Any) -> AsyncIterator[tuple[Any, bool]]:
+    yield stream, True
+
+
+def _merged_stats(streams: list[Any], started: float) -> dict[str, Any]:
+    """One request's end stats; for text spoken in parts, the parts' figures combined."""
+    if not streams:
+        return {"frames": 0, "stop_reason": "empty", "parts": 0, "elapsed_s": time.perf_counter() - started}
+    stats = protocol.stats_dict(streams[0].stats)
+    if len(streams) > 1:
+        frames = sum(s.stats.frames for s in streams)
+        elapsed = time.perf_counter() - started
+        stats |= {
+            "frames": frames,
+            "stop_reason": streams[-1].stats.stop_reason,
+            "prompt_frames": streams[-1].stats.prompt_frames,
+            "elapsed_s": elapsed,
+            "real_time_factor": elapsed / (frames * 0.08) if frames else None,
+        }
+    stats["parts"] = len(streams)
+    return stats
 
 
 def _maybe_id(msg: dict[str, Any]) -> str | None:

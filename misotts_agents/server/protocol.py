@@ -14,17 +14,36 @@ Client -> server
     ``chunks`` (``{"first_frames", "growth", "max_frames"}``), ``codes`` (true: the end message also
     carries the sampled codes), ``context`` (earlier turns, oldest first:
     ``[{"speaker": 1, "text": "...", "audio_b64": "..."}]``) and ``voice``
-    (``{"speaker": 0, "text": "...", "audio_b64": "..."}``). Audio is base64 of int16 little-endian
-    PCM, 24 kHz mono.
+    (``{"speaker": 0, "text": "...", "audio_b64": "..."}``, or the name of one of the server's voices).
+    Audio is base64 of int16 little-endian PCM, 24 kHz mono.
+
+    ``session`` (a string of at most 128 bytes) names the conversation: the server keeps its voice
+    and turn memory (see ``session`` below). A start with a session and no ``context`` is conditioned
+    on the session's last turns, uses the session's voice unless it names its own, and its audio
+    becomes the session's next agent turn (cut where it was cancelled). ``"continue": true`` makes
+    it a later part of the session's agent turn in progress (conditioned on the parts before it);
+    ``"more": true`` leaves that turn open for further parts (close it with ``end_turn``).
+
+    ``"incremental": true``: the text arrives in pieces (``text`` may be empty); the server speaks it
+    sentence by sentence as sentences complete, one audio stream under the one id.
+``{"type": "append", "id": "r1", "text": "...", "flush": false}``
+    More text for an incremental request. ``flush`` speaks what has arrived without waiting for the
+    end of the sentence.
+``{"type": "end", "id": "r1"}``
+    No more text for an incremental request; what remains is spoken, then its ``end`` message comes.
 ``{"type": "cancel", "id": "r1"}``
     Stop a running request; its engine slot is freed at the next frame step. The server answers with
     the request's ``end`` message (``stats.stop_reason == "cancelled"``). Cancelling an unknown or
     finished id is not an error (it is ignored).
+``{"type": "session", "session": "c1", "op": "..."}``
+    Change a session (created on first use; forgotten after 30 idle minutes). ``op``: ``voice``
+    (``"voice"``: a voice object or name, or null to drop it), ``user_turn`` (``speaker`` default 1,
+    ``text``, ``audio_b64``: what the user said and how it sounded), ``end_turn`` (the agent turn built
+    with ``more`` is complete; ``"interrupted": true`` keeps only what was heard by now), ``clear``
+    (forget the turns) or ``close``. Answered with ``{"type": "session", "session", "op", "turns",
+    "voice"}`` (``closed`` for close).
 ``{"type": "ping"}``
     Answered with ``{"type": "pong"}``.
-
-Incremental text (``append`` / ``end`` of text for one request) is **not implemented yet**: such
-messages are answered with an ``error`` of code ``unsupported``.
 
 Server -> client
 ----------------
@@ -41,14 +60,17 @@ interleave)::
 
 ``{"type": "end", "id": "r1", "stats": {...}}``
     The request is over (finished, hit a limit, or cancelled): ``stats`` holds ``seed``, ``frames``,
-    ``stop_reason`` (eos | max_frames | context_full | cancelled), ``prompt_frames``,
-    ``dropped_segments``, ``time_to_first_audio_s``, ``elapsed_s``, ``real_time_factor``; plus
-    ``codes`` (list of frames of K ints) when the start asked for them.
+    ``stop_reason`` (eos | max_frames | context_full | cancelled; ``empty`` for an incremental request
+    that got no text), ``prompt_frames``, ``dropped_segments``, ``time_to_first_audio_s``,
+    ``elapsed_s``, ``real_time_factor``, ``parts`` (requests spoken: more than 1 for incremental
+    text); plus ``codes`` (list of frames of K ints) when the start asked for them. The ``final`` flag
+    of an incremental request's audio is set only when its end came before its last sentence started:
+    the ``end`` message is what says a request is over.
 ``{"type": "error", "id": "r1" | null, "code": "...", "message": "..."}``
     The request failed (or, with ``id`` null, a message could not be understood). After an error for
     an id, nothing more comes for it. Codes: ``bad_json``, ``bad_message``, ``unknown_type``,
-    ``unsupported``, ``too_large``, ``invalid_request``, ``duplicate_id``, ``too_many`` (per
-    connection limit), ``busy`` (engine queue full), ``closed`` (engine closed), ``internal``.
+    ``too_large``, ``invalid_request``, ``duplicate_id``, ``too_many`` (per
+    connection limit: requests or sessions), ``busy`` (engine queue full), ``closed`` (engine closed), ``internal``.
     The connection stays open after every error.
 
 Authentication: with a server token, the WebSocket handshake must carry ``Authorization: Bearer
@@ -64,6 +86,7 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +114,7 @@ class Limits:
     max_message_bytes: int = 6 * 1024 * 1024  # one JSON message (checked by the app)
     ws_max_size: int = 8 * 1024 * 1024  # the transport limit: larger frames close the connection
     max_concurrent_per_connection: int = 8
+    max_sessions_per_connection: int = 16
     max_context_segments: int = 16
 
 
@@ -182,7 +206,7 @@ def _audio(item: dict[str, Any], what: str, budget: list[int]) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
 
 
-def _int(msg: dict[str, Any], key: str, default: int | None) -> int | None:
+def int_field(msg: dict[str, Any], key: str, default: int | None) -> int | None:
     value = msg.get(key, default)
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
@@ -198,7 +222,45 @@ def _num(msg: dict[str, Any], key: str, default: float | None) -> float | None:
     return float(value)
 
 
-def parse_start(msg: dict[str, Any], limits: Limits) -> SynthesisRequest:
+def session_id(msg: dict[str, Any]) -> str | None:
+    """The message's ``session`` (None when absent); the same rules as request ids."""
+    sid = msg.get("session")
+    if sid is None:
+        return None
+    if not isinstance(sid, str) or not sid or len(sid.encode()) > MAX_ID_BYTES:
+        raise ProtocolError("bad_message", f"'session' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+    return sid
+
+
+def parse_voice(
+    item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | None = None, budget: list[int] | None = None
+) -> VoicePrompt | None:
+    """A ``voice`` field: absent, the name of one of the server's voices, or {speaker, text, audio_b64}."""
+    if item is None:
+        return None
+    if isinstance(item, str):
+        voices = voices or {}
+        if item not in voices:
+            known = ", ".join(sorted(voices)) or "none (start the server with --voice NAME=CLIP.wav)"
+            raise InvalidRequest(f"unknown voice {item!r}; this server's voices: {known}")
+        return voices[item]
+    if not isinstance(item, dict):
+        raise InvalidRequest("'voice' must be a voice name or a {speaker, text, audio_b64} object")
+    budget = budget if budget is not None else [limits.max_audio_b64_bytes]
+    return VoicePrompt(int_field(item, "speaker", 0), item.get("text"), _audio(item, "voice", budget))
+
+
+def parse_turn(msg: dict[str, Any], limits: Limits) -> tuple[str, np.ndarray]:
+    """The transcript and 24 kHz audio of a ``user_turn``."""
+    text = msg.get("text")
+    if not isinstance(text, str) or not text.strip() or len(text) > limits.max_text_chars:
+        raise InvalidRequest(f"'text' (the turn's transcript) must be 1 to {limits.max_text_chars} characters")
+    return text, _audio(msg, "user_turn", [limits.max_audio_b64_bytes])
+
+
+def parse_start(
+    msg: dict[str, Any], limits: Limits, voices: Mapping[str, VoicePrompt] | None = None
+) -> SynthesisRequest:
     """The engine request a ``start`` message asks for (raises ProtocolError / InvalidRequest)."""
     text = msg.get("text")
     if not isinstance(text, str):
@@ -213,36 +275,33 @@ def parse_start(msg: dict[str, Any], limits: Limits) -> SynthesisRequest:
         raise ProtocolError("too_large", f"too many context segments (at most {limits.max_context_segments})")
     segments = []
     for i, item in enumerate(context):
-        speaker = _int(item, "speaker", 1)
+        speaker = int_field(item, "speaker", 1)
         seg_text = item.get("text")
         if not isinstance(seg_text, str) or len(seg_text) > limits.max_text_chars:
             raise InvalidRequest(f"context[{i}]: 'text' must be a string of at most {limits.max_text_chars} characters")
         segments.append(Segment(speaker, seg_text, _audio(item, f"context[{i}]", budget)))
-    voice = None
-    if msg.get("voice") is not None:
-        item = msg["voice"]
-        if not isinstance(item, dict):
-            raise InvalidRequest("'voice' must be a {speaker, text, audio_b64} object")
-        voice = VoicePrompt(_int(item, "speaker", 0), item.get("text"), _audio(item, "voice", budget))
+    voice = parse_voice(msg.get("voice"), limits, voices, budget)
     chunks = ChunkSchedule()
     if msg.get("chunks") is not None:
         c = msg["chunks"]
         if not isinstance(c, dict):
             raise InvalidRequest("'chunks' must be {first_frames, growth, max_frames}")
         chunks = ChunkSchedule(
-            first_frames=_int(c, "first_frames", 1), growth=_num(c, "growth", 2.0), max_frames=_int(c, "max_frames", 25)
+            first_frames=int_field(c, "first_frames", 1),
+            growth=_num(c, "growth", 2.0),
+            max_frames=int_field(c, "max_frames", 25),
         )
     watermark = msg.get("watermark")
     if watermark is not None and not isinstance(watermark, bool):
         raise InvalidRequest("'watermark' must be true, false or absent")
     return SynthesisRequest(
         text=text,
-        speaker=_int(msg, "speaker", 0),
+        speaker=int_field(msg, "speaker", 0),
         context=tuple(segments),
         voice=voice,
         temperature=_num(msg, "temperature", 0.9),
-        topk=_int(msg, "topk", 50),
-        seed=_int(msg, "seed", None),
+        topk=int_field(msg, "topk", 50),
+        seed=int_field(msg, "seed", None),
         max_audio_ms=_num(msg, "max_audio_ms", 90_000),
         chunks=chunks,
         watermark=watermark,
