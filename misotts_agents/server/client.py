@@ -131,6 +131,10 @@ class RemoteEngine:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def connect(self) -> None:
+        """Open the connection now, so that the first reply does not pay for the handshake."""
+        await self._connection()
+
     # -- connection -------------------------------------------------------------------------
 
     async def _connection(self) -> ClientConnection:
