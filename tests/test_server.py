@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import socket
 import struct
@@ -24,6 +25,7 @@ from misotts_agents.request import SynthesisRequest
 from misotts_agents.server import Limits, RemoteEngine
 from misotts_agents.server.app import check_bind, create_app
 from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
+from misotts_agents.server.protocol import to_int16 as audio_to_int16
 from misotts_agents.voice import VoicePrompt
 
 TOKEN = "s3cret"
@@ -558,3 +560,42 @@ async def test_many_clients_at_once_lose_nothing(server, srv_engine):
     # The engine queues (64 deep): below that nobody is turned away, and everybody got all their audio.
     assert sorted(outcomes) == ["gone"] + ["ok"] * 12
     assert await asyncio.to_thread(free, srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_audio_is_sent_once_per_connection(server, srv_engine, engine_requests):
+    user = tone(0.7, freq=230)
+    item = {"speaker": 1, "text": "Hello?", "audio_id": "u1"}
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("a", 2, context=[item | {"audio_b64": audio_to_b64(user)}]))
+        await ws.send(start("b", 2, context=[item]))  # the id alone: the server has the audio
+        _, ends = await collect(ws, {"a", "b"})
+        await ws.send(start("c", 2, context=[item | {"audio_id": "never-sent"}]))
+        _, missing = await collect(ws, {"c"})
+    assert ends["a"]["type"] == ends["b"]["type"] == "end"
+    assert missing["c"]["code"] == "unknown_audio"
+    a, b = engine_requests
+    np.testing.assert_array_equal(a.context[0].audio, b.context[0].audio)
+    np.testing.assert_allclose(a.context[0].audio, user, atol=1 / 32767)
+
+    # RemoteEngine sends each audio once, and sends it again when the server no longer has it.
+    context = (Segment(1, "Hello?", user),)
+    async with RemoteEngine(ws_url(server)) as remote:
+        await remote.connect()
+        remote._known_audio.add(hashlib.sha1(audio_to_int16(user)).hexdigest())  # as if evicted on the server
+        sent: list[dict] = []
+        real_send = remote._ws.send
+
+        async def spy(text):
+            sent.append(json.loads(text))
+            await real_send(text)
+
+        remote._ws.send = spy
+        for seed in (1, 2):
+            stream = remote.stream(SynthesisRequest("Yes?", context=context, seed=seed, max_audio_ms=160))
+            assert sum([c.frames async for c in stream]) == 2
+    # 1: by id (refused: unknown_audio), 2: the same start again with the audio, 3: the next, by id
+    assert [("audio_b64" in m["context"][0]) for m in sent] == [False, True, False]
+    assert sent[0]["id"] == sent[1]["id"] != sent[2]["id"]
+    np.testing.assert_array_equal(engine_requests[-1].context[0].audio, a.context[0].audio)
+    assert len(engine_requests) == 4 and free(srv_engine)

@@ -294,6 +294,7 @@ class _Connection:
         self.feeds: dict[str, TextFeed] = {}  # the incremental requests' text
         self.cancelled: set[str] = set()
         self.sessions: set[str] = set()  # the session ids this client used
+        self.audio = protocol.AudioStore(limits.max_cached_audio_bytes)
         self.send_lock = asyncio.Lock()
         self.open = True
 
@@ -353,6 +354,7 @@ class _Connection:
                         f"at most {self.limits.max_concurrent_per_connection} concurrent requests per connection",
                     )
                 self.use_session(msg)
+                msg = self.audio.resolve(msg)
                 if msg.get("incremental"):
                     feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
                     if msg.get("text"):

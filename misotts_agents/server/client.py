@@ -83,6 +83,7 @@ class RemoteEngine:
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
         self._streams: dict[str, RemoteSpeechStream] = {}
+        self._known_audio: set[str] = set()  # audio ids the server has been sent on this connection
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -155,6 +156,7 @@ class RemoteEngine:
                     )
                 except Exception as exc:  # refused, timed out, or an HTTP status refusing the handshake
                     raise RemoteConnectionError(f"cannot connect to {self.url}: {exc}", "connection") from exc
+                self._known_audio = set()
                 self._reader = asyncio.create_task(self._read(self._ws))
             return self._ws
 
@@ -174,6 +176,9 @@ class RemoteEngine:
                     continue
                 if msg.get("type") == "end":
                     stream._finish(msg)
+                elif msg.get("type") == "error" and msg.get("code") == "unknown_audio" and not stream._resent:
+                    stream._resent = True  # the server dropped audio we referred to: send it all again
+                    self._spawn(stream._send_start(full=True))
                 elif msg.get("type") == "error":
                     stream._push(_exception(msg.get("code", "internal"), msg.get("message", "")))
         except ConnectionClosed as exc:
@@ -225,6 +230,7 @@ class RemoteSpeechStream:
         self._conn: ClientConnection | None = None
         self._codes: np.ndarray | None = None
         self._started = False
+        self._resent = False
         self._ended = False
         self._cancelled = False
 
@@ -271,10 +277,21 @@ class RemoteSpeechStream:
         self._conn = ws
         self.engine._streams[self.id] = self
         try:
-            await self.engine._send(ws, protocol.start_message(self.id, self.request, codes=self.engine.want_codes))
+            await self._send_start()
         except BaseException:
             self.engine._streams.pop(self.id, None)
             raise
+
+    async def _send_start(self, full: bool = False) -> None:
+        """Send the start; audio the server already has goes by id unless ``full``."""
+        if self._cancelled:
+            return
+        sent: set[str] = set() if full else self.engine._known_audio
+        text = protocol.start_message(self.id, self.request, codes=self.engine.want_codes, known=sent)
+        if full:
+            self.engine._known_audio |= sent
+        assert self._conn is not None
+        await self.engine._send(self._conn, text)
 
     def __aiter__(self) -> RemoteSpeechStream:
         return self

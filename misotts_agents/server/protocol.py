@@ -17,6 +17,12 @@ Client -> server
     (``{"speaker": 0, "text": "...", "audio_b64": "..."}``, or the name of one of the server's voices).
     Audio is base64 of int16 little-endian PCM, 24 kHz mono.
 
+    Audio sent once need not be sent again on the same connection: a context item or voice object
+    with an ``audio_id`` (a string of at most 128 bytes) and its ``audio_b64`` is remembered under that
+    id; later ones may give the ``audio_id`` alone. The server keeps the most recently used audio up
+    to a size limit; an id it no longer has is answered with the error ``unknown_audio``, and the
+    client sends the start again with the audio.
+
     ``session`` (a string of at most 128 bytes) names the conversation: the server keeps its voice
     and turn memory (see ``session`` below). A start with a session and no ``context`` is conditioned
     on the session's last turns, uses the session's voice unless it names its own, and its audio
@@ -69,7 +75,7 @@ interleave)::
 ``{"type": "error", "id": "r1" | null, "code": "...", "message": "..."}``
     The request failed (or, with ``id`` null, a message could not be understood). After an error for
     an id, nothing more comes for it. Codes: ``bad_json``, ``bad_message``, ``unknown_type``,
-    ``too_large``, ``invalid_request``, ``duplicate_id``, ``too_many`` (per
+    ``too_large``, ``invalid_request``, ``unknown_audio``, ``duplicate_id``, ``too_many`` (per
     connection limit: requests or sessions), ``busy`` (engine queue full), ``closed`` (engine closed), ``internal``.
     The connection stays open after every error.
 
@@ -83,9 +89,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +118,10 @@ class Limits:
     """What one client may ask of the server."""
 
     max_text_chars: int = 4_000  # one utterance
-    max_audio_b64_bytes: int = 4 * 1024 * 1024  # base64 audio in one start (context + voice): ~65 s
+    # base64 audio one start may use (context + voice, including audio referenced by id): about what
+    # the model's 2048-frame context can hold (2048 * 1920 samples of int16), ~160 s.
+    max_audio_b64_bytes: int = 11 * 1024 * 1024
+    max_cached_audio_bytes: int = 16 * 1024 * 1024  # audio a connection may refer to by id (LRU)
     max_message_bytes: int = 6 * 1024 * 1024  # one JSON message (checked by the app)
     ws_max_size: int = 8 * 1024 * 1024  # the transport limit: larger frames close the connection
     max_concurrent_per_connection: int = 8
@@ -154,6 +165,47 @@ def from_int16(data: bytes | memoryview) -> np.ndarray:
 
 def audio_to_b64(audio: np.ndarray) -> str:
     return base64.b64encode(to_int16(np.asarray(audio, dtype=np.float32))).decode()
+
+
+class AudioStore:
+    """One connection's audio by ``audio_id`` (see the start message), least recently used out first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._items: OrderedDict[str, str] = OrderedDict()
+
+    def resolve(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``msg`` with every referenced audio filled in; newly sent audio with an id is remembered."""
+        if not isinstance(msg.get("context"), list) and not isinstance(msg.get("voice"), dict):
+            return msg
+        msg = dict(msg)
+        if isinstance(msg.get("context"), list):
+            msg["context"] = [self._item(item) for item in msg["context"]]
+        if isinstance(msg.get("voice"), dict):
+            msg["voice"] = self._item(msg["voice"])
+        return msg
+
+    def _item(self, item: Any) -> Any:
+        if not isinstance(item, dict) or "audio_id" not in item:
+            return item
+        aid = item["audio_id"]
+        if not isinstance(aid, str) or not aid or len(aid.encode()) > MAX_ID_BYTES:
+            raise ProtocolError("bad_message", f"'audio_id' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+        data = item.get("audio_b64")
+        if isinstance(data, str) and data:
+            if aid in self._items:
+                self.size -= len(self._items.pop(aid))
+            self._items[aid] = data
+            self.size += len(data)
+            while self.size > self.max_bytes and len(self._items) > 1:
+                self.size -= len(self._items.popitem(last=False)[1])
+            return item
+        data = self._items.get(aid)
+        if data is None:
+            raise ProtocolError("unknown_audio", f"no audio {aid!r} on this connection (any more): send it again")
+        self._items.move_to_end(aid)
+        return {**item, "audio_b64": data}
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -309,8 +361,22 @@ def parse_start(
     )
 
 
-def start_message(rid: str, request: SynthesisRequest, codes: bool = False) -> str:
-    """The ``start`` message for an engine request (what :class:`RemoteEngine` sends)."""
+def start_message(rid: str, request: SynthesisRequest, codes: bool = False, known: set[str] | None = None) -> str:
+    """The ``start`` message for an engine request (what :class:`RemoteEngine` sends).
+
+    Each audio goes with an ``audio_id`` (a hash of its samples); audio whose id is in ``known`` (sent
+    before on this connection) goes as the id alone, and every id sent is added to ``known``.
+    """
+    known = known if known is not None else set()
+
+    def audio_fields(audio: np.ndarray) -> dict[str, str]:
+        pcm = to_int16(audio)
+        aid = hashlib.sha1(pcm).hexdigest()
+        if aid in known:
+            return {"audio_id": aid}
+        known.add(aid)
+        return {"audio_id": aid, "audio_b64": base64.b64encode(pcm).decode()}
+
     fields: dict[str, Any] = {
         "id": rid,
         "text": request.text,
@@ -327,7 +393,7 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False) -> s
         },
         "codes": codes,
         "context": [
-            {"speaker": s.speaker, "text": s.text, "audio_b64": audio_to_b64(_at_24k(s.audio, s.sample_rate))}
+            {"speaker": s.speaker, "text": s.text, **audio_fields(_at_24k(s.audio, s.sample_rate))}
             for s in request.context
         ],
     }
@@ -335,7 +401,7 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False) -> s
         fields["watermark"] = request.watermark
     if request.voice is not None:
         v = request.voice
-        fields["voice"] = {"speaker": v.speaker, "text": v.text, "audio_b64": audio_to_b64(v.audio)}
+        fields["voice"] = {"speaker": v.speaker, "text": v.text, **audio_fields(v.audio)}
     return message("start", **fields)
 
 
