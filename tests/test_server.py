@@ -9,7 +9,6 @@ import json
 import socket
 import struct
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -357,28 +356,30 @@ async def test_remote_engine_matches_in_process(server, srv_engine):
         assert await asyncio.to_thread(free, srv_engine)
 
 
+async def remote_outcome(remote: RemoteEngine, text: str, seed: int, frames: int) -> str:
+    """ "ok" when the request streamed all its audio, "busy" when the server turned it away."""
+    stream = remote.stream(SynthesisRequest(text, seed=seed, max_audio_ms=80 * frames))
+    try:
+        samples = sum([c.pcm.size async for c in stream])
+    except EngineBusy:
+        return "busy"
+    assert samples == frames * FRAME_SAMPLES and stream.stats.frames == frames
+    return "ok"
+
+
 @pytest.mark.asyncio
 async def test_load_many_remote_requests(server, srv_engine):
     n = 8
     outcomes: list[str] = []
-    t0 = time.monotonic()
 
     async def one(remote: RemoteEngine, i: int) -> None:
-        stream = remote.stream(SynthesisRequest(f"Request number {i}.", seed=i, max_audio_ms=80 * 5))
-        try:
-            samples = sum([c.pcm.size async for c in stream])
-        except EngineBusy:
-            outcomes.append("busy")
-            return
-        assert samples == 5 * FRAME_SAMPLES and stream.stats.frames == 5
-        outcomes.append("ok")
+        outcomes.append(await remote_outcome(remote, f"Request number {i}.", i, 5))
 
     async with RemoteEngine(ws_url(server)) as remote:
         async with asyncio.timeout(60):
             await asyncio.gather(*(one(remote, i) for i in range(n)))
     assert len(outcomes) == n
     assert outcomes.count("ok") >= LIMITS.max_concurrent_per_connection  # the rest were told: too many
-    assert time.monotonic() - t0 < 60
     assert free(srv_engine)
     # the server still answers after the burst
     async with RemoteEngine(ws_url(server)) as remote:
@@ -529,14 +530,7 @@ async def test_many_clients_at_once_lose_nothing(server, srv_engine):
     async def client(i: int) -> None:
         async with RemoteEngine(ws_url(server)) as remote:
             for j in range(2):
-                stream = remote.stream(SynthesisRequest(f"Client {i}, reply {j}.", seed=i, max_audio_ms=80 * 4))
-                try:
-                    samples = sum([c.pcm.size async for c in stream])
-                except EngineBusy:
-                    outcomes.append("busy")
-                    continue
-                assert samples == 4 * FRAME_SAMPLES and stream.stats.frames == 4
-                outcomes.append("ok")
+                outcomes.append(await remote_outcome(remote, f"Client {i}, reply {j}.", i, 4))
 
     async def incremental(i: int) -> None:
         async with connect(ws_url(server)) as ws:
