@@ -103,6 +103,7 @@ class ConversationMemory:
         self.max_turn_s = max_turn_s
         self.voice = voice
         self.enabled = enabled
+        self.clock = time.monotonic  # what an interrupted turn's "heard so far" is measured with
         self._turns: deque[_Turn] = deque(maxlen=max(max_turns, 1))
         self._lock = threading.Lock()
         self._pre_roll = _AudioBuffer(int(pre_roll_s * SAMPLE_RATE))
@@ -230,7 +231,7 @@ class ConversationMemory:
             if self._agent is None:
                 return
             if self._agent_first_audio_at is None:
-                self._agent_first_audio_at = time.monotonic()
+                self._agent_first_audio_at = self.clock()
             pcm = np.asarray(pcm, dtype=np.float32)
             room = self._agent.max_samples - self._agent_samples
             if room > 0:  # keep the beginning: that is what the listener heard first
@@ -246,7 +247,7 @@ class ConversationMemory:
             audio = self._agent.take()
             heard = total
             if interrupted:
-                played = 0.0 if self._agent_first_audio_at is None else time.monotonic() - self._agent_first_audio_at
+                played = 0.0 if self._agent_first_audio_at is None else self.clock() - self._agent_first_audio_at
                 heard = min(played, total)
             audio = audio[: int(heard * SAMPLE_RATE)]
             # The transcript follows the audio kept: cut at an interruption and at the max_turn_s cap.

@@ -1,5 +1,9 @@
 """LiveKit integration: streaming TTS on a tiny checkpoint, an AgentSession without a server (fake
-STT/LLM, captured audio), interruption, tone context, errors, and the inference-process path."""
+STT/LLM, captured audio), interruption, tone context, errors, and the inference-process path.
+
+The tests where the engine path matters run twice (``mode``): with the engine in process, and with
+``url=`` against a loopback ``misotts-agents serve`` of the same engine (spies on ``lk_engine.stream``
+then see the request as it reached the server)."""
 
 from __future__ import annotations
 
@@ -22,11 +26,14 @@ from livekit.agents import (
 )
 from livekit.agents.testing import fake_job_context
 from livekit.agents.voice import Agent, AgentSession, io
+from remote_server import free_port, mode_fixture, server_fixture
 
 from misotts_agents.engine import MisoEngine
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
 from misotts_agents.prompt import FRAME_SAMPLES
+from misotts_agents.request import StreamStats
+from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 
 RATE = 24_000
 MAX_MS = 480  # at most 6 frames per sentence keeps the file fast
@@ -40,16 +47,23 @@ def lk_engine(tiny_dir: Path):
     engine.close()
 
 
+lk_server = server_fixture("lk_engine")  # one loopback server of ``lk_engine`` for the file, started on first use
+mode = mode_fixture("lk_engine", "lk_server")  # "local": engine=lk_engine; "remote": url= of lk_server
+
+
 class Recorder:
-    """Wraps ``engine.stream`` to keep every SynthesisRequest the engine receives."""
+    """Wraps ``engine.stream`` (in place) to keep every SynthesisRequest the engine receives: in remote
+    mode, the request as the server parsed it from the wire."""
 
-    def __init__(self, engine: MisoEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: MisoEngine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.requests = []
+        real = engine.stream
 
-    def stream(self, request):
-        self.requests.append(request)
-        return self.engine.stream(request)
+        def stream(request):
+            self.requests.append(request)
+            return real(request)
+
+        monkeypatch.setattr(engine, "stream", stream)
 
 
 async def wait_for(cond, timeout: float = 10.0) -> None:
@@ -79,8 +93,9 @@ def samples(events) -> int:
 
 
 @pytest.mark.asyncio
-async def test_stream_pushes_frames_as_generated(lk_engine):
-    tts = TTS("tiny", engine=lk_engine, max_audio_ms=MAX_MS, topk=1)
+async def test_stream_pushes_frames_as_generated(mode):
+    lk_engine = mode.engine
+    tts = TTS("tiny", **mode.kwargs, max_audio_ms=MAX_MS, topk=1)
     assert tts.capabilities.streaming and tts.sample_rate == RATE and tts.num_channels == 1
     assert tts.model == "tiny" and tts.provider == "misotts"
     stream = tts.stream(conn_options=FAST)
@@ -107,8 +122,9 @@ async def test_synthesize_one_shot(lk_engine):
 
 
 @pytest.mark.asyncio
-async def test_cancel_mid_utterance_frees_the_slot(lk_engine):
-    tts = TTS(engine=lk_engine, max_audio_ms=4000)
+async def test_cancel_mid_utterance_frees_the_slot(mode):
+    lk_engine = mode.engine
+    tts = TTS(**mode.kwargs, max_audio_ms=4000)
     before = lk_engine.metrics().cancelled
     stream = tts.stream(conn_options=FAST)
     stream.push_text("A long sentence that would take a while to say out loud.")
@@ -117,8 +133,9 @@ async def test_cancel_mid_utterance_frees_the_slot(lk_engine):
     assert first.frame.samples_per_channel > 0
     assert lk_engine.free_slots < lk_engine.max_batch  # still generating
     await stream.aclose()  # what LiveKit does on an interruption: the _run task is cancelled
-    await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=2.0)
+    await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=2.0)  # remote: a cancel message
     assert lk_engine.metrics().cancelled == before + 1
+    await tts.aclose()
 
 
 # -- errors and retries --------------------------------------------------------------------------
@@ -132,6 +149,8 @@ def test_error_mapping():
         (ModelSourceError("no weights"), APIConnectionError, False),
         (TimeoutError("slow"), APITimeoutError, True),
         (RuntimeError("CUDA error"), APIConnectionError, True),
+        (RemoteConnectionError("cannot connect", "connection"), APIConnectionError, True),
+        (RemoteError("step failed", "internal"), APIConnectionError, True),
     ]
     for exc, kind, retryable in cases:
         mapped = map_error(exc)
@@ -142,6 +161,8 @@ class FailingEngine:
     def __init__(self, exc: Exception | None) -> None:
         self.exc = exc
         self.calls = 0
+        self.stats = StreamStats()  # read by the server when the request ends (remote mode)
+        self.cancelled = False
 
     def stream(self, request):
         self.calls += 1
@@ -156,7 +177,7 @@ class FailingEngine:
         await asyncio.sleep(3600)
 
     def cancel(self):
-        pass
+        self.cancelled = True
 
 
 @pytest.mark.parametrize(
@@ -164,15 +185,20 @@ class FailingEngine:
     [(EngineBusy("full"), APIStatusError, 2), (InvalidRequest("bad"), APIStatusError, 1)],
 )
 @pytest.mark.asyncio
-async def test_retry_follows_retryable(exc, kind, calls):
+async def test_retry_follows_retryable(mode, monkeypatch, exc, kind, calls):
     engine = FailingEngine(exc)
-    tts = TTS(engine=engine)
+    if mode.remote:  # the server's engine fails; its error message comes back as the same exception
+        monkeypatch.setattr(mode.engine, "stream", engine.stream)
+        tts = TTS(**mode.kwargs)
+    else:
+        tts = TTS(engine=engine)
     errors = []
     tts.on("error", errors.append)
     with pytest.raises(kind):
         await tts.synthesize("Hello.", conn_options=FAST).collect()
     assert engine.calls == calls  # retried once only when retryable
     assert errors[-1].recoverable is False
+    await tts.aclose()
 
 
 @pytest.mark.asyncio
@@ -190,6 +216,58 @@ async def test_timeout_and_closed_engine(tiny_dir):
         async for _ in stream:
             pass
     assert info.value.retryable is False
+
+
+@pytest.mark.asyncio
+async def test_remote_hung_request_times_out_and_is_cancelled(lk_server, monkeypatch):
+    hung = FailingEngine(None)
+    monkeypatch.setattr(lk_server.engine, "stream", hung.stream)
+    tts = TTS(**lk_server.client_kwargs)
+    with pytest.raises(APITimeoutError):
+        await tts.synthesize("Hello.", conn_options=APIConnectOptions(max_retry=0, timeout=0.5)).collect()
+    assert hung.calls == 1
+    await wait_for(lambda: hung.cancelled, timeout=2.0)  # the timeout sent a cancel: the server dropped it
+    await tts.aclose()
+
+
+@pytest.mark.asyncio
+async def test_remote_connection_failures_are_retryable(lk_server):
+    nobody = TTS(url=f"ws://127.0.0.1:{free_port()}")  # nothing listens there
+    errors = []
+    nobody.on("error", errors.append)
+    with pytest.raises(APIConnectionError) as info:
+        await nobody.synthesize("Hello.", conn_options=FAST).collect()
+    assert info.value.retryable is True and "connection failed" in str(info.value)
+    assert len(errors) == 2 and errors[0].recoverable  # retried once (FAST: max_retry=1)
+    await nobody.aclose()
+    wrong = TTS(url=lk_server.url, token="wrong")  # the server refuses the connection
+    with pytest.raises(APIStatusError) as refused:
+        await wrong.synthesize("Hello.", conn_options=FAST).collect()
+    assert refused.value.status_code == 401 and refused.value.retryable is False
+    await wrong.aclose()
+
+
+@pytest.mark.asyncio
+async def test_remote_mode_loads_nothing(lk_engine, lk_server, monkeypatch):
+    import misotts_agents.registry as registry
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("url= must not load an engine")
+
+    monkeypatch.setattr(registry, "shared_engine", no_load)
+    monkeypatch.setenv("MISOTTS_TOKEN", lk_server.token)
+    tts = TTS(url=lk_server.url, max_audio_ms=MAX_MS)  # the token from the environment
+    remote = tts.load_engine()
+    assert isinstance(remote, RemoteEngine) and remote.token == lk_server.token
+    tts.prewarm()  # opens the connection in this loop; loads nothing
+    await wait_for(lambda: remote._ws is not None, timeout=5.0)
+    frame = await tts.synthesize("Hello there.", conn_options=FAST).collect()
+    assert frame.samples_per_channel % FRAME_SAMPLES == 0 and frame.samples_per_channel > 0
+    await tts.aclose()
+    assert remote.closed  # aclose() closed the TTS's own connection
+    with pytest.raises(ValueError, match="not both"):
+        TTS(engine=lk_engine, url=lk_server.url)
+    await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=2.0)
 
 
 @pytest.mark.asyncio
@@ -338,9 +416,10 @@ async def start_session(tts: TTS, replies: list[str], transcript: str = "Where i
 
 
 @pytest.mark.asyncio
-async def test_session_user_turn_reaches_the_prompt(lk_engine):
-    rec = Recorder(lk_engine)
-    tts = TTS(engine=rec, max_audio_ms=MAX_MS)
+async def test_session_user_turn_reaches_the_prompt(mode, monkeypatch):
+    lk_engine = mode.engine
+    rec = Recorder(lk_engine, monkeypatch)
+    tts = TTS(**mode.kwargs, max_audio_ms=MAX_MS)
     session, audio_in, audio_out = await start_session(tts, ["Let me check that for you."])
     try:
         audio_in.speak([*tone_frames(0.3, 0.0), *tone_frames(1.0, 0.3), *tone_frames(0.6, 0.0)])
@@ -358,12 +437,14 @@ async def test_session_user_turn_reaches_the_prompt(lk_engine):
         assert agent.text == "Let me check that for you." and agent.audio.size == played
     finally:
         await session.aclose()
+        await tts.aclose()
     await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=1.0)
 
 
 @pytest.mark.asyncio
-async def test_session_interruption_cancels_and_cuts_the_turn(lk_engine):
-    tts = TTS(engine=lk_engine, max_audio_ms=4000)
+async def test_session_interruption_cancels_and_cuts_the_turn(mode):
+    lk_engine = mode.engine
+    tts = TTS(**mode.kwargs, max_audio_ms=4000)
     session, _, audio_out = await start_session(tts, [])
     before = lk_engine.metrics().cancelled
     try:
@@ -382,6 +463,7 @@ async def test_session_interruption_cancels_and_cuts_the_turn(lk_engine):
         assert 0 < turn.audio.size <= generated  # cut to what was played
     finally:
         await session.aclose()
+        await tts.aclose()
 
 
 # -- one engine for a process-per-job worker: the inference process ------------------------------

@@ -1,4 +1,8 @@
-"""MisoTTSService in real Pipecat 1.14 pipelines (pipecat.tests.utils.run_test) on the tiny checkpoint."""
+"""MisoTTSService in real Pipecat 1.14 pipelines (pipecat.tests.utils.run_test) on the tiny checkpoint.
+
+The tests where the engine path matters run twice (``mode``): with the engine in process, and with
+``url=`` against a loopback ``misotts-agents serve`` of the same engine (so spies on ``miso.stream``
+see the request as it reached the server)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.utils.errors import ErrorCategory
+from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone, wait_until
 
 from misotts_agents.engine import MisoEngine
@@ -36,7 +42,8 @@ from misotts_agents.errors import EngineBusy
 from misotts_agents.pipecat import MisoTTSService
 from misotts_agents.prompt import FRAME_SAMPLES
 from misotts_agents.registry import shared_engine
-from misotts_agents.request import AudioChunk
+from misotts_agents.request import AudioChunk, StreamStats
+from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 from misotts_agents.voice import VoicePrompt
 
 SHORT = MisoTTSService.Settings(max_audio_ms=480, seed=1)  # 6 frames per sentence
@@ -49,8 +56,13 @@ def miso(tiny_dir):
     engine.close()
 
 
+miso_server = server_fixture("miso")  # one loopback server of ``miso`` for the file, started on first use
+mode = mode_fixture("miso", "miso_server")  # "local": engine=miso; "remote": url= of miso_server
+
+
 class Spy:
-    """Wraps ``engine.stream`` to record every request and the stream it got."""
+    """Wraps ``engine.stream`` to record every request and the stream it got (in remote mode: the
+    request the server parsed from the wire, and the server's stream)."""
 
     def __init__(self, engine: MisoEngine, monkeypatch: pytest.MonkeyPatch, fake=None) -> None:
         self.calls: list[tuple] = []
@@ -102,9 +114,20 @@ SPEAK_FRAMES = [
 ]
 
 
-def test_speak_frame_order_and_pcm(miso, monkeypatch):
-    spy = Spy(miso, monkeypatch)
-    tts = MisoTTSService(engine=miso, settings=SHORT)
+def same_voice(got: VoicePrompt | None, voice: VoicePrompt) -> bool:
+    """The voice prompt itself (in process), or the same one after the trip as int16 (remote)."""
+    if got is voice:
+        return True
+    return (
+        got is not None
+        and (got.speaker, got.text) == (voice.speaker, voice.text)
+        and np.allclose(got.audio, voice.audio, atol=2 / 32767)
+    )
+
+
+def test_speak_frame_order_and_pcm(mode, monkeypatch):
+    spy = Spy(mode.engine, monkeypatch)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
     down, up = run(tts, [TTSSpeakFrame("Hello there.")])
     assert names(down) == SPEAK_FRAMES
     assert not [f for f in up if isinstance(f, ErrorFrame)]
@@ -117,9 +140,9 @@ def test_speak_frame_order_and_pcm(miso, monkeypatch):
     assert sum(len(f.audio) for f in audio) == 2 * stream.stats.frames * FRAME_SAMPLES  # int16, 80 ms a frame
 
 
-def test_llm_reply_one_context_and_sentences_condition_each_other(miso, monkeypatch):
-    spy = Spy(miso, monkeypatch)
-    tts = MisoTTSService(engine=miso, settings=SHORT)
+def test_llm_reply_one_context_and_sentences_condition_each_other(mode, monkeypatch):
+    spy = Spy(mode.engine, monkeypatch)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
     frames = [
         LLMFullResponseStartFrame(),
         LLMTextFrame("Hello there. "),
@@ -159,11 +182,12 @@ def test_output_rate_labels_and_lengths(miso, monkeypatch, rate):
     assert abs(samples - expected) <= rate * 0.002  # streaming resampler, flushed at the end: within 2 ms
 
 
-def test_interruption_cancels_the_engine_request_and_frees_its_slot(miso, monkeypatch):
+def test_interruption_cancels_the_engine_request_and_frees_its_slot(mode, monkeypatch):
+    miso = mode.engine
     spy = Spy(miso, monkeypatch)
     before = miso.metrics().cancelled
     long = MisoTTSService.Settings(max_audio_ms=8_000, seed=1)  # 100 frames: far longer than the test
-    tts = MisoTTSService(engine=miso, settings=long)
+    tts = MisoTTSService(**mode.kwargs, settings=long)
     frames = [
         TTSSpeakFrame("This reply is going to be interrupted."),
         SleepFrame(0.8),
@@ -177,9 +201,9 @@ def test_interruption_cancels_the_engine_request_and_frees_its_slot(miso, monkey
     (_, cut), (_, after) = spy.calls
     assert cut.stats.stop_reason == "cancelled" and 0 < cut.stats.frames < 100
     assert after.stats.stop_reason in ("max_frames", "eos")
-    assert miso.metrics().cancelled == before + 1
     # (a stream learns its end just before the scheduler thread puts its slot back)
     assert wait_until(lambda: miso.free_slots == miso.max_batch and miso.metrics().active == 0, timeout=2.0)
+    assert miso.metrics().cancelled == before + 1
     # no audio of the interrupted reply after the interruption; the next reply plays normally
     i = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
     first_ctx = next(f.context_id for f in down if isinstance(f, TTSStartedFrame))
@@ -188,8 +212,10 @@ def test_interruption_cancels_the_engine_request_and_frees_its_slot(miso, monkey
     assert isinstance(down[-1], TTSStoppedFrame)
 
 
-def test_interruption_frees_the_slot_within_a_frame_step(miso):
-    """The cancel reaches the scheduler while the pipeline is still running, not at its end."""
+def test_interruption_frees_the_slot_within_a_frame_step(mode):
+    """The cancel reaches the scheduler (remote: the server's) while the pipeline is still running,
+    not at its end."""
+    miso = mode.engine
 
     class Probe(FrameProcessor):
         slots: list[int] = []  # noqa: RUF012
@@ -205,7 +231,7 @@ def test_interruption_frees_the_slot_within_a_frame_step(miso):
                 self.waited.append(time.monotonic() - start)
             await self.push_frame(frame, direction)
 
-    tts = MisoTTSService(engine=miso, settings=MisoTTSService.Settings(max_audio_ms=8_000, seed=2))
+    tts = MisoTTSService(**mode.kwargs, settings=MisoTTSService.Settings(max_audio_ms=8_000, seed=2))
     frames = [TTSSpeakFrame("Interrupt me, please."), SleepFrame(0.6), InterruptionFrame(), SleepFrame(0.5)]
     run(Pipeline([tts, Probe()]), frames)
     assert Probe.slots == [miso.max_batch]
@@ -221,6 +247,8 @@ class FakeStream:
         self.fail = fail
         self.hold = hold
         self.cancelled = False
+        self.stats = StreamStats()  # what the server reports at the end (remote mode)
+        self.codes = np.zeros((0, 32), dtype=np.int64)
 
     def cancel(self):
         self.cancelled = True
@@ -257,10 +285,14 @@ def test_agent_turn_is_cut_to_what_was_played(miso, monkeypatch):
     assert seg.speaker == 0 and said.startswith(seg.text) and 0 < len(seg.text.split()) < 16
 
 
-@pytest.mark.parametrize("via", ["user_turn_frame", "transcription"])
-def test_user_audio_and_transcript_reach_the_prompt(miso, monkeypatch, via):
-    spy = Spy(miso, monkeypatch)
-    tts = MisoTTSService(engine=miso, settings=SHORT)
+@pytest.mark.parametrize(
+    ("via", "mode"),
+    [("user_turn_frame", "local"), ("transcription", "local"), ("user_turn_frame", "remote")],
+    indirect=["mode"],
+)
+def test_user_audio_and_transcript_reach_the_prompt(mode, monkeypatch, via):
+    spy = Spy(mode.engine, monkeypatch)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
     text = (
         LLMContextUserTurnFrame(text="Where is my order?", timestamp="")
         if via == "user_turn_frame"
@@ -272,6 +304,7 @@ def test_user_audio_and_transcript_reach_the_prompt(miso, monkeypatch, via):
     assert (user.speaker, user.text, user.sample_rate) == (1, "Where is my order?", 24_000)
     # the 16 kHz turn, resampled to 24 kHz as one stream (the resampler's delay shifts it by < 40 ms)
     assert abs(user.audio.size / 24_000 - 0.6) < 0.04
+    assert np.abs(user.audio).max() > 0.2  # the user's real audio (remote: as it reached the server)
     # the next utterance hears the user's turn and then the agent's first reply
     assert [(s.speaker, s.text) for s in second.context] == [(1, "Where is my order?"), (0, "It is on its way.")]
 
@@ -311,10 +344,12 @@ def test_tone_conditioning_off_and_max_turns(miso, monkeypatch):
     assert [[s.text for s in r.context] for r in spy.requests[2:]] == [["Hi."], ["Hello."]]
 
 
-def test_engine_rejections_and_failures_become_error_frames(miso, monkeypatch):
+def test_engine_rejections_and_failures_become_error_frames(mode, monkeypatch):
     # a request the engine rejects: a watermark asked of an engine loaded without one
     # (a context without audio ends after stop_frame_timeout_s, as in any Pipecat TTS: keep it short)
-    quick = {"engine": miso, "stop_frame_timeout_s": 0.5}
+    # remote: the server's error messages come back as the same exception classes
+    miso = mode.engine
+    quick = {**mode.kwargs, "stop_frame_timeout_s": 0.5}
     tts = MisoTTSService(**quick, settings=MisoTTSService.Settings(max_audio_ms=240, watermark=True))
     fix = TTSUpdateSettingsFrame(delta=MisoTTSService.Settings(watermark=None))
     down, up = run(tts, [TTSSpeakFrame("Mark this."), fix, TTSSpeakFrame("Now without.")])
@@ -340,17 +375,17 @@ def test_engine_rejections_and_failures_become_error_frames(miso, monkeypatch):
     assert [f for f in down if isinstance(f, TTSAudioRawFrame)]  # the audio before the failure was kept
 
 
-def test_settings_update_applies_to_the_next_request(miso, monkeypatch):
-    spy = Spy(miso, monkeypatch)
+def test_settings_update_applies_to_the_next_request(mode, monkeypatch):
+    spy = Spy(mode.engine, monkeypatch)
     voice = VoicePrompt(0, "This is my voice.", tone(1.0), 24_000)
-    tts = MisoTTSService(engine=miso, settings=SHORT)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
     tts.register_voice("alto", voice)
     delta = MisoTTSService.Settings(temperature=0.5, topk=3, max_audio_ms=240, seed=7, voice="alto", watermark=False)
     run(tts, [TTSSpeakFrame("Before."), TTSUpdateSettingsFrame(delta=delta), TTSSpeakFrame("After.")])
     before, after = spy.requests
     assert (before.temperature, before.topk, before.max_frames, before.seed, before.voice) == (0.9, 50, 6, 1, None)
-    assert (after.temperature, after.topk, after.max_frames, after.seed, after.voice) == (0.5, 3, 3, 7, voice)
-    assert after.watermark is False
+    assert (after.temperature, after.topk, after.max_frames, after.seed) == (0.5, 3, 3, 7)
+    assert same_voice(after.voice, voice) and after.watermark is False
     assert spy.calls[1][1].stats.frames <= 3
 
 
@@ -411,11 +446,11 @@ def test_real_user_aggregator_and_llm_stand_in(miso, monkeypatch):
     assert 0.3 <= seg.audio.size / 24_000 <= 0.7  # from the aggregator's turn start (plus pre-roll)
 
 
-def test_ttfb_and_usage_metrics(miso):
+def test_ttfb_and_usage_metrics(mode):
     from pipecat.frames.frames import MetricsFrame
     from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 
-    tts = MisoTTSService(engine=miso, settings=SHORT)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)  # remote: RemoteEngine.metrics() is None, unused
     params = PipelineParams(enable_metrics=True, enable_usage_metrics=True)
     down, _ = asyncio.run(run_test(tts, frames_to_send=[TTSSpeakFrame("Hello there.")], pipeline_params=params))
     data = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
@@ -432,3 +467,41 @@ def test_slow_first_audio_keeps_the_audio_context_open(miso, monkeypatch):
     down, up = run(tts, [TTSSpeakFrame("Wait for it.")])
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     assert names(down) == SPEAK_FRAMES
+
+
+# -- remote mode only --------------------------------------------------------------------------------
+
+
+def test_remote_mode_loads_nothing_and_closes_its_connection(miso, miso_server, monkeypatch):
+    import misotts_agents.pipecat.tts as service_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("url= must not load an engine")
+
+    monkeypatch.setattr(service_module, "shared_engine", no_load)
+    monkeypatch.setenv("MISOTTS_TOKEN", miso_server.token)
+    tts = MisoTTSService(url=miso_server.url, settings=SHORT)  # the token from the environment
+    assert isinstance(tts.engine, RemoteEngine) and tts.engine.token == miso_server.token
+    down, up = run(tts, [TTSSpeakFrame("Hello there.")])
+    assert names(down) == SPEAK_FRAMES and not [f for f in up if isinstance(f, ErrorFrame)]
+    assert tts.engine.closed  # cleanup() closed the service's own connection
+    with pytest.raises(ValueError, match="not both"):
+        MisoTTSService(engine=miso, url=miso_server.url)
+    assert wait_until(lambda: miso.free_slots == miso.max_batch, timeout=2.0)
+
+
+def test_remote_connection_failures_are_retryable_error_frames(miso_server):
+    quick = {"settings": SHORT, "stop_frame_timeout_s": 0.5}
+    nobody = MisoTTSService(url=f"ws://127.0.0.1:{free_port()}", **quick)  # nothing listens there
+    _, up = run(nobody, [TTSSpeakFrame("Anyone there?"), TTSSpeakFrame("Still nobody?")])
+    # (Pipecat adds its own "completed with no audio" errors)
+    errors = [f for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RemoteConnectionError)]
+    assert len(errors) == 2  # not permanent: the service kept taking sentences (each one reconnects)
+    for f in errors:
+        assert "connection failed" in f.error
+        assert f.category is ErrorCategory.CONNECTIVITY and not f.category.is_permanent
+    # a wrong token: the server refuses the connection
+    _, up = run(MisoTTSService(url=miso_server.url, token="wrong", **quick), [TTSSpeakFrame("Let me in.")])
+    refused = [f for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RemoteError)]
+    assert refused and all(f.category is ErrorCategory.AUTHENTICATION for f in refused)
+    assert not any(isinstance(f.exception, RemoteConnectionError) for f in up if isinstance(f, ErrorFrame))

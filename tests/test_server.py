@@ -90,6 +90,10 @@ def voiced(srv_engine):
     s.stop()
 
 
+def backend_of(s: _Server):
+    return s.server.config.app.state.backend
+
+
 @pytest.fixture
 def engine_requests(srv_engine, monkeypatch) -> list[SynthesisRequest]:
     """Every request the server hands the engine (the server calls it from its own thread)."""
@@ -465,12 +469,17 @@ async def test_session_keeps_the_voice_and_the_turns(server, srv_engine, engine_
         for rid in ("r1", "r2"):
             await ws.send(start(rid, 4, session="c1"))
             await collect(ws, {rid})
-        long = "A long answer that the user will interrupt."  # paced: generated about as fast as it plays
-        one_frame_chunks = {"first_frames": 1, "growth": 1.0, "max_frames": 1}
-        await ws.send(start("cut", 400, session="c1", text=long, max_ahead_s=0.3, chunks=one_frame_chunks))
+        # The user hears 0.4 s, then barges in: the session's clock says so, whatever the CPU's speed.
+        now = [0.0]
+        backend_of(server).sessions.get("c1").memory.clock = lambda: now[0]
+        long = "A long answer that the user will interrupt."
+        await ws.send(start("cut", 400, session="c1", text=long))
         async with asyncio.timeout(20):
-            assert isinstance(await ws.recv(), bytes)
-        await asyncio.sleep(1.0)  # the user listens for a second, then barges in
+            frames = 0
+            while frames < 10:  # 0.8 s generated and sent
+                data = await ws.recv()
+                frames += unpack_audio(data)[2] if isinstance(data, bytes) else 0
+        now[0] = 0.4
         await ws.send(json.dumps({"type": "cancel", "id": "cut"}))
         await collect(ws, {"cut"})
         await ws.send(start("r4", 2, session="c1"))
@@ -492,7 +501,7 @@ async def test_session_keeps_the_voice_and_the_turns(server, srv_engine, engine_
     assert r2.context[1].audio.size == 4 * FRAME_SAMPLES  # the agent's reply as generated
     # The interrupted reply is remembered as far as it was heard: cut audio, cut words.
     heard = r4.context[-1]
-    assert heard.speaker == 0 and 0 < heard.audio.size < 400 * FRAME_SAMPLES
+    assert heard.speaker == 0 and heard.audio.size == int(0.4 * 24_000)
     assert cut.text.startswith(heard.text) and len(heard.text) < len(cut.text)
     assert solo.context == () and solo.voice is None
     assert free(srv_engine)
@@ -593,3 +602,55 @@ async def test_audio_is_sent_once_per_connection(server, srv_engine, engine_requ
     assert sent[0]["id"] == sent[1]["id"] != sent[2]["id"]
     np.testing.assert_array_equal(engine_requests[-1].context[0].audio, a.context[0].audio)
     assert len(engine_requests) == 4 and free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_an_engine_failure_mid_stream_reaches_the_client(server, srv_engine, monkeypatch):
+    """A failed step (a CUDA out-of-memory is a RuntimeError) ends the request with an error message."""
+    real = srv_engine.stream
+
+    class Failing:
+        def __init__(self, stream) -> None:
+            self.stream, self.chunks = stream, 0
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.chunks == 1:
+                raise RuntimeError("CUDA error: out of memory")
+            self.chunks += 1
+            return await self.stream.__anext__()
+
+    monkeypatch.setattr(srv_engine, "stream", lambda request: Failing(real(request)))
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("oom", 50))
+        audio, ends = await collect(ws, {"oom"})
+        assert len(audio["oom"]) == 1
+        assert ends["oom"]["type"] == "error" and "out of memory" in ends["oom"]["message"]
+        monkeypatch.setattr(srv_engine, "stream", real)
+        await ws.send(start("after", 2))  # the connection goes on
+        _, ends = await collect(ws, {"after"})
+        assert ends["after"]["type"] == "end"
+    assert free(srv_engine)
+
+
+@pytest.mark.asyncio
+async def test_remote_engine_belongs_to_one_running_loop(server):
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    remote = RemoteEngine(ws_url(server))
+    try:
+        asyncio.run_coroutine_threadsafe(remote.connect(), other).result(timeout=10)
+        with pytest.raises(RuntimeError, match="one RemoteEngine"):
+            async for _ in remote.stream(SynthesisRequest("Hi.", max_audio_ms=80)):
+                pass
+    finally:
+        asyncio.run_coroutine_threadsafe(remote.aclose(), other).result(timeout=10)
+        other.call_soon_threadsafe(other.stop)
+        thread.join(timeout=10)
+        other.close()

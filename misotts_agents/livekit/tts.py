@@ -8,6 +8,10 @@ continuity inside a reply), after the conversation's tone context (see :mod:`.to
 
 Cancelling the stream's task (an interruption) cancels the engine request: the scheduler drops it
 at its next frame step and frees its slot.
+
+With ``url=`` the engine is a :class:`~misotts_agents.server.RemoteEngine` on a ``misotts-agents
+serve`` server: the same requests (the tone context travels in each one), a cancel message instead
+of a local cancel, and the server's errors raised as the engine's exception classes.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from livekit.agents import (
@@ -43,17 +48,22 @@ from ..sources import DEFAULT_MODEL
 from ..voice import VoicePrompt
 from .tone import ToneTracker, current_tracker
 
+if TYPE_CHECKING:
+    from ..server.client import RemoteEngine
+
 log = logging.getLogger("misotts_agents.livekit")
 
 MIME_TYPE = "audio/pcm"
 NUM_CHANNELS = 1
 # Earlier sentences of the segment kept as the agent's context for the next sentence.
 SEGMENT_CONTEXT_SENTENCES = 2
+TOKEN_ENV = "MISOTTS_TOKEN"  # the server's bearer token when ``url=`` is given without ``token=``
 
 
 class AudioSource(Protocol):
     """What the TTS needs from an engine: ``stream(request)`` -> async iterator of AudioChunk with
-    ``cancel()``. :class:`~misotts_agents.MisoEngine` and :class:`.InferenceEngine` both fit."""
+    ``cancel()``. :class:`~misotts_agents.MisoEngine`, :class:`.InferenceEngine` and
+    :class:`~misotts_agents.server.RemoteEngine` all fit."""
 
     def stream(self, request: SynthesisRequest) -> Any: ...
 
@@ -80,6 +90,10 @@ def map_error(exc: BaseException) -> APIError:
         return APIStatusError(f"MisoTTS engine busy: {exc}", status_code=503, retryable=True)
     if isinstance(exc, EngineClosed):
         return APIConnectionError(f"MisoTTS engine is closed: {exc}", retryable=False)
+    if getattr(exc, "code", None) == "unauthorized":  # url=: the server refused the token
+        return APIStatusError(f"MisoTTS server refused the connection: {exc}", status_code=401, retryable=False)
+    if isinstance(exc, ConnectionError):  # RemoteConnectionError: server unreachable or connection lost
+        return APIConnectionError(f"MisoTTS server connection failed: {exc}", retryable=True)
     if isinstance(exc, (ModelSourceError, CheckpointError)):  # the model could not be loaded
         return APIConnectionError(f"MisoTTS engine failed to load: {exc}", retryable=False)
     if isinstance(exc, TimeoutError):
@@ -88,7 +102,7 @@ def map_error(exc: BaseException) -> APIError:
 
 
 class TTS(tts.TTS):
-    """MisoTTS (or Sesame CSM) running locally, as a streaming LiveKit TTS (24 kHz mono PCM).
+    """MisoTTS (or Sesame CSM) as a streaming LiveKit TTS (24 kHz mono PCM), in process or on a server.
 
     ``engine``: a :class:`~misotts_agents.MisoEngine`, an :class:`.InferenceEngine` (the worker's
     shared inference process), or None for the process-wide engine of ``model``
@@ -97,6 +111,15 @@ class TTS(tts.TTS):
     ``memory`` is an explicit turn memory for every stream of this TTS (one TTS per conversation);
     otherwise the session's memory from :class:`.MisoToneMixin` is used when
     ``tone_conditioning`` is on. ``max_audio_ms`` caps each sentence.
+
+    ``url``: run on a ``misotts-agents serve`` server instead (``ws://host:8700``; not with
+    ``engine``). The TTS then loads nothing: it makes its own
+    :class:`~misotts_agents.server.RemoteEngine` (one WebSocket, opened by ``prewarm()`` or the
+    first sentence, closed by ``aclose()``; make the TTS inside the job, as each connection belongs
+    to one event loop), with ``token`` or else ``$MISOTTS_TOKEN`` as the bearer token. Tone
+    conditioning, voices, cancellation and error mapping work as in process; an unreachable server
+    or a dropped connection is a retryable :class:`APIConnectionError`. ``device``, ``watermark``
+    and ``load_options`` are then the server's business.
     """
 
     def __init__(
@@ -104,6 +127,8 @@ class TTS(tts.TTS):
         model: str | Path = DEFAULT_MODEL,
         *,
         engine: AudioSource | None = None,
+        url: str | None = None,
+        token: str | None = None,
         device: str | None = None,
         watermark: bool = True,
         voice: VoicePrompt | None = None,
@@ -117,6 +142,8 @@ class TTS(tts.TTS):
         sentence_tokenizer: tokenize.SentenceTokenizer | None = None,
         load_options: dict[str, Any] | None = None,
     ) -> None:
+        if engine is not None and url is not None:
+            raise ValueError("pass either engine= (in process) or url= (a server), not both")
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True),
             sample_rate=SAMPLE_RATE,
@@ -135,6 +162,13 @@ class TTS(tts.TTS):
             max_ahead_s=max_ahead_s,
         )
         self._memory = memory
+        self._remote: RemoteEngine | None = None  # this TTS's own server connection (url=), closed in aclose
+        self._connecting: asyncio.Task[Any] | None = None
+        if url is not None:
+            from ..server.client import RemoteEngine
+
+            token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+            engine = self._remote = RemoteEngine(url, token, codes=False)
         self._engine = engine
         self._load_kwargs: dict[str, Any] = {"watermark": watermark, **(load_options or {})}
         if device is not None:
@@ -207,12 +241,33 @@ class TTS(tts.TTS):
         self._loading.set_result(engine)
 
     def prewarm(self) -> None:
-        """Start loading (and warming) the shared engine in the background; returns at once."""
-        if self._engine is None:
+        """Start loading (and warming) the shared engine in the background; returns at once.
+
+        With ``url``: nothing is loaded; the server connection is opened in the running event loop
+        (if any), so the first sentence does not wait for the handshake."""
+        if self._remote is not None:
+            self._open_connection()
+        elif self._engine is None:
             self._start_loading(warm=True)
 
+    def _open_connection(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (a worker's setup): the first sentence connects
+            return
+        if self._connecting is None or self._connecting.done():
+            self._connecting = loop.create_task(self._connect(), name="misotts-connect")
+
+    async def _connect(self) -> None:
+        assert self._remote is not None
+        try:
+            await self._remote.connect()  # opens (or reuses) the WebSocket
+        except Exception as exc:  # the first sentence tries again and reports it
+            log.warning("MisoTTS server: %s", exc)
+
     def load_engine(self) -> AudioSource:
-        """Load the engine now, blocking (for a worker's ``setup_fnc`` / process prewarm)."""
+        """Load the engine now, blocking (for a worker's ``setup_fnc`` / process prewarm); with
+        ``url`` there is nothing to load and the :class:`RemoteEngine` is returned at once."""
         if self._engine is None:
             self._engine = self._start_loading(warm=True).result()
         return self._engine
@@ -268,6 +323,11 @@ class TTS(tts.TTS):
             await stream.aclose()
         self._streams.clear()
         await super().aclose()
+        if self._connecting is not None:
+            await utils.aio.cancel_and_wait(self._connecting)
+            self._connecting = None
+        if self._remote is not None:
+            await self._remote.aclose()
 
 
 class _Speaker:

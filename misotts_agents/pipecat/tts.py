@@ -10,16 +10,20 @@ How the pieces fit (see the class docstring for the user-facing summary):
   ``await``, which cancels the engine request (its slot is freed at the scheduler's next step).
 - The turn memory (:class:`ConversationMemory`) is fed the user's turn audio and transcript and the
   agent's generated audio; each request's ``context`` is read from it.
+- With ``url=`` the engine is a :class:`~misotts_agents.server.RemoteEngine` (same ``stream()``
+  surface, over the ``misotts-agents serve`` WebSocket): the memory stays in this process and each
+  request carries its context; a cancel is sent to the server, which frees the slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
@@ -29,6 +33,7 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterruptionFrame,
     LLMContextUserTurnFrame,
+    StartFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     UserStartedSpeakingFrame,
@@ -37,6 +42,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
@@ -50,7 +56,11 @@ from ..request import SynthesisRequest
 from ..sources import DEFAULT_MODEL
 from ..voice import VoicePrompt
 
+if TYPE_CHECKING:
+    from ..server.client import RemoteEngine
+
 DEFAULT_VOICE = "default"
+TOKEN_ENV = "MISOTTS_TOKEN"  # the server's bearer token when ``url=`` is given without ``token=``
 _REQUEST_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)}
 
 
@@ -165,12 +175,22 @@ class MisoUserAudioTap(FrameProcessor):
 
 
 class MisoTTSService(TTSService):
-    """MisoTTS (or Sesame CSM-1B) as a local, streaming Pipecat TTS service.
+    """MisoTTS (or Sesame CSM-1B) as a streaming Pipecat TTS service, in process or on a server.
 
     One engine serves every pipeline in the process: by default the service asks
     :func:`misotts_agents.registry.shared_engine` for ``model`` (loaded once, on first use; load it
     before building pipelines, Pipecat's setup timeout is 20 s), or pass ``engine=``. Each service
     (one per pipeline) has its own :class:`ConversationMemory`.
+
+    **Remote mode** (``url="ws://host:8700"``): the service loads nothing and runs its requests on a
+    ``misotts-agents serve`` server through its own :class:`~misotts_agents.server.RemoteEngine` (one
+    WebSocket, opened when the pipeline starts, closed in ``cleanup()``); ``token`` (default: the
+    ``MISOTTS_TOKEN`` environment variable) is the server's bearer token. Everything below works the
+    same: the turn memory stays here and each request carries its context and voice prompt, an
+    interruption sends a cancel (the server frees the slot at its next frame step). ``device`` and
+    ``watermark`` are then the server's business (``Settings(watermark=False)`` still opts a request
+    out where the server allows it). A failed or dropped connection is a non-permanent
+    ``ErrorFrame`` (category ``CONNECTIVITY``); the next sentence reconnects.
 
     Audio streams while the engine generates (first chunk after one 80 ms frame), as 16-bit mono
     ``TTSAudioRawFrame`` at the pipeline's output rate (``PipelineParams(audio_out_sample_rate=...)``,
@@ -208,6 +228,8 @@ class MisoTTSService(TTSService):
         model: str | Path = DEFAULT_MODEL,
         *,
         engine: MisoEngine | None = None,
+        url: str | None = None,
+        token: str | None = None,
         device: str | None = None,
         watermark: bool | str = True,
         voice: VoicePrompt | None = None,
@@ -221,8 +243,13 @@ class MisoTTSService(TTSService):
         """Create the service.
 
         Args:
-            model: local directory or Hub repo id of the checkpoint (ignored when ``engine`` is given).
+            model: local directory or Hub repo id of the checkpoint (ignored when ``engine`` or ``url``
+                is given, except as the ``model`` setting's label).
             engine: an explicit (shared) engine instead of the process-wide one for ``model``.
+            url: run on a ``misotts-agents serve`` server instead (``ws://host:port`` or ``http://...``);
+                the service makes and owns a :class:`~misotts_agents.server.RemoteEngine`. Not with
+                ``engine``.
+            token: the server's bearer token (default: ``$MISOTTS_TOKEN``); used only with ``url``.
             device: device for the engine the service loads (default: CUDA when available).
             watermark: passed to the engine load: True (SilentCipher), a directory/repo, or False.
             voice: voice prompt fixing the agent's voice (its prefill is cached by the engine);
@@ -236,6 +263,8 @@ class MisoTTSService(TTSService):
         """
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {max_turns}")
+        if engine is not None and url is not None:
+            raise ValueError("pass either engine= (in process) or url= (a server), not both")
         if memory is None:
             memory = ConversationMemory(max_turns=max(max_turns, 1), voice=voice, enabled=tone_conditioning)
         voice = voice if voice is not None else memory.voice
@@ -259,7 +288,14 @@ class MisoTTSService(TTSService):
             settings=default_settings,
             **kwargs,
         )
-        if engine is None:
+        self._remote: RemoteEngine | None = None  # the service's own connection (url=), closed in cleanup
+        self._connect_task: asyncio.Task[None] | None = None
+        if url is not None:
+            from ..server.client import RemoteEngine
+
+            token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+            engine = self._remote = RemoteEngine(url, token, codes=False)
+        elif engine is None:
             # Only non-default options: ``MisoTTSService(model)`` then shares ``shared_engine(model)``.
             options: dict[str, Any] = {} if device is None else {"device": device}
             if watermark is not True:
@@ -278,7 +314,8 @@ class MisoTTSService(TTSService):
     # -- public --------------------------------------------------------------------------------
 
     @property
-    def engine(self) -> MisoEngine:
+    def engine(self) -> MisoEngine | RemoteEngine:
+        """The engine the requests go to: in process, or the :class:`RemoteEngine` of ``url``."""
         return self._engine
 
     @property
@@ -301,6 +338,28 @@ class MisoTTSService(TTSService):
 
     def can_generate_metrics(self) -> bool:
         return True
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        if self._remote is not None:  # the WebSocket handshake now, not on the first sentence
+            self._connect_task = self.create_task(self._connect(), name=f"{self}::connect")
+
+    async def _connect(self) -> None:
+        assert self._remote is not None
+        try:
+            await self._remote.connect()  # opens (or reuses) the WebSocket
+        except Exception as exc:  # reported on the first sentence, which tries again
+            logger.warning(f"{self}: {exc}")
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        if self._connect_task is not None:
+            await self.cancel_task(self._connect_task)
+            self._connect_task = None
+        if self._remote is not None:
+            await self._remote.aclose()
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -363,8 +422,17 @@ class MisoTTSService(TTSService):
                     yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
         except EngineClosed as exc:
             await self.push_error(f"{self}: {exc}", exception=exc, force_treat_as_permanent=True)
+        except ConnectionError as exc:  # url=: the server is unreachable or the connection dropped; retryable
+            yield ErrorFrame(
+                error=f"{self}: MisoTTS server connection failed: {exc}",
+                exception=exc,
+                category=ErrorCategory.CONNECTIVITY,
+            )
         except MisoError as exc:  # invalid request (text, settings, audio), engine busy, missing watermark
-            yield ErrorFrame(error=f"{self}: {exc}", exception=exc)
+            refused = getattr(exc, "code", None) == "unauthorized"  # url=: the server refused our token
+            yield ErrorFrame(
+                error=f"{self}: {exc}", exception=exc, category=ErrorCategory.AUTHENTICATION if refused else None
+            )
         except Exception as exc:  # a failure inside the engine: this utterance only
             yield ErrorFrame(error=f"{self}: synthesis failed: {exc}", exception=exc)
         finally:

@@ -299,37 +299,49 @@ class _Connection:
         self.open = True
 
     async def send_text(self, text: str) -> None:
-        if not self.open:
-            return
-        async with self.send_lock:
-            await self.ws.send_text(text)
+        await self._send(self.ws.send_text, text)
 
     async def send_bytes(self, data: bytes) -> None:
+        await self._send(self.ws.send_bytes, data)
+
+    async def _send(self, send: Any, data: Any) -> None:
         if not self.open:
             return
         async with self.send_lock:
-            await self.ws.send_bytes(data)
+            try:
+                await send(data)
+            except (WebSocketDisconnect, RuntimeError, OSError) as exc:  # Starlette: RuntimeError once closed
+                self.open = False
+                raise _ClientGone(str(exc)) from exc
 
     async def run(self) -> None:
-        while True:
-            try:
-                event = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if event["type"] == "websocket.disconnect":
-                return
-            text = event.get("text")
-            if text is None:
-                await self.send_text(protocol.error_message("bad_message", "send JSON text messages, not binary"))
-                continue
-            try:
-                await self.handle(protocol.parse_json(text, self.limits))
-            except ProtocolError as exc:
-                await self.send_text(protocol.error_message(exc.code, exc.message, exc.rid))
-            except MisoError as exc:
-                await self.send_text(protocol.error_message(_error_code(exc), str(exc), None))
-            except (WebSocketDisconnect, RuntimeError):
-                return
+        """Handle the client's messages until it goes away."""
+        with contextlib.suppress(_ClientGone, WebSocketDisconnect):
+            while True:
+                try:
+                    event = await self.ws.receive()
+                except RuntimeError:  # Starlette, once the socket is closed
+                    return
+                if event["type"] == "websocket.disconnect":
+                    return
+                if event.get("text") is None:
+                    await self.send_text(protocol.error_message("bad_message", "send JSON text messages, not binary"))
+                else:
+                    await self.on_message(event["text"])
+
+    async def on_message(self, text: str) -> None:
+        """Handle one message; whatever goes wrong becomes an error message, and the connection stays."""
+        try:
+            await self.handle(protocol.parse_json(text, self.limits))
+        except (_ClientGone, WebSocketDisconnect):
+            raise
+        except ProtocolError as exc:
+            await self.send_text(protocol.error_message(exc.code, exc.message, exc.rid))
+        except MisoError as exc:
+            await self.send_text(protocol.error_message(_error_code(exc), str(exc), None))
+        except Exception as exc:  # a bug here must not take the connection down with it
+            log.exception("handling a message failed")
+            await self.send_text(protocol.error_message("internal", f"{type(exc).__name__}: {exc}", None))
 
     def use_session(self, msg: dict[str, Any]) -> str | None:
         sid = protocol.session_id(msg)
@@ -446,7 +458,7 @@ class _Connection:
                     await self.send_text(protocol.message("end", id=rid, stats=stats))
             else:
                 outcome = "disconnected"
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:  # the client went away mid-send
+        except _ClientGone as exc:  # the client went away mid-send (engine errors, RuntimeError too, go below)
             outcome = "disconnected"
             log.debug("stream %s: client gone: %s", rid, exc)
         except Exception as exc:
@@ -496,6 +508,10 @@ def _merged_stats(streams: list[Any], started: float) -> dict[str, Any]:
         }
     stats["parts"] = len(streams)
     return stats
+
+
+class _ClientGone(Exception):
+    """A send failed: the client is gone."""
 
 
 def _maybe_id(msg: dict[str, Any]) -> str | None:

@@ -140,7 +140,12 @@ class RemoteEngine:
 
     async def _connection(self) -> ClientConnection:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # first use, or a new event loop: start afresh
+        if self._loop is not None and self._loop is not loop and self._ws is not None and self._loop.is_running():
+            raise RuntimeError(
+                "this RemoteEngine's connection belongs to another running event loop: make one RemoteEngine "
+                "(one TTS service) per event loop, e.g. per LiveKit job"
+            )
+        if self._loop is not loop:  # first use, or the old loop is gone: start afresh
             self._loop, self._ws, self._reader, self._connecting = loop, None, None, asyncio.Lock()
         assert self._connecting is not None
         async with self._connecting:
@@ -161,7 +166,7 @@ class RemoteEngine:
             return self._ws
 
     async def _read(self, ws: ClientConnection) -> None:
-        reason = "connection closed"
+        lost: RemoteError = RemoteConnectionError("connection closed", "connection")
         try:
             async for data in ws:
                 if isinstance(data, bytes):
@@ -182,22 +187,26 @@ class RemoteEngine:
                 elif msg.get("type") == "error":
                     stream._push(_exception(msg.get("code", "internal"), msg.get("message", "")))
         except ConnectionClosed as exc:
-            reason = f"connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
-            if exc.rcvd is not None and exc.rcvd.code == 1008:
-                reason = f"the server refused the connection: {exc.rcvd.reason or 'policy violation'}"
+            lost = self._closed_error(exc)
         finally:
             if self._ws is ws:
                 self._ws = None
             for rid, stream in list(self._streams.items()):
                 if stream._conn is ws:
                     self._streams.pop(rid, None)
-                    stream._push(RemoteConnectionError(reason, "connection"))
+                    stream._push(lost)
 
     async def _send(self, ws: ClientConnection, text: str) -> None:
         try:
             await ws.send(text)
         except ConnectionClosed as exc:
-            raise RemoteConnectionError(f"connection to {self.url} lost: {exc}", "connection") from exc
+            raise self._closed_error(exc) from exc
+
+    def _closed_error(self, exc: ConnectionClosed) -> RemoteError:
+        """Why the connection closed, as the error for its requests: a refused token is not retryable."""
+        if exc.rcvd is not None and exc.rcvd.code == 1008:
+            return RemoteError(f"{self.url} refused the connection: {exc.rcvd.reason}", "unauthorized")
+        return RemoteConnectionError(f"connection to {self.url} lost: {exc}", "connection")
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         async def quiet() -> None:
