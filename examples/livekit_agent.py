@@ -8,6 +8,8 @@ The LiveKit CLI owns argv, so settings come from the environment:
 
     MISOTTS_MODEL   model dir or Hub id (default MisoLabs/MisoTTS; `misotts-agents make-tiny DIR`
                     writes an offline test checkpoint)
+    MISOTTS_URL     speak through a `misotts-agents serve` server (ws://gpu-box:8700) instead of loading
+                    the model in the worker (MISOTTS_TOKEN: its bearer token)
     MISOTTS_DEVICE  cuda / cpu (default: cuda when available)
     MISOTTS_WATERMARK=0   turn the SilentCipher watermark off
     MISOTTS_WORKER  thread (default): every job is a thread of this process and shares one engine;
@@ -41,8 +43,9 @@ MODEL = os.environ.get("MISOTTS_MODEL", "MisoLabs/MisoTTS")
 DEVICE = os.environ.get("MISOTTS_DEVICE") or None
 WATERMARK = os.environ.get("MISOTTS_WATERMARK", "1") not in ("0", "false", "no")
 WORKER = os.environ.get("MISOTTS_WORKER", "thread")
+URL = os.environ.get("MISOTTS_URL") or None
 
-if WORKER == "process":
+if WORKER == "process" and URL is None:
     # Must run on the main thread before the worker starts: importing this file is enough.
     register_inference_runner(MODEL, **({"device": DEVICE} if DEVICE else {}), watermark=WATERMARK)
 
@@ -72,6 +75,8 @@ class Assistant(MisoToneMixin, Agent):
 
 
 def make_tts() -> TTS:
+    if URL is not None:  # the engine is on a server: nothing to load here, in either worker kind
+        return TTS(url=URL)
     if WORKER == "process":
         return TTS(MODEL, engine=InferenceEngine())
     return TTS(MODEL, device=DEVICE, watermark=WATERMARK)

@@ -74,6 +74,8 @@ class DemoOptions:
     tone_conditioning: bool = True
     max_turns: int = 4
     max_sentence_s: float = 20.0
+    url: str | None = None  # a `misotts-agents serve` server instead of an engine in this process
+    token: str | None = None
     verbose: bool = False
 
     @classmethod
@@ -92,6 +94,8 @@ class DemoOptions:
             tone_conditioning=not args.no_tone_conditioning,
             max_turns=args.max_turns,
             max_sentence_s=args.max_sentence_s,
+            url=args.url,
+            token=args.token,
             verbose=getattr(args, "verbose", False),
         )
 
@@ -100,6 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options (shared by ``misotts-agents demo`` and examples/pipecat_webrtc_bot.py)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="local directory or Hub repo id (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="speak through a `misotts-agents serve` server (ws://host:8700) instead of a "
+        "model loaded here (--model, --device and --no-watermark are then the server's)",
+    )
+    p.add_argument("--token", default=None, help="the server's bearer token (default: $MISOTTS_TOKEN)")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s, this machine)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     p.add_argument("--no-watermark", action="store_true", help="do not watermark the speech")
@@ -344,15 +355,20 @@ def describe(options: DemoOptions) -> str:
     words = "no speech recognizer (transcripts are placeholders)" if stt == "none" else f"speech recognition: {stt}"
     replies = "scripted replies (templates, no understanding)" if llm == "scripted" else f"replies: {llm} LLM"
     tone = "tone-conditioned on your turns" if options.tone_conditioning else "no tone conditioning"
-    return f"MisoTTS voice ({options.model}), {tone}; {words}; {replies}"
+    voice = f"server {options.url}" if options.url else options.model
+    return f"MisoTTS voice ({voice}), {tone}; {words}; {replies}"
 
 
 # -- engine and pipeline ----------------------------------------------------------------------
 
 
 def load_engine(options: DemoOptions) -> Any:
-    """The process-wide engine for these options, loaded and warmed up (first audio is then prompt)."""
+    """The process-wide engine for these options, loaded and warmed up (first audio is then prompt);
+    None with ``url`` (each pipeline's service connects to the server)."""
     import time
+
+    if options.url:
+        return None
 
     from .registry import shared_engine
     from .request import SynthesisRequest
@@ -367,9 +383,10 @@ def load_engine(options: DemoOptions) -> Any:
 def make_tts(options: DemoOptions, engine: Any) -> Any:
     from .pipecat import MisoTTSService
 
+    where: dict[str, Any] = {"url": options.url, "token": options.token} if options.url else {"engine": engine}
     return MisoTTSService(
         model=options.model,
-        engine=engine,
+        **where,
         watermark=options.watermark,
         tone_conditioning=options.tone_conditioning,
         max_turns=options.max_turns,

@@ -143,10 +143,12 @@ def test_ulaw_codec_roundtrip() -> None:
     assert np.max(np.abs(back.astype(np.int32) - pcm)) <= 32635 // 32  # mu-law step at full scale
 
 
-def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["in-process", "server"])
+def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_path: Path, via: str) -> None:
     """TwiML, then a Twilio media stream over a real WebSocket: start, 20 ms mu-law media (a spoken
     phrase, then silence), stop, close. The bot must answer the turn with 8 kHz mu-law media, paced in
-    real time, and stop generating when the call ends."""
+    real time, and stop generating when the call ends. ``server``: the bot speaks through a
+    ``misotts-agents serve`` server (``--url``) holding the engine; the hang-up must free its slot there."""
     import base64
     import threading
     import time
@@ -155,13 +157,16 @@ def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_pat
     import soundfile as sf
     import soxr
     import uvicorn
+    from remote_server import LoopbackServer
     from websockets.sync.client import connect
 
     from misotts_agents.demo import DemoOptions
 
     bot = _load_phone_bot()
-    options = DemoOptions(model=str(tiny_dir), watermark=False, stt="none", llm="scripted", greeting="")
-    app = bot.create_app(options, engine)
+    tts_server = LoopbackServer(engine) if via == "server" else None
+    where = {"url": tts_server.url, "token": tts_server.token} if tts_server else {}
+    options = DemoOptions(model=str(tiny_dir), watermark=False, stt="none", llm="scripted", greeting="", **where)
+    app = bot.create_app(options, None if tts_server else engine)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,6 +261,8 @@ def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_pat
     finally:
         server.should_exit = True
         thread.join(15)
+        if tts_server is not None:
+            tts_server.stop()
 
     media = [(t, m) for t, m in received if m.get("event") == "media"]
     assert media, f"no media came back; got events {[m.get('event') for _, m in received]}"
