@@ -37,7 +37,15 @@ def free_port() -> int:
 class LoopbackServer:
     """``misotts-agents serve`` for ``engine`` (the caller owns and closes it), in a daemon thread."""
 
-    def __init__(self, engine: Any, *, token: str | None = TOKEN, limits: Any = None, model_name: str = "tiny"):
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        token: str | None = TOKEN,
+        limits: Any = None,
+        model_name: str = "tiny",
+        **app_options: Any,
+    ):
         import uvicorn
 
         from misotts_agents.server import Limits
@@ -47,7 +55,7 @@ class LoopbackServer:
         self.engine = engine
         self.token = token
         self.port = free_port()
-        app = create_app(engine, token=token, limits=limits, model_name=model_name)
+        self.app = app = create_app(engine, token=token, limits=limits, model_name=model_name, **app_options)
         config = uvicorn.Config(
             app,
             host="127.0.0.1",

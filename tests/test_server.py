@@ -6,14 +6,13 @@ import asyncio
 import base64
 import hashlib
 import json
-import socket
 import struct
 import threading
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from remote_server import LoopbackServer
 from signals import tone, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -22,7 +21,7 @@ from misotts_agents.errors import EngineBusy, InvalidRequest
 from misotts_agents.prompt import Segment
 from misotts_agents.request import SynthesisRequest
 from misotts_agents.server import Limits, RemoteEngine
-from misotts_agents.server.app import check_bind, create_app
+from misotts_agents.server.app import check_bind
 from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
 from misotts_agents.server.protocol import to_int16 as audio_to_int16
 from misotts_agents.voice import VoicePrompt
@@ -38,28 +37,6 @@ LIMITS = Limits(
 ANNA = VoicePrompt(0, "I am Anna.", tone(0.5, freq=190))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, app) -> None:
-        self.port = _free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", ws_max_size=LIMITS.ws_max_size
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        assert wait_until(lambda: self.server.started, timeout=20)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def srv_engine(tiny_dir):
     from misotts_agents.engine import MisoEngine
@@ -71,27 +48,24 @@ def srv_engine(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(srv_engine):
-    s = _Server(create_app(srv_engine, limits=LIMITS, model_name="tiny"))
-    yield s
-    s.stop()
+    with LoopbackServer(srv_engine, token=None, limits=LIMITS) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def secured(srv_engine):
-    s = _Server(create_app(srv_engine, token=TOKEN, limits=LIMITS))
-    yield s
-    s.stop()
+    with LoopbackServer(srv_engine, token=TOKEN, limits=LIMITS) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def voiced(srv_engine):
-    s = _Server(create_app(srv_engine, limits=LIMITS, voices={"anna": ANNA}))
-    yield s
-    s.stop()
+    with LoopbackServer(srv_engine, token=None, limits=LIMITS, voices={"anna": ANNA}) as s:
+        yield s
 
 
-def backend_of(s: _Server):
-    return s.server.config.app.state.backend
+def backend_of(s: LoopbackServer):
+    return s.app.state.backend
 
 
 @pytest.fixture
@@ -116,11 +90,11 @@ async def next_json(ws) -> dict:
                 return json.loads(data)
 
 
-def ws_url(s: _Server) -> str:
+def ws_url(s: LoopbackServer) -> str:
     return f"ws://127.0.0.1:{s.port}/v1/stream"
 
 
-def http_url(s: _Server, path: str) -> str:
+def http_url(s: LoopbackServer, path: str) -> str:
     return f"http://127.0.0.1:{s.port}{path}"
 
 
