@@ -110,6 +110,12 @@ def _error_code(exc: BaseException) -> str:
     return "internal"
 
 
+def _http_status(exc: BaseException) -> int:
+    if isinstance(exc, (EngineBusy, EngineClosed)):
+        return 503
+    return 400 if isinstance(exc, (MisoError, ProtocolError)) else 500
+
+
 def create_app(
     engine: Any,
     *,
@@ -213,8 +219,7 @@ def create_app(
             stream = backend.start(start)
         except Exception as exc:
             metrics.finished("openai", "rejected")
-            status = 503 if isinstance(exc, (EngineBusy, EngineClosed)) else 400
-            return openai_error(status, str(exc), _error_code(exc))
+            return openai_error(_http_status(exc), str(exc), _error_code(exc))
         metrics.active.inc()
         try:
             first = await stream.__anext__()  # errors from preparation still get a status code
@@ -223,8 +228,8 @@ def create_app(
         except Exception as exc:
             metrics.active.dec()
             stream.cancel()
-            metrics.finished("openai", "error")
-            return openai_error(400 if isinstance(exc, MisoError) else 500, str(exc), _error_code(exc))
+            metrics.finished("openai", "error")  # a backend may refuse here rather than in start() (Ray Serve)
+            return openai_error(_http_status(exc), str(exc), _error_code(exc))
 
         async def body_iter():
             outcome = "cancelled"

@@ -412,7 +412,7 @@ def _at_24k(audio: Any, sample_rate: int) -> np.ndarray:
 
 
 def stats_dict(stats: Any) -> dict[str, Any]:
-    return {
+    fields = {
         "seed": stats.seed,
         "frames": stats.frames,
         "stop_reason": stats.stop_reason,
@@ -424,3 +424,7 @@ def stats_dict(stats: Any) -> dict[str, Any]:
         "elapsed_s": stats.elapsed_s,
         "real_time_factor": stats.real_time_factor,
     }
+    replica = getattr(stats, "replica", None)  # the Ray Serve replica that generated it (ray_serve.py)
+    if replica is not None:
+        fields["replica"] = replica
+    return fields
