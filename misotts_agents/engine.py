@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,14 @@ class Synthesis:
     codes: np.ndarray  # (frames, K) int
     stats: StreamStats
     sample_rate: int = codec.SAMPLE_RATE
+
+
+def join_stream(stream: Any) -> Synthesis:
+    """A whole utterance from a stream (iterated here, blocking): its audio, codes and figures."""
+    with stream:
+        chunks = [c.pcm for c in stream]
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return Synthesis(pcm=pcm, codes=stream.codes, stats=stream.stats)
 
 
 class MisoEngine:
@@ -204,10 +213,7 @@ class MisoEngine:
 
     def synthesize(self, request: SynthesisRequest) -> Synthesis:
         """Generate a whole utterance (streams internally and joins the chunks)."""
-        with self.stream(request) as stream:
-            chunks = [c.pcm for c in stream]
-        pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-        return Synthesis(pcm=pcm, codes=stream.codes, stats=stream.stats)
+        return join_stream(self.stream(request))
 
     def metrics(self) -> EngineStats:
         """Load and throughput now: active, queued, steps/s, frames/s, cache and outcome counters."""

@@ -628,3 +628,23 @@ async def test_remote_engine_belongs_to_one_running_loop(server):
         other.call_soon_threadsafe(other.stop)
         thread.join(timeout=10)
         other.close()
+
+
+def test_remote_engine_blocking_use_matches_the_engine(server, srv_engine):
+    """Outside any event loop: synthesize() and a plain for, like MisoEngine's, on the client's own loop."""
+    request = SynthesisRequest("Blocking call.", seed=4, max_audio_ms=80 * 3)
+    local = srv_engine.synthesize(request)
+    with RemoteEngine(ws_url(server)) as remote:
+        remote_whole = remote.synthesize(request)
+        np.testing.assert_array_equal(remote_whole.codes, local.codes)
+        assert remote_whole.pcm.size == 3 * FRAME_SAMPLES and remote_whole.stats.frames == 3
+        long = remote.stream(SynthesisRequest("Long one.", seed=2, max_audio_ms=80 * 400))
+        for chunk in long:
+            assert chunk.start_frame == 0
+            break
+        long.cancel()
+        assert free(srv_engine)
+        loop_thread = remote._blocking_loop
+        assert loop_thread is not None
+    assert remote.closed and remote._blocking_loop is None
+    assert wait_until(lambda: not loop_thread.is_running(), timeout=5)  # the client's loop thread ended

@@ -1,11 +1,12 @@
 """RemoteEngine: a MisoEngine look-alike that runs requests on a ``misotts-agents serve`` server.
 
-It offers what the integrations use from :class:`MisoEngine`: ``stream(request)`` returns an object
-to ``async for`` (AudioChunk: float32 24 kHz ``pcm``, ``frames``, ``start_frame``, ``final``), with
-``cancel()``, ``with`` / ``async with``, ``.stats`` and ``.codes``. **Async consumers only**: the
-stream is iterated with ``async for`` inside an event loop (no blocking ``for``, no ``synthesize``).
+It offers :class:`MisoEngine`'s interface: ``stream(request)`` returns an object to ``async for`` or
+``for`` (AudioChunk: float32 24 kHz ``pcm``, ``frames``, ``start_frame``, ``final``), with
+``cancel()``, ``with`` / ``async with``, ``.stats`` and ``.codes``; ``synthesize(request)`` blocks for
+a whole utterance. The engine's figures are the server's ``/metrics``: ``metrics()`` is None here.
 One WebSocket connection per RemoteEngine (opened on first use, reopened after a drop) carries
-every request, multiplexed by id.
+every request, multiplexed by id. The connection belongs to one event loop: the loop of the first
+``async for``, or, for blocking use, a loop thread of the RemoteEngine's own.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from ..engine import Synthesis, join_stream
 from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
 from ..request import AudioChunk, StreamStats, SynthesisRequest
 from . import protocol
@@ -66,6 +69,14 @@ class _End:
     pass
 
 
+def _running(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is running ``loop`` now."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class RemoteEngine:
     """Client of the engine server's ``/v1/stream`` (see protocol.py), shaped like MisoEngine.
 
@@ -85,6 +96,8 @@ class RemoteEngine:
         self._streams: dict[str, RemoteSpeechStream] = {}
         self._known_audio: set[str] = set()  # audio ids the server has been sent on this connection
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._blocking_loop: asyncio.AbstractEventLoop | None = None  # for blocking callers (``for``)
+        self._blocking_lock = threading.Lock()
         self._closed = False
 
     # -- MisoEngine's surface ---------------------------------------------------------------
@@ -94,6 +107,20 @@ class RemoteEngine:
         if self._closed:
             raise EngineClosed("the remote engine is closed")
         return RemoteSpeechStream(self, request)
+
+    def synthesize(self, request: SynthesisRequest) -> Synthesis:
+        """A whole utterance, blocking (on this engine's own loop thread); not from inside a loop."""
+        return join_stream(self.stream(request))
+
+    def _blocking(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` for a blocking caller, on this engine's own event loop thread."""
+        with self._blocking_lock:
+            if self._blocking_loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="misotts-remote", daemon=True).start()
+                self._blocking_loop = loop
+            loop = self._blocking_loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def metrics(self) -> None:
         """Engine figures are on the server's ``/metrics`` (Prometheus); not fetched here."""
@@ -105,6 +132,11 @@ class RemoteEngine:
 
     def close(self) -> None:
         """Cancel running requests and close the connection (in the background when called inside a loop)."""
+        loop, self._blocking_loop = self._blocking_loop, None
+        if loop is not None and not _running(loop):  # blocking use: close on the own loop thread, then end it
+            with contextlib.suppress(Exception):  # best effort: the connection is going away either way
+                asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
         if self._closed:
             return
         self._closed = True
@@ -125,6 +157,12 @@ class RemoteEngine:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     async def __aenter__(self) -> RemoteEngine:
         return self
@@ -214,11 +252,7 @@ class RemoteEngine:
                 await coro
 
         assert self._loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
+        if _running(self._loop):
             task = self._loop.create_task(quiet())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -304,6 +338,15 @@ class RemoteSpeechStream:
 
     def __aiter__(self) -> RemoteSpeechStream:
         return self
+
+    def __iter__(self) -> RemoteSpeechStream:
+        return self
+
+    def __next__(self) -> AudioChunk:
+        try:
+            return self.engine._blocking(self.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
 
     async def __anext__(self) -> AudioChunk:
         if self._ended or self._cancelled:
