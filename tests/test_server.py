@@ -415,6 +415,9 @@ async def test_incremental_text_is_spoken_sentence_by_sentence(server, srv_engin
 @pytest.mark.asyncio
 async def test_incremental_flush_cancel_and_empty(server, srv_engine, engine_requests):
     async with connect(ws_url(server)) as ws:
+        await ws.send(json.dumps({"type": "start", "id": "bad", "incremental": True, "topk": 0}))
+        _, refused = await collect(ws, {"bad"})  # at once, not when a sentence is complete
+        assert refused["bad"]["type"] == "error" and refused["bad"]["code"] == "invalid_request"
         await ws.send(json.dumps({"type": "start", "id": "e", "incremental": True}))
         await ws.send(json.dumps({"type": "end", "id": "e"}))
         _, ends = await collect(ws, {"e"})

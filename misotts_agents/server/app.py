@@ -373,9 +373,13 @@ class _Connection:
                 self.use_session(msg)
                 msg = self.audio.resolve(msg)
                 if msg.get("incremental"):
+                    text = msg.get("text") or ""
+                    if not isinstance(text, str):
+                        raise InvalidRequest("'text' must be a string")
+                    # The options are checked now, not when the first sentence is complete.
+                    protocol.parse_start(msg | {"text": "Check."}, self.limits, getattr(self.backend, "voices", None))
                     feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
-                    if msg.get("text"):
-                        feed.append(str(msg["text"]))
+                    feed.append(text)
                     parts = self.incremental_parts(msg, feed)
                 else:
                     parts = _one(self.backend.start(msg))
