@@ -651,3 +651,31 @@ def test_remote_engine_blocking_use_matches_the_engine(server, srv_engine):
         assert loop_thread is not None
     assert remote.closed and remote._blocking_loop is None
     assert wait_until(lambda: not loop_thread.is_running(), timeout=5)  # the client's loop thread ended
+
+
+@pytest.mark.asyncio
+async def test_the_official_openai_client_works_unchanged(secured, srv_engine):
+    """The `openai` package's own speech call, streamed, against the server (its api_key is our token)."""
+    from openai import AsyncOpenAI, AuthenticationError
+
+    client = AsyncOpenAI(base_url=http_url(secured, "/v1"), api_key=TOKEN, max_retries=0)
+    async with client.audio.speech.with_streaming_response.create(
+        model="misotts",
+        voice="alloy",
+        input="Hello from the OpenAI client.",
+        response_format="pcm",
+        extra_body={"max_audio_ms": 80 * 3, "seed": 1},
+    ) as response:
+        assert response.headers["content-type"].startswith("audio/pcm")
+        pcm = b"".join([part async for part in response.iter_bytes()])
+    assert len(pcm) == 2 * 3 * FRAME_SAMPLES
+    wav = await client.audio.speech.create(
+        model="misotts", voice="alloy", input="Again.", response_format="wav", extra_body={"max_audio_ms": 160}
+    )
+    assert wav.content[:4] == b"RIFF" and len(wav.content) == 44 + 2 * 2 * FRAME_SAMPLES
+    wrong = AsyncOpenAI(base_url=http_url(secured, "/v1"), api_key="nope", max_retries=0)
+    with pytest.raises(AuthenticationError):
+        await wrong.audio.speech.create(model="misotts", voice="alloy", input="Hi.", response_format="pcm")
+    await client.close()
+    await wrong.close()
+    assert free(srv_engine)
