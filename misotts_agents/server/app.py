@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from ..prompt import FRAME_MS
 from ..voice import VoicePrompt
 from . import protocol
 from .backend import EngineBackend
@@ -513,7 +514,7 @@ def _merged_stats(streams: list[Any], started: float) -> dict[str, Any]:
             "stop_reason": streams[-1].stats.stop_reason,
             "prompt_frames": streams[-1].stats.prompt_frames,
             "elapsed_s": elapsed,
-            "real_time_factor": elapsed / (frames * 0.08) if frames else None,
+            "real_time_factor": elapsed / (frames * FRAME_MS / 1000) if frames else None,
         }
     stats["parts"] = len(streams)
     return stats

@@ -189,9 +189,9 @@ class AudioStore:
     def _item(self, item: Any) -> Any:
         if not isinstance(item, dict) or "audio_id" not in item:
             return item
-        aid = item["audio_id"]
-        if not isinstance(aid, str) or not aid or len(aid.encode()) > MAX_ID_BYTES:
-            raise ProtocolError("bad_message", f"'audio_id' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+        aid = name_field(item, "audio_id")
+        if aid is None:
+            raise ProtocolError("bad_message", "'audio_id' must be a non-empty string")
         data = item.get("audio_b64")
         if isinstance(data, str) and data:
             if aid in self._items:
@@ -231,15 +231,20 @@ def parse_json(text: str, limits: Limits) -> dict[str, Any]:
     return msg
 
 
-def _rid(msg: dict[str, Any]) -> str:
-    rid = msg.get("id")
-    if not isinstance(rid, str) or not rid or len(rid.encode()) > MAX_ID_BYTES:
-        raise ProtocolError("bad_message", f"'id' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
-    return rid
+def name_field(msg: dict[str, Any], key: str) -> str | None:
+    """A client-chosen name (request ``id``, ``session``, ``audio_id``): absent, or a non-empty
+    string of at most MAX_ID_BYTES UTF-8 bytes."""
+    value = msg.get(key)
+    if value is not None and (not isinstance(value, str) or not value or len(value.encode()) > MAX_ID_BYTES):
+        raise ProtocolError("bad_message", f"'{key}' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
+    return value
 
 
 def request_id(msg: dict[str, Any]) -> str:
-    return _rid(msg)
+    rid = name_field(msg, "id")
+    if rid is None:
+        raise ProtocolError("bad_message", f"'id' (a string of at most {MAX_ID_BYTES} bytes) is required")
+    return rid
 
 
 def _audio(item: dict[str, Any], what: str, budget: list[int]) -> np.ndarray:
@@ -276,12 +281,7 @@ def _num(msg: dict[str, Any], key: str, default: float | None) -> float | None:
 
 def session_id(msg: dict[str, Any]) -> str | None:
     """The message's ``session`` (None when absent); the same rules as request ids."""
-    sid = msg.get("session")
-    if sid is None:
-        return None
-    if not isinstance(sid, str) or not sid or len(sid.encode()) > MAX_ID_BYTES:
-        raise ProtocolError("bad_message", f"'session' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
-    return sid
+    return name_field(msg, "session")
 
 
 def parse_voice(
