@@ -34,10 +34,10 @@ import httpx
 import numpy as np
 import torch
 
-from misotts_agents.bench import StreamResult, consume, format_load, requests_for
-from misotts_agents.engine import MisoEngine
+from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.server import RemoteEngine
-from misotts_agents.tiny import make_tiny
+from misotts_agents.testing.tiny import make_tiny
+from misotts_agents.tools.bench import StreamResult, consume, format_load, requests_for
 
 
 async def in_process(engine: MisoEngine, requests) -> tuple[float, list[StreamResult]]:
@@ -63,7 +63,7 @@ def start_server(model: str, device: str, max_batch: int) -> tuple[subprocess.Po
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "misotts_agents.cli", "serve", "--model", model, "--device", device]
+    cmd = [sys.executable, "-m", "misotts_agents.tools.cli", "serve", "--model", model, "--device", device]
     cmd += ["--no-watermark", "--max-batch", str(max_batch), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from misotts_agents import codec
-from misotts_agents.engine import MisoEngine
-from misotts_agents.request import SynthesisRequest
-from misotts_agents.sampling import SamplingState
-from misotts_agents.tiny import make_tiny
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.model import codec
+from misotts_agents.model.sampling import SamplingState
+from misotts_agents.testing.tiny import make_tiny
 
 TEXT = "Thanks for calling. Let me look that up for you right away."
 

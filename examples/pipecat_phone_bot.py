@@ -35,7 +35,7 @@ import os
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from misotts_agents import demo
+from misotts_agents.tools import demo
 
 TWILIO_SAMPLE_RATE = 8000
 log = logging.getLogger("pipecat_phone_bot")

@@ -1,40 +1,83 @@
 """misotts-agents: the MisoTTS expressive speech model as a streaming engine for voice agents.
 
 The engine is framework-free; Pipecat and LiveKit integrations build on it. Names are imported
-lazily so that `misotts-agents --help` and light imports do not pay for torch, moshi and silentcipher.
+lazily so that `misotts-agents --help` and light imports do not pay for torch, moshi and silentcipher;
+the ``TYPE_CHECKING`` block below gives editors and type checkers the same names eagerly.
 """
 
+from __future__ import annotations
+
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from misotts_agents.engine.facade import MisoEngine, SpeechStream, Synthesis
+    from misotts_agents.engine.memory import ConversationMemory
+    from misotts_agents.engine.prompt import Segment
+    from misotts_agents.engine.registry import shared_engine
+    from misotts_agents.engine.request import AudioChunk, ChunkSchedule, StreamStats, SynthesisRequest
+    from misotts_agents.engine.scheduler import EngineStats
+    from misotts_agents.engine.voice import VoicePrompt
+    from misotts_agents.errors import (
+        CheckpointError,
+        EngineBusy,
+        EngineClosed,
+        InvalidRequest,
+        MisoError,
+        ModelSourceError,
+    )
+    from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
 
 _EXPORTS = {
-    "MisoEngine": "engine",
-    "SpeechStream": "engine",
-    "Synthesis": "engine",
-    "ModelConfig": "config",
-    "MISOTTS_8B": "config",
-    "CSM_1B": "config",
-    "Segment": "prompt",
-    "ConversationMemory": "conversation",
-    "shared_engine": "registry",
-    "AudioChunk": "request",
-    "ChunkSchedule": "request",
-    "StreamStats": "request",
-    "SynthesisRequest": "request",
+    "MisoEngine": "engine.facade",
+    "SpeechStream": "engine.facade",
+    "Synthesis": "engine.facade",
+    "ModelConfig": "model.config",
+    "MISOTTS_8B": "model.config",
+    "CSM_1B": "model.config",
+    "Segment": "engine.prompt",
+    "ConversationMemory": "engine.memory",
+    "shared_engine": "engine.registry",
+    "AudioChunk": "engine.request",
+    "ChunkSchedule": "engine.request",
+    "StreamStats": "engine.request",
+    "SynthesisRequest": "engine.request",
     "MisoError": "errors",
     "ModelSourceError": "errors",
     "CheckpointError": "errors",
     "InvalidRequest": "errors",
     "EngineBusy": "errors",
     "EngineClosed": "errors",
-    "EngineStats": "scheduler",
-    "VoicePrompt": "voice",
+    "EngineStats": "engine.scheduler",
+    "VoicePrompt": "engine.voice",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CSM_1B",
+    "MISOTTS_8B",
+    "AudioChunk",
+    "CheckpointError",
+    "ChunkSchedule",
+    "ConversationMemory",
+    "EngineBusy",
+    "EngineClosed",
+    "EngineStats",
+    "InvalidRequest",
+    "MisoEngine",
+    "MisoError",
+    "ModelConfig",
+    "ModelSourceError",
+    "Segment",
+    "SpeechStream",
+    "StreamStats",
+    "Synthesis",
+    "SynthesisRequest",
+    "VoicePrompt",
+    "shared_engine",
+]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from .errors import InvalidRequest
+from misotts_agents.errors import InvalidRequest
 
 SAMPLE_RATE = 24_000
 MAX_CHANNELS = 8

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from misotts_agents.tiny import bundled_tokenizer, make_tiny
+from misotts_agents.testing.tiny import bundled_tokenizer, make_tiny
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir: Path):
-    from misotts_agents.engine import MisoEngine
+    from misotts_agents.engine.facade import MisoEngine
 
     engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False)
     yield engine

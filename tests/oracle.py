@@ -7,7 +7,7 @@ frame embeddings, projection and heads under the official parameter names. Only 
 (top-k 1) is reproduced; that is what the parity tests compare.
 
 Differences from the reference, all deliberate and outside the compared math:
-- the flavors come from our :class:`~misotts_agents.config.Flavor` sizes, with ``attn_dropout=0.0``
+- the flavors come from our :class:`~misotts_agents.model.config.Flavor` sizes, with ``attn_dropout=0.0``
   (the reference uses 0.1, which only acts in train mode);
 - the causal masks are registered as *non-persistent* buffers, so ``state_dict()`` holds exactly the
   checkpoint keys even after ``setup_caches`` (the reference registers them persistent);
@@ -25,7 +25,7 @@ from torch import nn
 from torchtune.models import llama3_2
 from torchtune.modules import TransformerDecoder
 
-from misotts_agents.config import Flavor, ModelConfig
+from misotts_agents.model.config import Flavor, ModelConfig
 
 ORACLE_MAX_SEQ_LEN = 2048
 

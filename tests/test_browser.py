@@ -160,7 +160,7 @@ def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_pat
     from remote_server import LoopbackServer
     from websockets.sync.client import connect
 
-    from misotts_agents.demo import DemoOptions
+    from misotts_agents.tools.demo import DemoOptions
 
     bot = _load_phone_bot()
     tts_server = LoopbackServer(engine) if via == "server" else None
@@ -284,7 +284,7 @@ def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_pat
 
 
 def test_scripted_reply_is_honest_about_placeholders() -> None:
-    from misotts_agents.demo import scripted_reply
+    from misotts_agents.tools.demo import scripted_reply
 
     reply = scripted_reply("(user spoke for 1.4 s) (user spoke for 2.7 s)", 0)
     assert "4.1 seconds" in reply and "speech recognizer" in reply
@@ -293,7 +293,7 @@ def test_scripted_reply_is_honest_about_placeholders() -> None:
 
 
 def test_service_choice_follows_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    from misotts_agents.demo import resolve_llm, resolve_stt
+    from misotts_agents.tools.demo import resolve_llm, resolve_stt
 
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DEEPGRAM_API_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -309,7 +309,7 @@ def test_demo_help_is_light() -> None:
     """`misotts-agents demo --help` and the WebRTC example's --help import neither Pipecat nor torch."""
     code = (
         "import sys, contextlib, io\n"
-        "from misotts_agents import cli\n"
+        "from misotts_agents.tools import cli\n"
         "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
         "    cli.main(['demo', '--help'])\n"
         "assert '--no-watermark' in out.getvalue() and '--stt' in out.getvalue()\n"

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 from signals import tone
 
-from misotts_agents.cli import main
+from misotts_agents.tools.cli import main
 
 
 def test_say_writes_audio_and_codes(tiny_dir, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_make_tiny_writes_a_complete_directory(tmp_path, capsys):
 
 def test_help_is_fast_and_lists_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "misotts_agents.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "misotts_agents.tools.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for command in ("demo", "say", "make-tiny", "bench", "watermark-check"):
         assert command in out
@@ -122,7 +122,7 @@ def test_serve_runs_the_server_with_named_voices(tiny_dir, tmp_path):
         port = s.getsockname()[1]
     args = ["--model", str(tiny_dir), "--device", "cpu", "--no-watermark", "--port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "misotts_agents.cli", "serve", *args, "--voice", f"anna={tmp_path / 'anna.wav'}"],
+        [sys.executable, "-m", "misotts_agents.tools.cli", "serve", *args, "--voice", f"anna={tmp_path / 'anna.wav'}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

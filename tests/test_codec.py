@@ -1,4 +1,4 @@
-"""Tests for misotts_agents.codec on the tiny random Mimi (offline, CPU, a few seconds)."""
+"""Tests for misotts_agents.model.codec on the tiny random Mimi (offline, CPU, a few seconds)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from misotts_agents import codec
-from misotts_agents.codec import (
+from misotts_agents.model import codec
+from misotts_agents.model.codec import (
     CODEBOOK_SIZE,
     FRAME_SIZE,
     NUM_CODEBOOKS,
@@ -17,16 +17,17 @@ from misotts_agents.codec import (
     CodecUnavailable,
     MimiStreamDecoder,
 )
+from misotts_agents.testing import mimi as mimi_fixtures
 
 
 @pytest.fixture(scope="session")
 def mimi() -> codec.MimiModel:
-    return codec.build_tiny_mimi(seed=0)
+    return mimi_fixtures.build_tiny_mimi(seed=0)
 
 
 @pytest.fixture(scope="session")
 def saved_dir(mimi: codec.MimiModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return codec.save_mimi(mimi, tmp_path_factory.mktemp("tiny_mimi"))
+    return mimi_fixtures.save_mimi(mimi, tmp_path_factory.mktemp("tiny_mimi"))
 
 
 def random_codes(num_frames: int, seed: int) -> torch.Tensor:
@@ -62,13 +63,13 @@ def test_build_tiny_is_deterministic_and_keeps_global_rng() -> None:
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    a = codec.build_tiny_mimi(seed=7)
+    a = mimi_fixtures.build_tiny_mimi(seed=7)
     assert torch.equal(torch.rand(3), expected_next)
-    b = codec.build_tiny_mimi(seed=7)
+    b = mimi_fixtures.build_tiny_mimi(seed=7)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = codec.build_tiny_mimi(seed=8)
+    c = mimi_fixtures.build_tiny_mimi(seed=8)
     assert not torch.equal(
         sa["quantizer.rvq_first.vq.layers.0._codebook.embedding_sum"],
         c.state_dict()["quantizer.rvq_first.vq.layers.0._codebook.embedding_sum"],
@@ -226,7 +227,7 @@ def test_encode_rejects_bad_audio(mimi: codec.MimiModel) -> None:
 def test_save_load_round_trip(mimi: codec.MimiModel, saved_dir: Path) -> None:
     assert (saved_dir / codec.WEIGHTS_FILENAME).is_file()
     cfg = json.loads((saved_dir / codec.CONFIG_FILENAME).read_text())
-    assert cfg == codec.tiny_mimi_config()
+    assert cfg == mimi_fixtures.tiny_mimi_config()
     for source in (saved_dir, str(saved_dir), saved_dir / codec.WEIGHTS_FILENAME):
         loaded = codec.load_mimi(source)
         assert not loaded.training and loaded.num_codebooks == NUM_CODEBOOKS
@@ -252,7 +253,7 @@ def test_load_missing_path(tmp_path: Path) -> None:
 
 
 def test_load_dir_without_weights(tmp_path: Path) -> None:
-    (tmp_path / codec.CONFIG_FILENAME).write_text(json.dumps(codec.tiny_mimi_config()))
+    (tmp_path / codec.CONFIG_FILENAME).write_text(json.dumps(mimi_fixtures.tiny_mimi_config()))
     with pytest.raises(CodecUnavailable, match=r"mimi\.safetensors") as info:
         codec.load_mimi(tmp_path)
     assert str(tmp_path) in str(info.value)
@@ -281,7 +282,7 @@ def test_load_corrupt_safetensors(tmp_path: Path, saved_dir: Path) -> None:
     ],
 )
 def test_load_config_not_matching_weights(tmp_path: Path, saved_dir: Path, part: str, change: dict) -> None:
-    cfg = codec.tiny_mimi_config()
+    cfg = mimi_fixtures.tiny_mimi_config()
     cfg[part].update(change)
     (tmp_path / codec.CONFIG_FILENAME).write_text(json.dumps(cfg))
     (tmp_path / codec.WEIGHTS_FILENAME).write_bytes((saved_dir / codec.WEIGHTS_FILENAME).read_bytes())
@@ -303,11 +304,11 @@ def test_load_bad_config_json(tmp_path: Path, saved_dir: Path) -> None:
 
 
 def test_load_rejects_incompatible_interface(tmp_path: Path) -> None:
-    cfg = codec.tiny_mimi_config()
+    cfg = mimi_fixtures.tiny_mimi_config()
     cfg["quantizer"]["bins"] = 1024
     with torch.random.fork_rng(devices=[]):
         other = codec.loaders.get_mimi(None, mimi_config=cfg, num_codebooks=32)
-    codec.save_mimi(other, tmp_path, config=cfg)
+    mimi_fixtures.save_mimi(other, tmp_path, config=cfg)
     with pytest.raises(CodecUnavailable, match="codebook size 1024"):
         codec.load_mimi(tmp_path)
 

@@ -7,8 +7,8 @@ import pytest
 from signals import tone
 
 from misotts_agents.audio import to_mono
-from misotts_agents.conversation import ConversationMemory, cut_text
-from misotts_agents.registry import shared_engine
+from misotts_agents.engine.memory import ConversationMemory, cut_text
+from misotts_agents.engine.registry import shared_engine
 
 
 def frames(audio: np.ndarray, rate: int, ms: int = 20):
@@ -111,7 +111,7 @@ def test_user_audio_resampled_as_one_stream():
 
 
 def test_shared_engine_key_fills_defaults():
-    from misotts_agents.registry import _key
+    from misotts_agents.engine.registry import _key
 
     assert _key("m", {}) == _key("m", {"device": None, "watermark": True})
     assert _key("m", {}) != _key("m", {"max_batch": 2})

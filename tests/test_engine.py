@@ -9,10 +9,10 @@ import pytest
 import torch
 from signals import tone, wait_until
 
-from misotts_agents import codec
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
 from misotts_agents.errors import InvalidRequest, ModelSourceError
-from misotts_agents.prompt import Segment
-from misotts_agents.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.model import codec
 
 FRAME = 1920
 

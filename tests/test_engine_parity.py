@@ -7,9 +7,9 @@ import torch
 from oracle import OracleModel
 from signals import tone
 
-from misotts_agents.engine import MisoEngine
-from misotts_agents.prompt import Segment
-from misotts_agents.request import SynthesisRequest
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import SynthesisRequest
 
 FRAMES = 10
 

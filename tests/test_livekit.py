@@ -28,11 +28,11 @@ from livekit.agents.testing import fake_job_context
 from livekit.agents.voice import Agent, AgentSession, io
 from remote_server import free_port, mode_fixture, server_fixture
 
-from misotts_agents.engine import MisoEngine
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.prompt import FRAME_SAMPLES
+from misotts_agents.engine.request import StreamStats
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
-from misotts_agents.prompt import FRAME_SAMPLES
-from misotts_agents.request import StreamStats
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 
 RATE = 24_000
@@ -249,7 +249,7 @@ async def test_remote_connection_failures_are_retryable(lk_server):
 
 @pytest.mark.asyncio
 async def test_remote_mode_loads_nothing(lk_engine, lk_server, monkeypatch):
-    import misotts_agents.registry as registry
+    import misotts_agents.engine.registry as registry
 
     def no_load(*args, **kwargs):
         raise AssertionError("url= must not load an engine")

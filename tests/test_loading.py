@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from misotts_agents.config import CSM_1B, MISOTTS_8B, ModelConfig
 from misotts_agents.errors import CheckpointError, ModelSourceError
-from misotts_agents.sources import fetch_file
-from misotts_agents.tiny import TINY_CONFIG
-from misotts_agents.weights import expected_shapes, load_model
+from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
+from misotts_agents.model.sources import fetch_file
+from misotts_agents.model.weights import expected_shapes, load_model
+from misotts_agents.testing.tiny import TINY_CONFIG
 
 
 def test_official_8b_layout():

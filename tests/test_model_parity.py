@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from misotts_agents.config import ModelConfig
-from misotts_agents.model import MisoModel, llama3_rope_cache
-from misotts_agents.sampling import SamplingState, exponential_noise, sample_topk
+from misotts_agents.model.config import ModelConfig
+from misotts_agents.model.sampling import SamplingState, exponential_noise, sample_topk
+from misotts_agents.model.transformer import MisoModel, llama3_rope_cache
 
 pytest.importorskip("torchtune", reason="the torchtune oracle needs the dev dependencies")
 from oracle import OracleModel, reference_sample_topk
@@ -404,7 +404,7 @@ def test_backbone_bf16_through_the_checkpoint_loader(models, tmp_path):
     """
     from safetensors.torch import save_file
 
-    from misotts_agents.weights import load_model
+    from misotts_agents.model.weights import load_model
 
     save_file({k: v.contiguous() for k, v in models["ours"].state_dict().items()}, str(tmp_path / "m.safetensors"))
     ours = load_model(tmp_path / "m.safetensors", CONFIG, dtype=torch.bfloat16, progress=False)

@@ -37,14 +37,14 @@ from pipecat.utils.errors import ErrorCategory
 from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone, wait_until
 
-from misotts_agents.engine import MisoEngine
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.prompt import FRAME_SAMPLES
+from misotts_agents.engine.registry import shared_engine
+from misotts_agents.engine.request import AudioChunk, StreamStats
+from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy
 from misotts_agents.pipecat import MisoTTSService
-from misotts_agents.prompt import FRAME_SAMPLES
-from misotts_agents.registry import shared_engine
-from misotts_agents.request import AudioChunk, StreamStats
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
-from misotts_agents.voice import VoicePrompt
 
 SHORT = MisoTTSService.Settings(max_audio_ms=480, seed=1)  # 6 frames per sentence
 

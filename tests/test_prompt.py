@@ -9,8 +9,8 @@ import torch
 from signals import tone
 
 from misotts_agents.audio import to_mono
+from misotts_agents.engine.prompt import Segment
 from misotts_agents.errors import InvalidRequest
-from misotts_agents.prompt import Segment
 
 
 def test_layout_of_text_and_audio_segments(engine):

@@ -1,5 +1,5 @@
 """Ray Serve: two CPU replicas of the tiny engine behind the ingress, on a local Ray cluster, driven
-over real WebSocket and HTTP through Serve's proxy (misotts_agents/server/ray_serve.py).
+over real WebSocket and HTTP through Serve's proxy (misotts_agents/server/ray/serve.py).
 
 One module-scoped cluster (about a minute on a 2-core machine, most of it Ray and the replicas
 starting) serves every test here.
@@ -33,10 +33,10 @@ from ray import serve  # noqa: E402
 from signals import tone, wait_until  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from misotts_agents.request import SynthesisRequest  # noqa: E402
+from misotts_agents.engine.request import SynthesisRequest  # noqa: E402
 from misotts_agents.server import RemoteEngine  # noqa: E402
 from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio  # noqa: E402
-from misotts_agents.server.ray_serve import (  # noqa: E402
+from misotts_agents.server.ray.serve import (  # noqa: E402
     APP_NAME,
     ENGINE_DEPLOYMENT,
     INGRESS_DEPLOYMENT,
@@ -65,7 +65,7 @@ def test_example_config_is_a_serve_config_for_this_app():
 
     config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     (app,) = ServeDeploySchema.model_validate(config).applications
-    assert app.import_path == "misotts_agents.server.ray_serve:app_builder"
+    assert app.import_path == "misotts_agents.server.ray.serve:app_builder"
     assert {d.name for d in app.deployments} == {ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT}
     engine = next(d for d in app.deployments if d.name == ENGINE_DEPLOYMENT)
     assert engine.max_ongoing_requests == app.args["max_batch"] + app.args["max_queue"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from signals import tone, wait_until
 
-from misotts_agents.engine import MisoEngine
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.engine.stream import SpeechStream
+from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, EngineClosed
-from misotts_agents.prompt import Segment
-from misotts_agents.request import ChunkSchedule, SynthesisRequest
-from misotts_agents.stream import SpeechStream
-from misotts_agents.voice import VoicePrompt
 
 TEXTS = ["Hello there.", "One moment please.", "Sure, I can do that.", "Thanks for waiting!"]
 

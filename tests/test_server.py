@@ -17,14 +17,14 @@ from signals import tone, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, InvalidRequest
-from misotts_agents.prompt import Segment
-from misotts_agents.request import SynthesisRequest
 from misotts_agents.server import Limits, RemoteEngine
 from misotts_agents.server.app import check_bind
 from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
 from misotts_agents.server.protocol import to_int16 as audio_to_int16
-from misotts_agents.voice import VoicePrompt
 
 TOKEN = "s3cret"
 LIMITS = Limits(
@@ -39,7 +39,7 @@ ANNA = VoicePrompt(0, "I am Anna.", tone(0.5, freq=190))
 
 @pytest.fixture(scope="module")
 def srv_engine(tiny_dir):
-    from misotts_agents.engine import MisoEngine
+    from misotts_agents.engine.facade import MisoEngine
 
     engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
     yield engine

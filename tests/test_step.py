@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from misotts_agents.engine import MisoEngine
-from misotts_agents.request import SynthesisRequest
-from misotts_agents.step import bucket_sizes
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.step import bucket_sizes
 
 TEXTS = ["Compiled or not.", "Same codes.", "Third one."]
 

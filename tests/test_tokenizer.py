@@ -1,7 +1,7 @@
 import pytest
 
 from misotts_agents.errors import CheckpointError, InvalidRequest
-from misotts_agents.tokenizer import TextTokenizer
+from misotts_agents.model.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")

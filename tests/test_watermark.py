@@ -1,4 +1,4 @@
-"""Tests for misotts_agents.watermark against a random-weight SilentCipher checkpoint (offline).
+"""Tests for misotts_agents.model.watermark against a random-weight SilentCipher checkpoint (offline).
 
 Random weights exercise everything but the decoded message: loading, file checks, shapes, lengths,
 resampling, error handling and the streaming wrapper.  Logic that depends on what the decoder returns
@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from misotts_agents import watermark as wm
-from misotts_agents.tiny_silentcipher import make_tiny_silentcipher
-from misotts_agents.watermark import (
+from misotts_agents.model import watermark as wm
+from misotts_agents.model.watermark import (
     DEFAULT_WATERMARK_KEY,
     MIN_DETECT_SAMPLES_44K,
     StreamWatermarker,
@@ -29,6 +28,7 @@ from misotts_agents.watermark import (
     check_file,
     resolve_silentcipher_dir,
 )
+from misotts_agents.testing.silentcipher import make_tiny_silentcipher
 
 SR = 24000
 

@@ -12,9 +12,9 @@ Worker modes: with ``JobExecutorType.THREAD`` every job shares the process-wide 
 worker's inference process holds the one engine (see ``runner.py``).
 """
 
-from .runner import InferenceEngine, MisoInferenceRunner, register_inference_runner
-from .tone import MisoToneMixin, ToneTracker, tone_for
-from .tts import TTS, ChunkedStream, SynthesizeStream, map_error
+from misotts_agents.livekit.runner import InferenceEngine, MisoInferenceRunner, register_inference_runner
+from misotts_agents.livekit.tone import MisoToneMixin, ToneTracker, tone_for
+from misotts_agents.livekit.tts import TTS, ChunkedStream, SynthesizeStream, map_error
 
 __all__ = [
     "TTS",

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 from livekit.agents.inference_runner import _InferenceRunner
 
-from .. import errors
-from ..audio import SAMPLE_RATE
-from ..prompt import Segment
-from ..request import AudioChunk, SynthesisRequest
-from ..sources import DEFAULT_MODEL
-from ..voice import VoicePrompt
+from misotts_agents import errors
+from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import AudioChunk, SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger("misotts_agents.livekit")
 
@@ -111,7 +111,7 @@ class MisoInferenceRunner(_InferenceRunner):
     def initialize(self) -> None:
         if self.engine is not None:
             return
-        from ..registry import shared_engine
+        from misotts_agents.engine.registry import shared_engine
 
         options = json.loads(os.environ.get(OPTIONS_ENV, "{}"))
         model = options.pop("model", DEFAULT_MODEL)

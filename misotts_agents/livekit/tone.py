@@ -29,8 +29,8 @@ from livekit import rtc
 from livekit.agents import llm, stt
 from livekit.agents.voice import AgentSession, ModelSettings
 
-from ..audio import SAMPLE_RATE
-from ..conversation import ConversationMemory, cut_text
+from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.memory import ConversationMemory, cut_text
 
 _current: contextvars.ContextVar[ToneTracker | None] = contextvars.ContextVar("misotts_tone_tracker", default=None)
 _trackers: weakref.WeakKeyDictionary[AgentSession, ToneTracker] = weakref.WeakKeyDictionary()

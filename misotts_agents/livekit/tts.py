@@ -39,17 +39,17 @@ from livekit.agents import (
     utils,
 )
 
-from ..audio import SAMPLE_RATE
-from ..conversation import ConversationMemory
-from ..errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
-from ..prompt import Segment
-from ..request import AudioChunk, SynthesisRequest
-from ..sources import DEFAULT_MODEL
-from ..voice import VoicePrompt
-from .tone import ToneTracker, current_tracker
+from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import AudioChunk, SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
+from misotts_agents.livekit.tone import ToneTracker, current_tracker
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from ..server.client import RemoteEngine
+    from misotts_agents.server.client import RemoteEngine
 
 log = logging.getLogger("misotts_agents.livekit")
 
@@ -106,7 +106,7 @@ class TTS(tts.TTS):
 
     ``engine``: a :class:`~misotts_agents.MisoEngine`, an :class:`.InferenceEngine` (the worker's
     shared inference process), or None for the process-wide engine of ``model``
-    (:func:`misotts_agents.registry.shared_engine`, loaded on ``prewarm()`` or first use, in a
+    (:func:`misotts_agents.engine.registry.shared_engine`, loaded on ``prewarm()`` or first use, in a
     thread). ``device`` and ``watermark`` are passed to the load. ``voice`` fixes the voice;
     ``memory`` is an explicit turn memory for every stream of this TTS (one TTS per conversation);
     otherwise the session's memory from :class:`.MisoToneMixin` is used when
@@ -165,7 +165,7 @@ class TTS(tts.TTS):
         self._remote: RemoteEngine | None = None  # this TTS's own server connection (url=), closed in aclose
         self._connecting: asyncio.Task[Any] | None = None
         if url is not None:
-            from ..server.client import RemoteEngine
+            from misotts_agents.server.client import RemoteEngine
 
             token = token if token is not None else os.environ.get(TOKEN_ENV) or None
             engine = self._remote = RemoteEngine(url, token, codes=False)
@@ -225,7 +225,7 @@ class TTS(tts.TTS):
             return self._loading
 
     def _load(self, warm: bool) -> None:
-        from ..registry import shared_engine
+        from misotts_agents.engine.registry import shared_engine
 
         assert self._loading is not None
         try:

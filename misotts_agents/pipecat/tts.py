@@ -46,18 +46,18 @@ from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
-from ..audio import SAMPLE_RATE
-from ..conversation import ConversationMemory
-from ..engine import MisoEngine
-from ..errors import EngineClosed, MisoError
-from ..prompt import Segment
-from ..registry import shared_engine
-from ..request import SynthesisRequest
-from ..sources import DEFAULT_MODEL
-from ..voice import VoicePrompt
+from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.registry import shared_engine
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import EngineClosed, MisoError
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from ..server.client import RemoteEngine
+    from misotts_agents.server.client import RemoteEngine
 
 DEFAULT_VOICE = "default"
 TOKEN_ENV = "MISOTTS_TOKEN"  # the server's bearer token when ``url=`` is given without ``token=``
@@ -178,7 +178,7 @@ class MisoTTSService(TTSService):
     """MisoTTS (or Sesame CSM-1B) as a streaming Pipecat TTS service, in process or on a server.
 
     One engine serves every pipeline in the process: by default the service asks
-    :func:`misotts_agents.registry.shared_engine` for ``model`` (loaded once, on first use; load it
+    :func:`misotts_agents.engine.registry.shared_engine` for ``model`` (loaded once, on first use; load it
     before building pipelines, Pipecat's setup timeout is 20 s), or pass ``engine=``. Each service
     (one per pipeline) has its own :class:`ConversationMemory`.
 
@@ -291,7 +291,7 @@ class MisoTTSService(TTSService):
         self._remote: RemoteEngine | None = None  # the service's own connection (url=), closed in cleanup
         self._connect_task: asyncio.Task[None] | None = None
         if url is not None:
-            from ..server.client import RemoteEngine
+            from misotts_agents.server.client import RemoteEngine
 
             token = token if token is not None else os.environ.get(TOKEN_ENV) or None
             engine = self._remote = RemoteEngine(url, token, codes=False)

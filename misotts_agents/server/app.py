@@ -19,13 +19,13 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
-from ..prompt import FRAME_MS
-from ..voice import VoicePrompt
-from . import protocol
-from .backend import EngineBackend
-from .protocol import Limits, ProtocolError
-from .textfeed import TextFeed
+from misotts_agents.engine.prompt import FRAME_MS
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.server import protocol
+from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.sessions import EngineBackend
+from misotts_agents.server.textfeed import TextFeed
 
 log = logging.getLogger(__name__)
 

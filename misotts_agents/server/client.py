@@ -23,10 +23,10 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from ..engine import Synthesis, join_stream
-from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
-from ..request import AudioChunk, StreamStats, SynthesisRequest
-from . import protocol
+from misotts_agents.engine.facade import Synthesis, join_stream
+from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
+from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.server import protocol
 
 
 class RemoteError(MisoError):

@@ -100,10 +100,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidRequest
-from ..prompt import Segment
-from ..request import ChunkSchedule, SynthesisRequest
-from ..voice import VoicePrompt
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import InvalidRequest
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920
@@ -406,7 +406,7 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False, know
 
 
 def _at_24k(audio: Any, sample_rate: int) -> np.ndarray:
-    from ..audio import to_mono
+    from misotts_agents.audio import to_mono
 
     return to_mono(audio, sample_rate, what="context audio")
 

@@ -11,7 +11,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from .protocol import ProtocolError
+from misotts_agents.server.protocol import ProtocolError
 
 # The end of a sentence: terminal punctuation (with closing quotes or brackets) before whitespace,
 # CJK full stops, or a line break. "Dr. Smith" splits too; that costs a little prosody, never words.

@@ -155,7 +155,17 @@ def run(model: str, wav: Path, *, timeout: float, want_loud_frames: int, waterma
         tmp_path = Path(tmp)
         server_log = tmp_path / "server.log"
         verbose = ["-v"] if os.environ.get("MISOTTS_E2E_SERVER_LOG") else []
-        cmd = [sys.executable, "-m", "misotts_agents.cli", *verbose, "demo", "--model", model, "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "misotts_agents.tools.cli",
+            *verbose,
+            "demo",
+            "--model",
+            model,
+            "--port",
+            str(port),
+        ]
         cmd += ["--host", "127.0.0.1", "--greeting", greeting, "--stt", "none", "--llm", "scripted"]
         if not watermark:
             cmd.append("--no-watermark")

@@ -50,13 +50,13 @@ from ray.serve.deployment import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from ..errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
-from ..request import AudioChunk, StreamStats
-from ..scheduler import EngineStats
-from ..sources import DEFAULT_MODEL
-from . import protocol
-from .protocol import Limits, ProtocolError
-from .ray_router import SessionAffinityRouter
+from misotts_agents.engine.request import AudioChunk, StreamStats
+from misotts_agents.engine.scheduler import EngineStats
+from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.model.sources import DEFAULT_MODEL
+from misotts_agents.server import protocol
+from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.ray.router import SessionAffinityRouter
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class EngineReplica:
     ) -> None:
         import torch
 
-        from ..engine import MisoEngine
-        from .backend import EngineBackend, SessionStore
+        from misotts_agents.engine.facade import MisoEngine
+        from misotts_agents.server.sessions import EngineBackend, SessionStore
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -254,7 +254,7 @@ class EngineReplica:
 def _named_voices(specs: list[str]) -> dict[str, Any]:
     if not specs:
         return {}
-    from ..cli import named_voices
+    from misotts_agents.tools.cli import named_voices
 
     try:
         return named_voices(specs)
@@ -512,7 +512,7 @@ class MisoIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve calls this once the constructor ran: the app is built around this replica's proxy."""
-        from .app import create_app
+        from misotts_agents.server.app import create_app
 
         return create_app(self.backend, token=self.token, limits=self.limits, model_name=self.model_name)
 
@@ -597,5 +597,5 @@ def build_app(args: RayServeArgs | dict[str, Any]) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """For ``serve run misotts_agents.server.ray_serve:app_builder model=... num_gpus=1`` and config files."""
+    """For ``serve run misotts_agents.server.ray.serve:app_builder model=... num_gpus=1`` and config files."""
     return build_app(RayServeArgs.model_validate(args))

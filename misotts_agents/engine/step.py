@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import torch
 
-from .model import MisoModel
-from .sampling import SamplingState
+from misotts_agents.model.sampling import SamplingState
+from misotts_agents.model.transformer import MisoModel
 
 log = logging.getLogger(__name__)
 

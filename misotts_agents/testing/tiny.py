@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import codec
-from .config import ModelConfig
-from .model import MisoModel
-from .sources import DEFAULT_TOKENIZER, fetch_file
-from .tiny_silentcipher import make_tiny_silentcipher
-from .watermark import MODEL_DIR_SUBDIR
+from misotts_agents.model.config import ModelConfig
+from misotts_agents.model.sources import DEFAULT_TOKENIZER, fetch_file
+from misotts_agents.model.transformer import MisoModel
+from misotts_agents.model.watermark import MODEL_DIR_SUBDIR
+from misotts_agents.testing.mimi import build_tiny_mimi, save_mimi
+from misotts_agents.testing.silentcipher import make_tiny_silentcipher
 
 TINY_CONFIG = ModelConfig(
     backbone_flavor={
@@ -82,6 +82,6 @@ def make_tiny(
     if source is None or not source.is_file():
         source = fetch_file(tokenizer or DEFAULT_TOKENIZER, "tokenizer.json", "text tokenizer")
     shutil.copyfile(source, directory / "tokenizer.json")
-    codec.save_mimi(codec.build_tiny_mimi(seed), directory)
+    save_mimi(build_tiny_mimi(seed), directory)
     make_tiny_silentcipher(directory / MODEL_DIR_SUBDIR, seed)
     return directory

@@ -20,25 +20,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import codec
-from .config import CSM_1B, MISOTTS_8B, ModelConfig
-from .errors import EngineBusy, EngineClosed, ModelSourceError
-from .model import MisoModel
-from .prompt import PromptBuilder
-from .request import StreamStats, SynthesisRequest
-from .scheduler import EngineStats, Job, Scheduler
-from .sources import DEFAULT_MODEL, DEFAULT_TOKENIZER, fetch_file
-from .stream import SpeechStream
-from .tokenizer import TextTokenizer
-from .voice import CachedVoice, VoiceCache
-from .watermark import (
+from misotts_agents.engine.prompt import PromptBuilder
+from misotts_agents.engine.request import StreamStats, SynthesisRequest
+from misotts_agents.engine.scheduler import EngineStats, Job, Scheduler
+from misotts_agents.engine.stream import SpeechStream
+from misotts_agents.engine.voice import CachedVoice, VoiceCache
+from misotts_agents.errors import EngineBusy, EngineClosed, ModelSourceError
+from misotts_agents.model import codec
+from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
+from misotts_agents.model.sources import DEFAULT_MODEL, DEFAULT_TOKENIZER, fetch_file
+from misotts_agents.model.tokenizer import TextTokenizer
+from misotts_agents.model.transformer import MisoModel
+from misotts_agents.model.watermark import (
     DEFAULT_WATERMARK_KEY,
     DEFAULT_WATERMARK_SOURCE,
     MODEL_DIR_SUBDIR,
     StreamWatermarker,
     Watermarker,
 )
-from .weights import load_model
+from misotts_agents.model.weights import load_model
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .engine import MisoEngine
-from .sources import DEFAULT_MODEL
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 _engines: dict[tuple, MisoEngine] = {}
 _lock = threading.Lock()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import (
+from misotts_agents.model.config import (
     MAX_SEQ_LEN,
     NORM_EPS,
     ROPE_BASE,
@@ -26,7 +26,7 @@ from .config import (
     Flavor,
     ModelConfig,
 )
-from .sampling import SamplingState, sample_topk
+from misotts_agents.model.sampling import SamplingState, sample_topk
 
 
 class RMSNorm(nn.Module):

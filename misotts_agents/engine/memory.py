@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from .audio import SAMPLE_RATE, to_mono
-from .errors import InvalidRequest
-from .prompt import Segment
-from .voice import VoicePrompt
+from misotts_agents.audio import SAMPLE_RATE, to_mono
+from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import InvalidRequest
 
 
 @dataclass

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, to_mono
-from .errors import InvalidRequest
+from misotts_agents.audio import SAMPLE_RATE, to_mono
+from misotts_agents.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

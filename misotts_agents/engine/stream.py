@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .request import AudioChunk, StreamStats, SynthesisRequest
-from .watermark import StreamWatermarker
+from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
+from misotts_agents.model.watermark import StreamWatermarker
 
 
 @dataclass(frozen=True)

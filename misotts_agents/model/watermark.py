@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ModelSourceError
+from misotts_agents.errors import ModelSourceError
 
 __all__ = [
     "DEFAULT_WATERMARK_KEY",

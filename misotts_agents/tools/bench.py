@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bandwidth import bytes_per_frame, dtype_bytes, floor_ms, gpu_bandwidth_gbs
-from .engine import MisoEngine
-from .request import SynthesisRequest
-from .tiny import make_tiny
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.model.bandwidth import bytes_per_frame, dtype_bytes, floor_ms, gpu_bandwidth_gbs
+from misotts_agents.testing.tiny import make_tiny
 
 TEXT = "Thanks for calling. Let me look that up for you right away."
 FRAME_S = 0.08

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, to_mono
-from .config import MAX_SEQ_LEN
-from .errors import InvalidRequest
-from .tokenizer import TextTokenizer
+from misotts_agents.audio import SAMPLE_RATE, to_mono
+from misotts_agents.errors import InvalidRequest
+from misotts_agents.model.config import MAX_SEQ_LEN
+from misotts_agents.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 

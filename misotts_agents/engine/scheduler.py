@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import codec
-from .config import MAX_SEQ_LEN
-from .errors import EngineClosed
-from .model import MisoModel
-from .prompt import FRAME_MS, Prompt
-from .request import AudioChunk
-from .sampling import SamplingState
-from .step import FrameStepper
-from .stream import SpeechStream
-from .voice import CachedVoice, VoiceCache
+from misotts_agents.engine.prompt import FRAME_MS, Prompt
+from misotts_agents.engine.request import AudioChunk
+from misotts_agents.engine.step import FrameStepper
+from misotts_agents.engine.stream import SpeechStream
+from misotts_agents.engine.voice import CachedVoice, VoiceCache
+from misotts_agents.errors import EngineClosed
+from misotts_agents.model import codec
+from misotts_agents.model.config import MAX_SEQ_LEN
+from misotts_agents.model.sampling import SamplingState
+from misotts_agents.model.transformer import MisoModel
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from .errors import CheckpointError, InvalidRequest
+from misotts_agents.errors import CheckpointError, InvalidRequest
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ModelSourceError
+from misotts_agents.errors import ModelSourceError
 
 DEFAULT_MODEL = "MisoLabs/MisoTTS"
 # The reference loads meta-llama/Llama-3.2-1B, which is gated; this mirror holds the same file.

@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .model import MisoModel
+from misotts_agents.errors import CheckpointError
+from misotts_agents.model.config import ModelConfig
+from misotts_agents.model.transformer import MisoModel
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .sources import DEFAULT_MODEL
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,8 @@ def load_engine(options: DemoOptions) -> Any:
     if options.url:
         return None
 
-    from .registry import shared_engine
-    from .request import SynthesisRequest
+    from misotts_agents.engine.registry import shared_engine
+    from misotts_agents.engine.request import SynthesisRequest
 
     start = time.perf_counter()
     engine = shared_engine(options.model, device=options.device, watermark=options.watermark)
@@ -381,7 +381,7 @@ def load_engine(options: DemoOptions) -> Any:
 
 
 def make_tts(options: DemoOptions, engine: Any) -> Any:
-    from .pipecat import MisoTTSService
+    from misotts_agents.pipecat import MisoTTSService
 
     where: dict[str, Any] = {"url": options.url, "token": options.token} if options.url else {"engine": engine}
     return MisoTTSService(

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from misotts_agents.model.config import ModelConfig
 
 # Peak memory bandwidth in GB/s from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(); the first matching key wins (more specific names first).

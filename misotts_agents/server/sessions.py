@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..conversation import ConversationMemory
-from ..engine import MisoEngine
-from ..errors import InvalidRequest
-from ..request import AudioChunk, StreamStats
-from ..scheduler import EngineStats
-from ..voice import VoicePrompt
-from . import protocol
-from .protocol import Limits, ProtocolError
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.request import AudioChunk, StreamStats
+from misotts_agents.engine.scheduler import EngineStats
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import InvalidRequest
+from misotts_agents.server import protocol
+from misotts_agents.server.protocol import Limits, ProtocolError
 
 
 @dataclass

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
-from .errors import InvalidRequest
-from .prompt import FRAME_MS, Segment, max_frames_for
-from .voice import VoicePrompt
+from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.prompt import FRAME_MS, Segment, max_frames_for
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.errors import InvalidRequest
 
 # Far above what fits in the 2048-position prompt; refuses megabyte strings before tokenising them.
 MAX_TEXT_CHARS = 100_000

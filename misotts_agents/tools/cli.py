@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import MisoError
-from .sources import DEFAULT_MODEL
+from misotts_agents.errors import MisoError
+from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from .voice import VoicePrompt
+    from misotts_agents.engine.voice import VoicePrompt
 
 
 def _key(text: str) -> tuple[int, ...]:
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--session-ttl", type=float, default=1800, help="forget sessions idle this many seconds")
 
-    from . import demo  # light: Pipecat and torch are imported only when the demo runs
+    from misotts_agents.tools import demo  # light: Pipecat and torch are imported only when the demo runs
 
     demo_parser = sub.add_parser("demo", help="talk to MisoTTS in the browser (WebRTC on localhost, Pipecat)")
     demo.add_arguments(demo_parser)
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _segment(audio: Path | None, text: str | None, speaker: int, what: str):
-    from .audio import read_audio
-    from .prompt import Segment
+    from misotts_agents.audio import read_audio
+    from misotts_agents.engine.prompt import Segment
 
     if audio is None and text is None:
         return None
@@ -126,10 +126,10 @@ def _segment(audio: Path | None, text: str | None, speaker: int, what: str):
 def cmd_say(args: argparse.Namespace) -> int:
     import torch
 
-    from .audio import write_wav
-    from .engine import MisoEngine
-    from .request import SynthesisRequest
-    from .watermark import DEFAULT_WATERMARK_KEY
+    from misotts_agents.audio import write_wav
+    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.engine.request import SynthesisRequest
+    from misotts_agents.model.watermark import DEFAULT_WATERMARK_KEY
 
     context = [
         s
@@ -179,7 +179,7 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny
+    from misotts_agents.testing.tiny import make_tiny
 
     path = make_tiny(args.directory, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny random checkpoint to {path} (use it as --model {path})")
@@ -187,7 +187,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_watermark_check(args: argparse.Namespace) -> int:
-    from .watermark import DEFAULT_WATERMARK_KEY, DEFAULT_WATERMARK_SOURCE, Watermarker, check_file
+    from misotts_agents.model.watermark import DEFAULT_WATERMARK_KEY, DEFAULT_WATERMARK_SOURCE, Watermarker, check_file
 
     source = args.watermark_model or DEFAULT_WATERMARK_SOURCE
     marker = Watermarker.load(source, key=args.watermark_key or DEFAULT_WATERMARK_KEY)
@@ -199,21 +199,21 @@ def cmd_watermark_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from misotts_agents.tools import demo
 
     return demo.main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from misotts_agents.tools.bench import main as bench_main
 
     return bench_main(args.args)
 
 
 def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
     """``NAME=CLIP`` options as voice prompts; each clip's transcript is the .txt file beside it."""
-    from .audio import read_audio
-    from .voice import VoicePrompt
+    from misotts_agents.audio import read_audio
+    from misotts_agents.engine.voice import VoicePrompt
 
     voices = {}
     for spec in specs:
@@ -233,10 +233,10 @@ def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .engine import MisoEngine
-    from .server.app import check_bind, create_app
-    from .server.backend import EngineBackend, SessionStore
-    from .server.protocol import Limits
+    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.server.app import check_bind, create_app
+    from misotts_agents.server.protocol import Limits
+    from misotts_agents.server.sessions import EngineBackend, SessionStore
 
     check_bind(args.host, args.token)
     voices = named_voices(args.voice)

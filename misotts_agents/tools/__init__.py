@@ -1,0 +1,1 @@
+"""Command-line tools: ``cli`` (the ``misotts-agents`` command), ``bench`` and the browser ``demo``."""
