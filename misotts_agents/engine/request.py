@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.engine.params import SamplingParams
 from misotts_agents.engine.prompt import FRAME_MS, Segment, max_frames_for
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
@@ -44,8 +45,11 @@ class ChunkSchedule:
 
 
 @dataclass(frozen=True)
-class SynthesisRequest:
+class SynthesisRequest(SamplingParams):
     """One utterance: the text, the conversation so far (tone and voice), and sampling settings.
+
+    The sampling options (``temperature``, ``topk``, ``seed``) come from :class:`SamplingParams` and
+    are keyword-only.
 
     ``voice`` fixes the voice (its prefill is cached per voice); ``context`` holds earlier turns,
     oldest first (the user's last turn carries its tone). ``max_ahead_s`` paces generation: the
@@ -57,9 +61,6 @@ class SynthesisRequest:
     speaker: int = 0
     context: tuple[Segment, ...] = ()
     voice: VoicePrompt | None = None
-    temperature: float = 0.9
-    topk: int = 50
-    seed: int | None = None  # None: a fresh random seed, reported in the stream's stats
     max_audio_ms: float = 90_000
     chunks: ChunkSchedule = field(default_factory=ChunkSchedule)
     watermark: bool | None = None  # None: the engine's setting; False opts this request out
@@ -71,12 +72,7 @@ class SynthesisRequest:
             raise InvalidRequest("text is empty: give the words to speak")
         if len(self.text) > MAX_TEXT_CHARS:
             raise InvalidRequest(f"text too long: {len(self.text)} characters (at most {MAX_TEXT_CHARS}); split it")
-        if not (self.temperature > 0 and np.isfinite(self.temperature)):
-            raise InvalidRequest(f"temperature must be a positive number, got {self.temperature}")
-        if not isinstance(self.topk, int) or self.topk < 1:
-            raise InvalidRequest(f"topk must be an integer >= 1, got {self.topk!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequest(f"seed must be an integer, got {self.seed!r}")
+        super().__post_init__()
         max_frames_for(self.max_audio_ms)
         if self.voice is not None and not isinstance(self.voice, VoicePrompt):
             raise InvalidRequest(f"voice must be a VoicePrompt, got {type(self.voice).__name__}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from misotts_agents.engine.params import sampling_kwargs
 from misotts_agents.engine.prompt import FRAME_MS, Prompt
 from misotts_agents.engine.request import AudioChunk
 from misotts_agents.engine.step import FrameStepper
@@ -106,10 +107,7 @@ class Scheduler:
         self.audio_mask = torch.ones(1, k + 1, dtype=torch.bool, device=dev)
         self.audio_mask[0, k] = False
         self.positions = [0] * max_batch
-        self.temperature = torch.ones(max_batch, dtype=torch.float32, device=dev)
-        self.topk = torch.ones(max_batch, dtype=torch.long, device=dev)
-        self.seed = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.frame = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.sampling = SamplingState.empty(max_batch, dev)
         self.jobs: dict[int, Job] = {}
         self.free = list(range(max_batch))
         self.ready: deque[Job] = deque()
@@ -251,10 +249,7 @@ class Scheduler:
         self.next_tokens[slot] = tokens[0, end:]
         self.next_mask[slot] = mask[0, end:]
         self.positions[slot] = end
-        self.temperature[slot] = request.temperature
-        self.topk[slot] = request.topk
-        self.seed[slot] = stream.stats.seed
-        self.frame[slot] = 0
+        self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
         self.decoder.reset([slot])
         job.sizes = request.chunks.sizes()
         job.want = next(job.sizes)
@@ -282,7 +277,7 @@ class Scheduler:
         dev, k = self.device, self.k
         rows = torch.tensor(slots, device=dev)
         pos = torch.tensor([self.positions[s] for s in slots], device=dev).unsqueeze(1)
-        sampling = SamplingState(self.temperature[rows], self.topk[rows], self.seed[rows], self.frame[rows])
+        sampling = self.sampling.select(rows)
         codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling)  # (b, K)
         for s in slots:
             self.positions[s] += 1
@@ -297,7 +292,7 @@ class Scheduler:
         pcm = self.decoder.decode(batch, active).float().cpu().numpy()
         codes_np = codes.cpu().numpy()
         speaking_np = speaking.cpu().numpy()
-        self.frame[rows] += 1
+        self.sampling.advance(rows)
         now = time.perf_counter()
         with self._lock:  # counted before any stream hears of this step's audio
             self.steps += 1

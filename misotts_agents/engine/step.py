@@ -51,10 +51,7 @@ class _Bucket:
         self.tokens = torch.zeros(size, 1, k + 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(size, 1, k + 1, dtype=torch.bool, device=device)
         self.pos = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self.temperature = torch.ones(size, dtype=torch.float32, device=device)
-        self.topk = torch.ones(size, dtype=torch.long, device=device)
-        self.seed = torch.zeros(size, dtype=torch.long, device=device)
-        self.frame = torch.zeros(size, dtype=torch.long, device=device)
+        self.sampling = SamplingState.empty(size, device)
         self.codes: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -85,7 +82,7 @@ class FrameStepper:
 
     def _step(self, b: _Bucket) -> torch.Tensor:
         h = self.model.backbone_last_hidden(b.tokens, b.mask, b.pos, b.rows)
-        return self.model.decode_frame(h, SamplingState(b.temperature, b.topk, b.seed, b.frame))
+        return self.model.decode_frame(h, b.sampling)
 
     def bucket_for(self, n: int) -> _Bucket:
         for size, bucket in self.buckets.items():
@@ -112,10 +109,7 @@ class FrameStepper:
         b.mask[n:] = False
         b.pos[:n] = pos
         b.pos[n:] = 0
-        b.temperature[:n] = sampling.temperature
-        b.topk[:n] = sampling.topk
-        b.seed[:n] = sampling.seed
-        b.frame[:n] = sampling.frame
+        b.sampling.load(sampling)
         if self.cuda_graphs and b.graph is None and not self._warned:
             self._capture(b)
         if b.graph is not None:

@@ -10,7 +10,7 @@ or not, and the whole step stays free of RNG state (graph-capturable).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -43,12 +43,59 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
 
 @dataclass
 class SamplingState:
-    """Per-row sampling parameters for one batched frame step; all tensors have shape (b,)."""
+    """Per-row sampling tensors for one batched frame step; every field has shape (b,).
 
-    temperature: torch.Tensor  # float32
+    The per-request fields mirror :class:`misotts_agents.engine.params.SamplingParams`; ``frame``
+    is the index of the frame being generated. The step keeps one of these per static shape and the
+    scheduler one row per slot, so a new option is a new field here and nothing else in between.
+    """
+
+    temperature: torch.Tensor  # float32, > 0
     topk: torch.Tensor  # int64, >= 1
     seed: torch.Tensor  # int64
-    frame: torch.Tensor  # int64: index of the frame being generated, per row
+    frame: torch.Tensor  # int64
+
+    @classmethod
+    def empty(cls, size: int, device: torch.device | str) -> SamplingState:
+        """Neutral rows (temperature 1, greedy, seed 0, frame 0): what padding rows hold."""
+        return cls(
+            temperature=torch.ones(size, dtype=torch.float32, device=device),
+            topk=torch.ones(size, dtype=torch.int64, device=device),
+            seed=torch.zeros(size, dtype=torch.int64, device=device),
+            frame=torch.zeros(size, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def single(cls, temperature: float, topk: int, seed: int, frame: int, device: torch.device) -> SamplingState:
+        state = cls.empty(1, device)
+        state.set_row(0, temperature=temperature, topk=topk, seed=seed, frame=frame)
+        return state
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def set_row(self, row: int, **values: float) -> None:
+        """Write one row's values (keyword per field; fields not named keep their value)."""
+        tensors = self._tensors()
+        for name, value in values.items():
+            tensors[name][row] = value
+
+    def select(self, rows: torch.Tensor) -> SamplingState:
+        """The given rows, gathered (a copy)."""
+        return SamplingState(**{name: t[rows] for name, t in self._tensors().items()})
+
+    def load(self, other: SamplingState) -> None:
+        """Copy ``other`` into the first rows in place and reset the rest (static buffers for graphs)."""
+        neutral = SamplingState.empty(1, "cpu")._tensors()
+        for name, t in self._tensors().items():
+            src = getattr(other, name)
+            n = src.size(0)
+            t[:n] = src
+            t[n:] = neutral[name].item()
+
+    def advance(self, rows: torch.Tensor) -> None:
+        """The given rows move on to their next frame."""
+        self.frame[rows] += 1
 
     def frame_noise(self, num_codebooks: int, vocab: int) -> torch.Tensor:
         """The noise for every codebook of this frame at once, (b, num_codebooks, vocab).
@@ -57,15 +104,6 @@ class SamplingState:
         """
         codebooks = torch.arange(num_codebooks, device=self.seed.device, dtype=torch.int64)
         return exponential_noise(self.seed, self.frame[:, None] * 64 + codebooks, vocab)
-
-    @classmethod
-    def single(cls, temperature: float, topk: int, seed: int, frame: int, device: torch.device) -> SamplingState:
-        return cls(
-            temperature=torch.tensor([temperature], dtype=torch.float32, device=device),
-            topk=torch.tensor([topk], dtype=torch.int64, device=device),
-            seed=torch.tensor([seed], dtype=torch.int64, device=device),
-            frame=torch.tensor([frame], dtype=torch.int64, device=device),
-        )
 
 
 def sample_topk(
