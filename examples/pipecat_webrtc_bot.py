@@ -6,7 +6,7 @@
 
 then open http://localhost:7860/ and press "Start talking" (Pipecat's prebuilt client is at /client/).
 
-The pipeline each browser connection gets (see ``misotts_agents/tools/demo.py``, which this example shares
+The pipeline each browser connection gets (see ``misotts_agents/tools/demo/``, which this example shares
 with the ``demo`` command)::
 
     SmallWebRTCTransport.input()
