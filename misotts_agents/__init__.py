@@ -11,11 +11,17 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from misotts_agents.engine.facade import MisoEngine, SpeechStream, Synthesis
+    from misotts_agents.engine.facade import MisoEngine, SpeechStream
     from misotts_agents.engine.memory import ConversationMemory
-    from misotts_agents.engine.prompt import Segment
     from misotts_agents.engine.registry import shared_engine
-    from misotts_agents.engine.request import AudioChunk, ChunkSchedule, StreamStats, SynthesisRequest
+    from misotts_agents.engine.request import (
+        AudioChunk,
+        ChunkSchedule,
+        Segment,
+        StreamStats,
+        Synthesis,
+        SynthesisRequest,
+    )
     from misotts_agents.engine.scheduler import EngineStats
     from misotts_agents.engine.voice import VoicePrompt
     from misotts_agents.errors import (
@@ -31,11 +37,11 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "MisoEngine": "engine.facade",
     "SpeechStream": "engine.facade",
-    "Synthesis": "engine.facade",
+    "Synthesis": "engine.request",
     "ModelConfig": "model.config",
     "MISOTTS_8B": "model.config",
     "CSM_1B": "model.config",
-    "Segment": "engine.prompt",
+    "Segment": "engine.request",
     "ConversationMemory": "engine.memory",
     "shared_engine": "engine.registry",
     "AudioChunk": "engine.request",

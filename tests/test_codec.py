@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.model import codec
-from misotts_agents.model.codec import (
-    CODEBOOK_SIZE,
-    FRAME_SIZE,
-    NUM_CODEBOOKS,
-    SAMPLE_RATE,
-    CodecUnavailable,
-    MimiStreamDecoder,
-)
+from misotts_agents.model.codec import CODEBOOK_SIZE, NUM_CODEBOOKS, CodecUnavailable, MimiStreamDecoder
 from misotts_agents.testing import mimi as mimi_fixtures
 
 
@@ -50,9 +44,9 @@ def assert_close_to_peak(actual: torch.Tensor, expected: torch.Tensor, rel: floa
 
 
 def test_constants_and_tiny_interface(mimi: codec.MimiModel) -> None:
-    assert (SAMPLE_RATE, FRAME_SIZE, NUM_CODEBOOKS, CODEBOOK_SIZE) == (24000, 1920, 32, 2048)
+    assert (SAMPLE_RATE, FRAME_SAMPLES, NUM_CODEBOOKS, CODEBOOK_SIZE) == (24000, 1920, 32, 2048)
     assert mimi.sample_rate == SAMPLE_RATE
-    assert mimi.frame_size == FRAME_SIZE
+    assert mimi.frame_size == FRAME_SAMPLES
     assert mimi.cardinality == CODEBOOK_SIZE
     assert mimi.total_codebooks == mimi.num_codebooks == NUM_CODEBOOKS
     assert not mimi.training
@@ -79,7 +73,7 @@ def test_build_tiny_is_deterministic_and_keeps_global_rng() -> None:
 def test_streaming_one_frame_at_a_time_equals_whole_clip(mimi: codec.MimiModel) -> None:
     codes = random_codes(12, seed=1)
     whole = codec.decode(mimi, codes)
-    assert whole.shape == (12 * FRAME_SIZE,)
+    assert whole.shape == (12 * FRAME_SAMPLES,)
     assert whole.dtype == torch.float32
     assert whole.std() > 0
     # Matches moshi's own non-streaming decode exactly (the helper is a thin wrapper).
@@ -97,7 +91,7 @@ def test_codes_drive_the_output(mimi: codec.MimiModel) -> None:
 
 def test_batched_rows_with_inactive_steps_equal_single_decodes(mimi: codec.MimiModel) -> None:
     seq = [random_codes(7, seed=10), random_codes(7, seed=11)]
-    refs = [stream_single(mimi, s).view(-1, FRAME_SIZE) for s in seq]
+    refs = [stream_single(mimi, s).view(-1, FRAME_SAMPLES) for s in seq]
     # Row 1 sits out steps 1, 2 and 5, row 0 steps 7-9; each consumes its frames in order when active.
     schedule = [
         (True, True),
@@ -117,7 +111,7 @@ def test_batched_rows_with_inactive_steps_equal_single_decodes(mimi: codec.MimiM
         for act in schedule:
             frame = torch.stack([seq[r][:, pos[r]] if act[r] else torch.full((NUM_CODEBOOKS,), 4095) for r in range(2)])
             out = dec.decode(frame, active=torch.tensor(act))
-            assert out.shape == (2, FRAME_SIZE)
+            assert out.shape == (2, FRAME_SAMPLES)
             for r in range(2):
                 if act[r]:
                     got[r].append(out[r])
@@ -133,8 +127,8 @@ def test_reset_one_row_equals_fresh_decoder(mimi: codec.MimiModel) -> None:
     row0 = random_codes(6, seed=20)
     warm = random_codes(3, seed=21)
     new = random_codes(3, seed=22)
-    ref0 = stream_single(mimi, row0).view(-1, FRAME_SIZE)
-    ref_new = stream_single(mimi, new).view(-1, FRAME_SIZE)
+    ref0 = stream_single(mimi, row0).view(-1, FRAME_SAMPLES)
+    ref_new = stream_single(mimi, new).view(-1, FRAME_SAMPLES)
     with MimiStreamDecoder(mimi, batch_size=2) as dec:
         out0, out1 = [], []
         for t in range(3):
@@ -200,7 +194,7 @@ def test_whole_clip_calls_do_not_disturb_an_open_decoder(mimi: codec.MimiModel) 
     assert_close_to_peak(torch.cat(first + rest), ref)
 
 
-@pytest.mark.parametrize("num_samples", [SAMPLE_RATE, FRAME_SIZE * 3, FRAME_SIZE * 3 + 1, 100])
+@pytest.mark.parametrize("num_samples", [SAMPLE_RATE, FRAME_SAMPLES * 3, FRAME_SAMPLES * 3 + 1, 100])
 def test_encode_shape_and_range(mimi: codec.MimiModel, num_samples: int) -> None:
     g = torch.Generator().manual_seed(num_samples)
     t = torch.arange(num_samples) / SAMPLE_RATE
@@ -208,7 +202,7 @@ def test_encode_shape_and_range(mimi: codec.MimiModel, num_samples: int) -> None
     codes = codec.encode(mimi, audio)
     assert codes.dtype == torch.int64
     assert codes.shape == (NUM_CODEBOOKS, codec.num_frames(num_samples))
-    assert codes.shape[1] == -(-num_samples // FRAME_SIZE)
+    assert codes.shape[1] == -(-num_samples // FRAME_SAMPLES)
     assert int(codes.min()) >= 0 and int(codes.max()) < CODEBOOK_SIZE
     if num_samples == SAMPLE_RATE:
         assert codes.shape == (32, 13)
@@ -332,7 +326,7 @@ def test_inactive_steps_after_kv_ring_wraps(mimi: codec.MimiModel) -> None:
     # holds the row's oldest entry. It must be out of the attention window (and then overwritten).
     frames = 140
     seq = [random_codes(frames, seed=60), random_codes(frames, seed=61)]
-    refs = [codec.decode(mimi, s).view(-1, FRAME_SIZE) for s in seq]
+    refs = [codec.decode(mimi, s).view(-1, FRAME_SAMPLES) for s in seq]
     got: list[list[torch.Tensor]] = [[], []]
     pos = [0, 0]
     step = 0

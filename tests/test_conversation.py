@@ -31,6 +31,19 @@ def test_user_turn_has_pre_roll_audio_and_transcript():
     assert 0.76 <= seg.audio.size / 24_000 <= 0.84  # 0.6 s of speech + 0.2 s of pre-roll (± resampler delay)
 
 
+def test_no_pre_roll():
+    """pre_roll_s=0 keeps no audio from before the user started (the silence is dropped, not an error)."""
+    mem = ConversationMemory(pre_roll_s=0)
+    for f in frames(tone(0.3, 24_000, 100), 24_000):  # before VAD fires: would feed the pre-roll
+        mem.push_user_audio(f, 24_000)
+    mem.user_started_speaking()
+    mem.push_user_audio(tone(0.5), 24_000)
+    mem.user_stopped_speaking()
+    mem.add_user_transcript("Hi.")
+    (seg,) = mem.context()
+    assert seg.audio.size == 12_000  # the speech only
+
+
 def test_transcript_after_stop_and_in_pieces():
     mem = ConversationMemory()
     mem.user_started_speaking()

@@ -9,8 +9,7 @@ import pytest
 import torch
 from signals import tone, wait_until
 
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.errors import InvalidRequest, ModelSourceError
 from misotts_agents.model import codec
 

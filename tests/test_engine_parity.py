@@ -8,8 +8,7 @@ from oracle import OracleModel
 from signals import tone
 
 from misotts_agents.engine.facade import MisoEngine
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.request import Segment, SynthesisRequest
 
 FRAMES = 10
 

@@ -27,10 +27,11 @@ from livekit.agents import (
 from livekit.agents.testing import fake_job_context
 from livekit.agents.voice import Agent, AgentSession, io
 from remote_server import free_port, mode_fixture, server_fixture
+from signals import tone
 
+from misotts_agents.audio import FRAME_SAMPLES, to_mono
 from misotts_agents.engine.facade import MisoEngine
-from misotts_agents.engine.prompt import FRAME_SAMPLES
-from misotts_agents.engine.request import StreamStats
+from misotts_agents.engine.request import Segment, StreamStats, SynthesisRequest
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
@@ -518,6 +519,27 @@ async def test_inference_process_path(lk_engine):
         await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=2.0)
         assert lk_engine.metrics().cancelled == before + 1
         assert not runner._active
+
+
+@pytest.mark.asyncio
+async def test_inference_context_audio_arrives_as_24k_mono(lk_engine):
+    """Context audio at another rate, in two channels, reaches the runner's engine as 24 kHz mono."""
+    received = []
+
+    class Spy:
+        def stream(self, request):
+            received.append(request)
+            return lk_engine.stream(request)
+
+    runner = MisoInferenceRunner(engine=Spy())
+    stereo = np.stack([tone(0.5, 48_000, 200), tone(0.5, 48_000, 300)])  # (channels, samples) at 48 kHz
+    request = SynthesisRequest("Hello.", context=(Segment(1, "Hi.", stereo, 48_000),), max_audio_ms=160, seed=0)
+    async for _ in InferenceEngine(InProcessExecutor(runner)).stream(request):
+        pass
+    (seg,) = received[0].context
+    expected = to_mono(stereo, 48_000)
+    assert seg.sample_rate == RATE and seg.audio.shape == expected.shape == (12_000,)
+    np.testing.assert_allclose(seg.audio, expected, atol=1 / 32767)  # int16 on the way
 
 
 @pytest.mark.asyncio

@@ -9,7 +9,7 @@ import torch
 from signals import tone
 
 from misotts_agents.audio import to_mono
-from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import Segment
 from misotts_agents.errors import InvalidRequest
 
 

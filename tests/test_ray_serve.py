@@ -33,9 +33,10 @@ from ray import serve  # noqa: E402
 from signals import tone, wait_until  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from misotts_agents.audio import FRAME_SAMPLES  # noqa: E402
 from misotts_agents.engine.request import SynthesisRequest  # noqa: E402
 from misotts_agents.server import RemoteEngine  # noqa: E402
-from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio  # noqa: E402
+from misotts_agents.server.protocol import audio_to_b64, unpack_audio  # noqa: E402
 from misotts_agents.server.ray.serve import (  # noqa: E402
     APP_NAME,
     ENGINE_DEPLOYMENT,

@@ -13,8 +13,7 @@ import torch
 from signals import tone, wait_until
 
 from misotts_agents.engine.facade import MisoEngine
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, EngineClosed

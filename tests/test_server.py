@@ -7,6 +7,8 @@ import base64
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -17,14 +19,13 @@ from signals import tone, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.audio import FRAME_SAMPLES, to_int16
+from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, InvalidRequest
 from misotts_agents.server import Limits, RemoteEngine
 from misotts_agents.server.app import check_bind
-from misotts_agents.server.protocol import FRAME_SAMPLES, audio_to_b64, unpack_audio
-from misotts_agents.server.protocol import to_int16 as audio_to_int16
+from misotts_agents.server.protocol import audio_to_b64, unpack_audio
 
 TOKEN = "s3cret"
 LIMITS = Limits(
@@ -562,7 +563,7 @@ async def test_audio_is_sent_once_per_connection(server, srv_engine, engine_requ
     context = (Segment(1, "Hello?", user),)
     async with RemoteEngine(ws_url(server)) as remote:
         await remote.connect()
-        remote._known_audio.add(hashlib.sha1(audio_to_int16(user)).hexdigest())  # as if evicted on the server
+        remote._known_audio.add(hashlib.sha1(to_int16(user)).hexdigest())  # as if evicted on the server
         sent: list[dict] = []
         real_send = remote._ws.send
 
@@ -651,6 +652,19 @@ def test_remote_engine_blocking_use_matches_the_engine(server, srv_engine):
         assert loop_thread is not None
     assert remote.closed and remote._blocking_loop is None
     assert wait_until(lambda: not loop_thread.is_running(), timeout=5)  # the client's loop thread ended
+
+
+def test_the_client_loads_no_model_code():
+    """url= mode loads nothing: the client and what it builds requests from import neither torch nor moshi."""
+    code = (
+        "import sys\n"
+        "from misotts_agents.server import RemoteEngine\n"
+        "from misotts_agents.engine.request import Segment, SynthesisRequest\n"
+        "from misotts_agents.engine.voice import VoicePrompt\n"
+        "print(sorted(m for m in ('torch', 'moshi', 'silentcipher') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.asyncio

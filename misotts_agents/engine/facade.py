@@ -13,15 +13,12 @@ import logging
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from misotts_agents.engine.prompt import PromptBuilder
-from misotts_agents.engine.request import StreamStats, SynthesisRequest
+from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.scheduler import EngineStats, Job, Scheduler
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache
@@ -49,24 +46,6 @@ MAKE_TINY_HINT = "For an offline test model run `misotts-agents make-tiny DIR` a
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass(frozen=True)
-class Synthesis:
-    """A whole utterance: audio, the codes that made it, and its figures."""
-
-    pcm: np.ndarray
-    codes: np.ndarray  # (frames, K) int
-    stats: StreamStats
-    sample_rate: int = codec.SAMPLE_RATE
-
-
-def join_stream(stream: Any) -> Synthesis:
-    """A whole utterance from a stream (iterated here, blocking): its audio, codes and figures."""
-    with stream:
-        chunks = [c.pcm for c in stream]
-    pcm = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    return Synthesis(pcm=pcm, codes=stream.codes, stats=stream.stats)
 
 
 class MisoEngine:

@@ -27,7 +27,7 @@ import numpy as np
 import soxr
 
 from misotts_agents.audio import SAMPLE_RATE, to_mono
-from misotts_agents.engine.prompt import Segment
+from misotts_agents.engine.request import Segment
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 
@@ -50,7 +50,7 @@ class _AudioBuffer:
     def append(self, pcm: np.ndarray) -> None:
         self._pieces.append(pcm)
         self._size += pcm.size
-        while self._size - self._pieces[0].size >= self.max_samples:
+        while self._pieces and self._size - self._pieces[0].size >= self.max_samples:  # max_samples may be 0
             self._size -= self._pieces.popleft().size
 
     def take(self) -> np.ndarray:

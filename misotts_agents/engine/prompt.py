@@ -22,25 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from misotts_agents.audio import SAMPLE_RATE, to_mono
+from misotts_agents.audio import FRAME_SAMPLES, to_mono
+from misotts_agents.engine.request import Segment
 from misotts_agents.errors import InvalidRequest
 from misotts_agents.model.config import MAX_SEQ_LEN
 from misotts_agents.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-
-FRAME_MS = 80
-FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 1920
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One earlier utterance in the conversation: who spoke, what they said, and how it sounded."""
-
-    speaker: int
-    text: str
-    audio: np.ndarray | torch.Tensor
-    sample_rate: int = SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -72,16 +60,6 @@ def audio_frames(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens[:t, :k] = codes.transpose(0, 1).to(torch.long)
     mask[:, :k] = True
     return tokens, mask
-
-
-def max_frames_for(max_audio_ms: float) -> int:
-    frames = int(max_audio_ms / FRAME_MS)
-    if not 1 <= frames < MAX_SEQ_LEN:
-        raise InvalidRequest(
-            f"max audio length {max_audio_ms} ms gives {frames} frames; it must be between {FRAME_MS} ms and "
-            f"{(MAX_SEQ_LEN - 1) * FRAME_MS} ms"
-        )
-    return frames
 
 
 class PromptBuilder:

@@ -1,18 +1,20 @@
 """The scheduler thread: continuous batching of every active request, one frame per step.
 
-It alone touches the model, the KV cache and the streaming Mimi state. Each step it
+It alone touches the model, the KV cache and the streaming Mimi state. Each iteration it
 
-1. drops cancelled requests (their slot is free for the next step),
-2. admits prepared requests into free slots: copies a cached voice prefix (or computes and caches
-   it), prefills the rest of the prompt into that slot's cache row -- one admission per step while
-   others are running, so a newcomer never stalls the batch for more than one prefill,
-3. runs one batched step for every active, unpaced row (step.py: static shapes per batch bucket,
-   a CUDA graph on CUDA): backbone decode at per-row positions, the depth decoder for all rows at
-   once; then one Mimi decode call for all rows,
-4. hands each row's audio to its stream in chunks and ends rows at end-of-speech or their limit.
+1. drops cancelled requests, prefilling or speaking (their slot is free for the next iteration),
+2. admits prepared requests into free slots (no model work: a slot is a cache row),
+3. runs one bounded prefill pass (prefill.py): the next chunks of several joiners' prompts in one
+   batched forward, sized so that the streams already speaking are not stalled; a cached voice
+   prefix is copied into the row instead of recomputed; a row whose prompt is in joins the step,
+4. runs one batched frame step for every prefilled, unpaced row (step.py: static shapes per batch
+   bucket, a CUDA graph on CUDA): backbone decode at per-row positions, the depth decoder for all
+   rows at once; then one Mimi decode call for all rows,
+5. hands each row's audio to its stream in chunks and ends rows at end-of-speech or their limit.
 
 Prompt preparation (tokenising, Mimi-encoding context audio) happens before, on another thread.
-An exception in a step fails the requests of that step, not the engine.
+An exception in a step fails the requests of that step, not the engine; one in a prefill pass
+fails only the request it belongs to (a failed batched pass is retried row by row).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.params import sampling_kwargs
-from misotts_agents.engine.prompt import FRAME_MS, Prompt
+from misotts_agents.engine.prompt import Prompt
 from misotts_agents.engine.request import AudioChunk
 from misotts_agents.engine.step import FrameStepper
 from misotts_agents.engine.stream import SpeechStream
@@ -177,7 +180,7 @@ class Scheduler:
                     continue
                 try:
                     self._step(runnable)
-                except Exception as exc:  # one bad step fails its requests, never the engine
+                except Exception as exc:  # a failure outside what _step isolates: never the engine
                     log.exception("frame step failed; ending the %d requests in it", len(runnable))
                     for slot in runnable:
                         job = self.jobs.get(slot)  # rows the step already ended are gone
@@ -274,15 +277,44 @@ class Scheduler:
         return runnable, wait
 
     def _step(self, slots: list[int]) -> None:
+        """One frame for every row in ``slots``; a failure never ends the engine, and ends the
+        requests it did not come from only when it cannot be avoided.
+
+        A failure of the batched computation is retried once without the newest request (the one
+        whose arrival most likely brought it: a new shape, a bad value, the memory it added); only if
+        that fails too are the others failed. A failure in one row's own bookkeeping (chunking,
+        delivery) ends that request alone.
+        """
+        try:
+            codes, pcm = self._compute(slots)
+        except Exception as exc:
+            newest = max(slots, key=lambda s: self.jobs[s].stream.submitted_at)
+            log.exception("frame step failed; ending the newest of its %d requests and retrying", len(slots))
+            self._finish(self.jobs[newest], error=exc)
+            slots = [s for s in slots if s != newest]
+            if not slots:
+                return
+            try:
+                codes, pcm = self._compute(slots)
+            except Exception as again:
+                log.exception("frame step failed again; ending the %d requests in it", len(slots))
+                for slot in slots:
+                    self._finish(self.jobs[slot], error=again)
+                return
+        self._commit(slots, codes, pcm)
+
+    def _compute(self, slots: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """The batched part of a step: the model's frame step and one Mimi decode for all rows.
+
+        It changes no scheduler state (positions, inputs and sampling counters advance in
+        ``_commit``), so it can be run again with fewer rows: the KV entries it wrote are
+        rewritten at the same positions, and the keyed sampling draws the same codes again.
+        """
         dev, k = self.device, self.k
         rows = torch.tensor(slots, device=dev)
         pos = torch.tensor([self.positions[s] for s in slots], device=dev).unsqueeze(1)
         sampling = self.sampling.select(rows)
         codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling)  # (b, K)
-        for s in slots:
-            self.positions[s] += 1
-        self.next_tokens[rows, 0, :k] = codes
-        self.next_mask[rows] = self.audio_mask
         speaking = codes.any(dim=1)
         audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
         batch = torch.zeros(self.max_batch, k, dtype=torch.long, device=dev)
@@ -290,9 +322,17 @@ class Scheduler:
         active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
         active[rows] = speaking
         pcm = self.decoder.decode(batch, active).float().cpu().numpy()
-        codes_np = codes.cpu().numpy()
-        speaking_np = speaking.cpu().numpy()
+        return codes, pcm
+
+    def _commit(self, slots: list[int], codes: torch.Tensor, pcm: np.ndarray) -> None:
+        rows = torch.tensor(slots, device=self.device)
+        for s in slots:
+            self.positions[s] += 1
+        self.next_tokens[rows, 0, : self.k] = codes
+        self.next_mask[rows] = self.audio_mask
         self.sampling.advance(rows)
+        codes_np = codes.cpu().numpy()
+        speaking_np = codes_np.any(axis=1)
         now = time.perf_counter()
         with self._lock:  # counted before any stream hears of this step's audio
             self.steps += 1
@@ -300,23 +340,31 @@ class Scheduler:
             self._step_times.append((now, int(speaking_np.sum())))
         for i, slot in enumerate(slots):
             job = self.jobs[slot]
-            if not speaking_np[i]:
-                self._finish(job, reason="eos")
-                continue
-            job.stream.add_codes(codes_np[i])
-            job.stream.stats.invalid_codes += int((codes_np[i] >= codec.CODEBOOK_SIZE).sum())
-            job.frames += 1
-            job.stream.stats.frames = job.frames
-            job.pieces.append(pcm[slot])
-            if job.frames >= job.stream.request.max_frames:
-                self._finish(job, reason="max_frames")
-            elif self.positions[slot] >= MAX_SEQ_LEN:
-                self._finish(job, reason="context_full")
-            elif len(job.pieces) >= job.want:
-                self._flush(job, final=False)
-                job.want = next(job.sizes)
-                if job.first_audio_at is None:
-                    job.first_audio_at = now
+            try:
+                self._advance(job, codes_np[i], pcm[slot], bool(speaking_np[i]), now)
+            except Exception as exc:  # this request's own bookkeeping: it alone ends
+                log.exception("request failed after its frame step; ending it alone")
+                self._finish(job, error=exc)
+
+    def _advance(self, job: Job, codes: np.ndarray, pcm: np.ndarray, speaking: bool, now: float) -> None:
+        """One row's frame: its codes and audio to its stream, a chunk when one is due, or its end."""
+        if not speaking:
+            self._finish(job, reason="eos")
+            return
+        job.stream.add_codes(codes)
+        job.stream.stats.invalid_codes += int((codes >= codec.CODEBOOK_SIZE).sum())
+        job.frames += 1
+        job.stream.stats.frames = job.frames
+        job.pieces.append(pcm)
+        if job.frames >= job.stream.request.max_frames:
+            self._finish(job, reason="max_frames")
+        elif self.positions[job.slot] >= MAX_SEQ_LEN:
+            self._finish(job, reason="context_full")
+        elif len(job.pieces) >= job.want:
+            self._flush(job, final=False)
+            job.want = next(job.sizes)
+            if job.first_audio_at is None:
+                job.first_audio_at = now
 
     def _flush(self, job: Job, final: bool) -> None:
         if not job.pieces:
@@ -328,7 +376,10 @@ class Scheduler:
 
     def _finish(self, job: Job, reason: str = "", error: BaseException | None = None) -> None:
         # The stream learns its outcome before the slot is reused, so anyone who sees the slot
-        # free also sees the stream's final state.
+        # free also sees the stream's final state. The last chunk goes first: if delivering it
+        # fails, nothing is counted yet and the caller ends the request with that error.
+        if error is None and reason != "cancelled":
+            self._flush(job, final=True)
         if error is not None:
             self.failed += 1
             job.stream.fail(error)
@@ -337,7 +388,6 @@ class Scheduler:
             job.stream.end(reason)
         else:
             self.completed += 1
-            self._flush(job, final=True)
             job.stream.end(reason)
         job.pieces = []
         slot = job.slot

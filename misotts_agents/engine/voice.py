@@ -13,12 +13,15 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from misotts_agents.audio import SAMPLE_RATE, to_mono
 from misotts_agents.errors import InvalidRequest
+
+if TYPE_CHECKING:  # VoicePrompt is built by clients that never load torch
+    import torch
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,8 @@ import numpy as np
 from livekit.agents.inference_runner import _InferenceRunner
 
 from misotts_agents import errors
-from misotts_agents.audio import SAMPLE_RATE
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import AudioChunk, SynthesisRequest
+from misotts_agents.audio import SAMPLE_RATE, from_int16, to_int16, to_mono
+from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.model.sources import DEFAULT_MODEL
 
@@ -56,14 +55,6 @@ def unpack(data: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(data)
     (size,) = _HEADER.unpack_from(view)
     return json.loads(bytes(view[4 : 4 + size])), view[4 + size :]
-
-
-def _to_int16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-def _from_int16(data: memoryview | bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -166,7 +157,7 @@ class MisoInferenceRunner(_InferenceRunner):
             inline = None
             if part.get("inline"):
                 nbytes = 2 * part["samples"]
-                inline = _from_int16(payload[offset : offset + nbytes])
+                inline = from_int16(payload[offset : offset + nbytes])
                 offset += nbytes
             audio = self._blob(part["hash"], inline)
             if audio is None:
@@ -220,7 +211,7 @@ class MisoInferenceRunner(_InferenceRunner):
             chunk = active.items.popleft()
             chunks.append({"samples": chunk.pcm.size, "start_frame": chunk.start_frame, "frames": chunk.frames})
             chunks[-1]["final"] = chunk.final
-            pieces.append(_to_int16(chunk.pcm))
+            pieces.append(to_int16(chunk.pcm))
         reply: dict[str, Any] = {"done": done, "chunks": chunks}
         if done:
             if active.error is not None:
@@ -310,7 +301,7 @@ class InferenceEngine:
 
 
 def _describe(seg_speaker: int, text: str, audio: np.ndarray) -> tuple[dict[str, Any], bytes]:
-    pcm = _to_int16(audio)
+    pcm = to_int16(audio)
     key = hashlib.sha1(pcm).hexdigest()
     return {"speaker": seg_speaker, "text": text, "hash": key, "samples": len(pcm) // 2}, pcm
 
@@ -329,7 +320,11 @@ class RemoteSpeechStream:
 
     async def _start(self) -> None:
         r = self._request
-        parts = [_describe(s.speaker, s.text, np.asarray(s.audio, dtype=np.float32)) for s in r.context]
+        # The runner takes 24 kHz mono (the wire carries no rate); a voice prompt is converted already.
+        parts = [
+            _describe(s.speaker, s.text, to_mono(s.audio, s.sample_rate, f"context[{i}] audio"))
+            for i, s in enumerate(r.context)
+        ]
         voice = _describe(r.voice.speaker, r.voice.text, r.voice.audio) if r.voice is not None else None
         fields = {
             "text": r.text,
@@ -368,7 +363,7 @@ class RemoteSpeechStream:
         offset = 0
         for c in reply["chunks"]:
             nbytes = 2 * c["samples"]
-            pcm = _from_int16(payload[offset : offset + nbytes])
+            pcm = from_int16(payload[offset : offset + nbytes])
             offset += nbytes
             self._buffer.append(AudioChunk(pcm, c["start_frame"], c["frames"], c["final"]))
         if reply["done"]:

@@ -41,8 +41,7 @@ from livekit.agents import (
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.memory import ConversationMemory
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import AudioChunk, SynthesisRequest
+from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
 from misotts_agents.livekit.tone import ToneTracker, current_tracker

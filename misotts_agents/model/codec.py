@@ -38,14 +38,13 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
+from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.errors import ModelSourceError
 
 __all__ = [
     "CODEBOOK_SIZE",
     "CONFIG_FILENAME",
-    "FRAME_SIZE",
     "NUM_CODEBOOKS",
-    "SAMPLE_RATE",
     "WEIGHTS_FILENAME",
     "CodecUnavailable",
     "MimiModel",
@@ -57,12 +56,6 @@ __all__ = [
     "num_frames",
 ]
 
-SAMPLE_RATE = 24000
-"""Mimi's (and so MisoTTS's) audio sample rate, Hz."""
-FRAME_RATE = 12.5
-"""Mimi frames per second."""
-FRAME_SIZE = 1920
-"""Samples per 80 ms Mimi frame (SAMPLE_RATE / FRAME_RATE)."""
 NUM_CODEBOOKS = 32
 """Codebooks MisoTTS generates per frame (Mimi has 32; moshi's default of 8 is for Moshi itself)."""
 CODEBOOK_SIZE = 2048
@@ -91,8 +84,8 @@ class CodecUnavailable(ModelSourceError, RuntimeError):
 
 def num_frames(num_samples: int) -> int:
     """Number of Mimi frames ``encode`` produces for ``num_samples`` samples: moshi pads the clip up
-    to a whole number of frames, so it is ``ceil(num_samples / FRAME_SIZE)``."""
-    return math.ceil(num_samples / FRAME_SIZE)
+    to a whole number of frames, so it is ``ceil(num_samples / FRAME_SAMPLES)``."""
+    return math.ceil(num_samples / FRAME_SAMPLES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,8 +167,8 @@ def _check_interface(mimi: MimiModel, where: Path | str, num_codebooks: int) -> 
     problems = []
     if mimi.sample_rate != SAMPLE_RATE:
         problems.append(f"sample_rate {mimi.sample_rate} != {SAMPLE_RATE}")
-    if mimi.frame_size != FRAME_SIZE:
-        problems.append(f"frame size {mimi.frame_size} != {FRAME_SIZE}")
+    if mimi.frame_size != FRAME_SAMPLES:
+        problems.append(f"frame size {mimi.frame_size} != {FRAME_SAMPLES}")
     if mimi.cardinality != CODEBOOK_SIZE:
         problems.append(f"codebook size {mimi.cardinality} != {CODEBOOK_SIZE}")
     if mimi.total_codebooks < num_codebooks:
@@ -396,7 +389,7 @@ class MimiStreamDecoder:
         _check_codes(codes)
         if active is not None and not bool(mask.any()):
             # Nothing to run: skipping leaves every row's state untouched, same as an all-False mask.
-            return torch.zeros(self.batch_size, FRAME_SIZE, dtype=torch.float32, device=self.device)
+            return torch.zeros(self.batch_size, FRAME_SAMPLES, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             self.mimi.set_exec_mask(mask)
             pcm = self.mimi.decode(codes.to(torch.int64)[:, :, None])  # (B, 1, 1920)

@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from misotts_agents.audio import SAMPLE_RATE, check_mono_float
 from misotts_agents.errors import ModelSourceError
 
 __all__ = [
@@ -263,18 +264,6 @@ def resolve_silentcipher_dir(source: str | Path) -> Path:
     return _check_checkpoint_dir(Path(snapshot) / SILENTCIPHER_SUBDIR, f"snapshot of {source}")
 
 
-def _as_mono(audio: npt.ArrayLike, what: str) -> np.ndarray:
-    """Validate a mono floating-point signal and return it as an ndarray (no copy if possible)."""
-    arr = np.asarray(audio)
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be mono 1-D audio, got an array of shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{what} must be floating-point audio in [-1, 1], got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contains NaN or infinite samples")
-    return arr
-
-
 def _check_rate(sample_rate: int) -> int:
     try:
         rate = operator.index(sample_rate)
@@ -373,7 +362,7 @@ class Watermarker:
         """Directory the checkpoints were loaded from (None when built from a model object)."""
         return self._source_dir
 
-    def apply(self, audio: npt.ArrayLike, sample_rate: int = 24000) -> np.ndarray:
+    def apply(self, audio: npt.ArrayLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """Return ``audio`` with the watermark embedded: same length, rate and dtype.
 
         ``audio`` is mono floating-point (1-D).  Empty input returns an empty copy; (near-)silent
@@ -381,7 +370,7 @@ class Watermarker:
         would divide by its zero power.  Any length works; very short inputs get a weak mark (see the
         module docstring).
         """
-        x = _as_mono(audio, "audio")
+        x = check_mono_float(audio)
         rate = _check_rate(sample_rate)
         if x.size == 0:
             return x.copy()
@@ -415,7 +404,7 @@ class Watermarker:
         minutes on CPU.  The default (False) assumes the clip starts where the mark started, which
         holds for files written by this package.
         """
-        x = _as_mono(audio, "audio")
+        x = check_mono_float(audio)
         rate = _check_rate(sample_rate)
         y44 = _resample(x.astype(np.float32, copy=False), rate, WATERMARK_SAMPLE_RATE)
         if y44.shape[0] < MIN_DETECT_SAMPLES_44K:
@@ -484,7 +473,7 @@ class StreamWatermarker:
     not this class's.
     """
 
-    def __init__(self, watermarker: Watermarker, sample_rate: int = 24000) -> None:
+    def __init__(self, watermarker: Watermarker, sample_rate: int = SAMPLE_RATE) -> None:
         self._watermarker = watermarker
         self._sample_rate = _check_rate(sample_rate)
         self._samples = 0

@@ -49,9 +49,8 @@ from pipecat.utils.types import NOT_GIVEN, NotGiven
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
-from misotts_agents.engine.prompt import Segment
 from misotts_agents.engine.registry import shared_engine
-from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineClosed, MisoError
 from misotts_agents.model.sources import DEFAULT_MODEL

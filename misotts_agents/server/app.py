@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from misotts_agents.engine.prompt import FRAME_MS
+from misotts_agents.audio import FRAME_MS, SAMPLE_RATE, to_int16
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
 from misotts_agents.server import protocol
@@ -238,10 +238,10 @@ def create_app(
                 if fmt == "wav":
                     yield wav_header()
                 if first is not None:
-                    yield protocol.to_int16(first.pcm)
+                    yield to_int16(first.pcm)
                     metrics.audio_seconds.inc(first.duration_s)
                     async for chunk in stream:
-                        yield protocol.to_int16(chunk.pcm)
+                        yield to_int16(chunk.pcm)
                         metrics.audio_seconds.inc(chunk.duration_s)
                 outcome = "completed"
             except MisoError as exc:
@@ -253,7 +253,7 @@ def create_app(
                 metrics.finished("openai", outcome, stream.stats)
 
         media = "audio/wav" if fmt == "wav" else "audio/pcm"
-        return StreamingResponse(body_iter(), media_type=media, headers={"X-Sample-Rate": "24000"})
+        return StreamingResponse(body_iter(), media_type=media, headers={"X-Sample-Rate": str(SAMPLE_RATE)})
 
     # -- WebSocket stream -------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ def create_app(
     return app
 
 
-def wav_header(sample_rate: int = 24_000) -> bytes:
+def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
     """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as streaming
     servers commonly write)."""
     unknown = 0xFFFFFFFF
@@ -447,7 +447,7 @@ class _Connection:
             async for stream, last in parts:
                 current, offset = stream, sum(s.stats.frames for s in done)
                 async for chunk in stream:
-                    pcm = protocol.to_int16(chunk.pcm)
+                    pcm = to_int16(chunk.pcm)
                     final = chunk.final and last
                     await self.send_bytes(
                         protocol.pack_audio(rid, offset + chunk.start_frame, chunk.frames, final, pcm)

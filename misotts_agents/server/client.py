@@ -23,8 +23,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from misotts_agents.engine.facade import Synthesis, join_stream
-from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
+from misotts_agents.audio import from_int16
+from misotts_agents.engine.request import AudioChunk, StreamStats, Synthesis, SynthesisRequest, join_stream
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
 from misotts_agents.server import protocol
 
@@ -211,7 +211,7 @@ class RemoteEngine:
                     rid, start, frames, final, pcm = protocol.unpack_audio(data)
                     stream = self._streams.get(rid)
                     if stream is not None:
-                        stream._push(AudioChunk(protocol.from_int16(pcm), start, frames, final))
+                        stream._push(AudioChunk(from_int16(pcm), start, frames, final))
                     continue
                 msg = json.loads(data)
                 stream = self._streams.get(msg.get("id") or "")

@@ -100,13 +100,11 @@ from typing import Any
 
 import numpy as np
 
-from misotts_agents.engine.prompt import Segment
-from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+from misotts_agents.audio import from_int16, to_int16, to_mono
+from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1920
 MAX_ID_BYTES = 128
 _TAIL = struct.Struct("<IIB")
 _LEN = struct.Struct("<H")
@@ -153,14 +151,6 @@ def unpack_audio(data: bytes) -> tuple[str, int, int, bool, memoryview]:
     rid = bytes(view[2 : 2 + n]).decode()
     start_frame, frames, flags = _TAIL.unpack_from(view, 2 + n)
     return rid, start_frame, frames, bool(flags & FLAG_FINAL), view[2 + n + _TAIL.size :]
-
-
-def to_int16(pcm: np.ndarray) -> bytes:
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-def from_int16(data: bytes | memoryview) -> np.ndarray:
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
 
 
 def audio_to_b64(audio: np.ndarray) -> str:
@@ -260,7 +250,7 @@ def _audio(item: dict[str, Any], what: str, budget: list[int]) -> np.ndarray:
         raise InvalidRequest(f"{what}: 'audio_b64' is not valid base64") from None
     if len(raw) % 2 or not raw:
         raise InvalidRequest(f"{what}: audio must be whole int16 samples")
-    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
+    return from_int16(raw)
 
 
 def int_field(msg: dict[str, Any], key: str, default: int | None) -> int | None:
@@ -393,7 +383,7 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False, know
         },
         "codes": codes,
         "context": [
-            {"speaker": s.speaker, "text": s.text, **audio_fields(_at_24k(s.audio, s.sample_rate))}
+            {"speaker": s.speaker, "text": s.text, **audio_fields(to_mono(s.audio, s.sample_rate, "context audio"))}
             for s in request.context
         ],
     }
@@ -403,12 +393,6 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False, know
         v = request.voice
         fields["voice"] = {"speaker": v.speaker, "text": v.text, **audio_fields(v.audio)}
     return message("start", **fields)
-
-
-def _at_24k(audio: Any, sample_rate: int) -> np.ndarray:
-    from misotts_agents.audio import to_mono
-
-    return to_mono(audio, sample_rate, what="context audio")
 
 
 def stats_dict(stats: Any) -> dict[str, Any]:

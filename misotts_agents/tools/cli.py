@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _segment(audio: Path | None, text: str | None, speaker: int, what: str):
     from misotts_agents.audio import read_audio
-    from misotts_agents.engine.prompt import Segment
+    from misotts_agents.engine.request import Segment
 
     if audio is None and text is None:
         return None
@@ -126,7 +126,7 @@ def _segment(audio: Path | None, text: str | None, speaker: int, what: str):
 def cmd_say(args: argparse.Namespace) -> int:
     import torch
 
-    from misotts_agents.audio import write_wav
+    from misotts_agents.audio import SAMPLE_RATE, write_wav
     from misotts_agents.engine.facade import MisoEngine
     from misotts_agents.engine.request import SynthesisRequest
     from misotts_agents.model.watermark import DEFAULT_WATERMARK_KEY
@@ -172,7 +172,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     ttfa = f"{s.time_to_first_audio_s * 1000:.0f} ms" if s.time_to_first_audio_s is not None else "n/a"
     rtf = f"{s.real_time_factor:.2f}" if s.real_time_factor is not None else "n/a"
     print(
-        f"wrote {args.out}: {audio.size / 24000:.2f} s, {s.frames} frames ({s.stop_reason}), "
+        f"wrote {args.out}: {audio.size / SAMPLE_RATE:.2f} s, {s.frames} frames ({s.stop_reason}), "
         f"first audio {ttfa}, RTF {rtf}, seed {s.seed}"
     )
     return 0
