@@ -58,14 +58,12 @@ def unpack(data: bytes) -> tuple[dict[str, Any], memoryview]:
 
 
 def _error(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
+    code, message, _ = errors.to_wire(exc)
+    return {"code": code, "message": message}
 
 
 def _raise(err: dict[str, str]) -> None:
-    cls = getattr(errors, err.get("type", ""), None)
-    if isinstance(cls, type) and issubclass(cls, errors.MisoError):
-        raise cls(err["message"])
-    raise RuntimeError(f"{err.get('type')}: {err.get('message')}")
+    raise errors.from_wire(err.get("code", "internal"), err.get("message", ""))
 
 
 # -- the inference process side ---------------------------------------------------------------

@@ -3,7 +3,8 @@
 FastAPI and websockets are imported only when this package is used.
 """
 
-from misotts_agents.server.client import RemoteConnectionError, RemoteEngine, RemoteError, RemoteSpeechStream
+from misotts_agents.errors import RemoteError
+from misotts_agents.server.client import RemoteConnectionError, RemoteEngine, RemoteSpeechStream
 from misotts_agents.server.protocol import Limits
 
 __all__ = ["Limits", "RemoteConnectionError", "RemoteEngine", "RemoteError", "RemoteSpeechStream", "create_app"]

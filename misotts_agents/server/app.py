@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from misotts_agents.audio import FRAME_MS, SAMPLE_RATE, to_int16
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.errors import InvalidRequest, MisoError, http_status, to_wire
 from misotts_agents.server import protocol
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.sessions import EngineBackend
@@ -97,26 +97,6 @@ def _safe(fn: Any) -> float:
         return float("nan")
 
 
-def _error_code(exc: BaseException) -> str:
-    if isinstance(exc, ProtocolError):
-        return exc.code
-    if isinstance(exc, InvalidRequest):
-        return "invalid_request"
-    if isinstance(exc, EngineBusy):
-        return "busy"
-    if isinstance(exc, EngineClosed):
-        return "closed"
-    if isinstance(exc, MisoError):
-        return "invalid_request"
-    return "internal"
-
-
-def _http_status(exc: BaseException) -> int:
-    if isinstance(exc, (EngineBusy, EngineClosed)):
-        return 503
-    return 400 if isinstance(exc, (MisoError, ProtocolError)) else 500
-
-
 def create_app(
     engine: Any,
     *,
@@ -175,6 +155,10 @@ def create_app(
         kind = "invalid_request_error" if status < 500 else "server_error"
         return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
+    def refused(exc: BaseException) -> JSONResponse:
+        code, message, _ = to_wire(exc)
+        return openai_error(http_status(exc), message, code)
+
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
         if not authorized(request.headers):
@@ -220,7 +204,7 @@ def create_app(
             stream = backend.start(start)
         except Exception as exc:
             metrics.finished("openai", "rejected")
-            return openai_error(_http_status(exc), str(exc), _error_code(exc))
+            return refused(exc)
         metrics.active.inc()
         try:
             first = await stream.__anext__()  # errors from preparation still get a status code
@@ -230,7 +214,7 @@ def create_app(
             metrics.active.dec()
             stream.cancel()
             metrics.finished("openai", "error")  # a backend may refuse here rather than in start() (Ray Serve)
-            return openai_error(_http_status(exc), str(exc), _error_code(exc))
+            return refused(exc)
 
         async def body_iter():
             outcome = "cancelled"
@@ -341,13 +325,11 @@ class _Connection:
             await self.handle(protocol.parse_json(text, self.limits))
         except (_ClientGone, WebSocketDisconnect):
             raise
-        except ProtocolError as exc:
-            await self.send_text(protocol.error_message(exc.code, exc.message, exc.rid))
-        except MisoError as exc:
-            await self.send_text(protocol.error_message(_error_code(exc), str(exc), None))
+        except (ProtocolError, MisoError) as exc:
+            await self.send_text(protocol.exception_message(exc, getattr(exc, "rid", None)))
         except Exception as exc:  # a bug here must not take the connection down with it
             log.exception("handling a message failed")
-            await self.send_text(protocol.error_message("internal", f"{type(exc).__name__}: {exc}", None))
+            await self.send_text(protocol.exception_message(exc))
 
     def use_session(self, msg: dict[str, Any]) -> str | None:
         sid = protocol.session_id(msg)
@@ -387,7 +369,7 @@ class _Connection:
             except Exception as exc:
                 self.feeds.pop(rid, None)
                 self.metrics.finished("websocket", "rejected")
-                await self.send_text(protocol.error_message(_error_code(exc), str(exc), rid))
+                await self.send_text(protocol.exception_message(exc, rid))
                 return
             self.tasks[rid] = asyncio.create_task(self.pump(rid, parts, bool(msg.get("codes"))))
         elif kind in ("append", "end"):
@@ -474,7 +456,7 @@ class _Connection:
         except Exception as exc:
             outcome = "error"
             with contextlib.suppress(Exception):
-                await self.send_text(protocol.error_message(_error_code(exc), str(exc), rid))
+                await self.send_text(protocol.exception_message(exc, rid))
         finally:
             if current is not None:
                 current.cancel()

@@ -25,34 +25,12 @@ from websockets.exceptions import ConnectionClosed
 
 from misotts_agents.audio import from_int16
 from misotts_agents.engine.request import AudioChunk, StreamStats, Synthesis, SynthesisRequest, join_stream
-from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.errors import EngineClosed, RemoteError, from_wire
 from misotts_agents.server import protocol
-
-
-class RemoteError(MisoError):
-    """The server reported an error this client has no closer class for, or the connection failed."""
-
-    def __init__(self, message: str, code: str = "internal") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class RemoteConnectionError(RemoteError, ConnectionError):
     """The connection to the server failed or dropped; the next request reconnects."""
-
-
-_ERRORS: dict[str, type[MisoError]] = {
-    "invalid_request": InvalidRequest,
-    "too_large": InvalidRequest,
-    "busy": EngineBusy,
-    "too_many": EngineBusy,
-    "closed": EngineClosed,
-}
-
-
-def _exception(code: str, message: str) -> MisoError:
-    cls = _ERRORS.get(code)
-    return cls(message) if cls is not None else RemoteError(message, code)
 
 
 def _ws_url(url: str) -> str:
@@ -223,7 +201,7 @@ class RemoteEngine:
                     stream._resent = True  # the server dropped audio we referred to: send it all again
                     self._spawn(stream._send_start(full=True))
                 elif msg.get("type") == "error":
-                    stream._push(_exception(msg.get("code", "internal"), msg.get("message", "")))
+                    stream._push(from_wire(msg.get("code", "internal"), msg.get("message", "")))
         except ConnectionClosed as exc:
             lost = self._closed_error(exc)
         finally:

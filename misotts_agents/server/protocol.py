@@ -72,12 +72,15 @@ interleave)::
     text); plus ``codes`` (list of frames of K ints) when the start asked for them. The ``final`` flag
     of an incremental request's audio is set only when its end came before its last sentence started:
     the ``end`` message is what says a request is over.
-``{"type": "error", "id": "r1" | null, "code": "...", "message": "..."}``
+``{"type": "error", "id": "r1" | null, "code": "...", "message": "...", "retryable": false}``
     The request failed (or, with ``id`` null, a message could not be understood). After an error for
     an id, nothing more comes for it. Codes: ``bad_json``, ``bad_message``, ``unknown_type``,
     ``too_large``, ``invalid_request``, ``unknown_audio``, ``duplicate_id``, ``too_many`` (per
-    connection limit: requests or sessions), ``busy`` (engine queue full), ``closed`` (engine closed), ``internal``.
-    The connection stays open after every error.
+    connection limit: requests or sessions), ``busy`` (engine queue full), ``closed`` (engine closed),
+    ``unavailable`` (the engine lacks what the request needs, e.g. a watermark), ``internal``.
+    ``retryable``: whether the same message may succeed if sent again (busy, too_many, unknown_audio
+    with the audio, internal). The codes, their exceptions and HTTP statuses are one table:
+    ``misotts_agents.errors.WIRE_CODES``. The connection stays open after every error.
 
 Authentication: with a server token, the WebSocket handshake must carry ``Authorization: Bearer
 <token>``; otherwise the server accepts and at once closes with code 1008 (policy violation).
@@ -103,7 +106,7 @@ import numpy as np
 from misotts_agents.audio import from_int16, to_int16, to_mono
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import InvalidRequest
+from misotts_agents.errors import WIRE_CODES, InvalidRequest, to_wire
 
 MAX_ID_BYTES = 128
 _TAIL = struct.Struct("<IIB")
@@ -206,7 +209,14 @@ def message(kind: str, **fields: Any) -> str:
 
 
 def error_message(code: str, text: str, rid: str | None = None) -> str:
-    return message("error", id=rid, code=code, message=text)
+    retryable = WIRE_CODES[code].retryable if code in WIRE_CODES else False
+    return message("error", id=rid, code=code, message=text, retryable=retryable)
+
+
+def exception_message(exc: BaseException, rid: str | None = None) -> str:
+    """The ``error`` message for ``exc`` (its code from the one table in errors.py)."""
+    code, text, _ = to_wire(exc)
+    return error_message(code, text, rid)
 
 
 def parse_json(text: str, limits: Limits) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from ray.serve.handle import DeploymentHandle
 
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.scheduler import EngineStats
-from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, MisoError
+from misotts_agents.errors import EngineBusy, MisoError, from_wire, to_wire
 from misotts_agents.model.sources import DEFAULT_MODEL
 from misotts_agents.server import protocol
 from misotts_agents.server.protocol import Limits, ProtocolError
@@ -75,30 +75,16 @@ class ReplicaLost(EngineBusy):
 
 # -- errors across the process boundary -----------------------------------------------------------
 
-_KINDS: dict[str, type[MisoError]] = {"invalid_request": InvalidRequest, "busy": EngineBusy, "closed": EngineClosed}
 
-
-def _error_item(exc: BaseException) -> tuple[str, str, str, str, str | None]:
+def _error_item(exc: BaseException) -> tuple[str, str, str]:
     """An error as plain data (replicas answer with these rather than raise: Ray would wrap them)."""
-    if isinstance(exc, ProtocolError):
-        return ("error", "protocol", exc.code, exc.message, exc.rid)
-    for kind, cls in _KINDS.items():
-        if isinstance(exc, cls):
-            return ("error", kind, kind, str(exc), None)
-    if isinstance(exc, MisoError):
-        return ("error", "miso", "invalid_request", str(exc), None)
-    return ("error", "internal", "internal", f"{type(exc).__name__}: {exc}", None)
+    code, message, _ = to_wire(exc)
+    return ("error", code, message)
 
 
-def _exception(item: tuple[Any, ...]) -> Exception:
-    _, kind, code, message, rid = item
-    if kind == "protocol":
-        return ProtocolError(code, message, rid)
-    if kind in _KINDS:
-        return _KINDS[kind](message)
-    if kind == "miso":
-        return MisoError(message)
-    return RuntimeError(f"engine replica error: {message}")
+def _exception(item: tuple[Any, ...]) -> MisoError:
+    _, code, message = item
+    return from_wire(code, message)
 
 
 def _transport_error(exc: BaseException) -> BaseException:
