@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from livekit.agents import (
@@ -40,6 +39,7 @@ from livekit.agents import (
 )
 
 from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.connect import server_connection
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
@@ -47,16 +47,12 @@ from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, Inv
 from misotts_agents.livekit.tone import ToneTracker, current_tracker
 from misotts_agents.model.sources import DEFAULT_MODEL
 
-if TYPE_CHECKING:
-    from misotts_agents.server.client import RemoteEngine
-
 log = logging.getLogger("misotts_agents.livekit")
 
 MIME_TYPE = "audio/pcm"
 NUM_CHANNELS = 1
 # Earlier sentences of the segment kept as the agent's context for the next sentence.
 SEGMENT_CONTEXT_SENTENCES = 2
-TOKEN_ENV = "MISOTTS_TOKEN"  # the server's bearer token when ``url=`` is given without ``token=``
 
 
 class AudioSource(Protocol):
@@ -141,8 +137,7 @@ class TTS(tts.TTS):
         sentence_tokenizer: tokenize.SentenceTokenizer | None = None,
         load_options: dict[str, Any] | None = None,
     ) -> None:
-        if engine is not None and url is not None:
-            raise ValueError("pass either engine= (in process) or url= (a server), not both")
+        remote = server_connection(engine, url, token)  # url=: this TTS's own connection
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True),
             sample_rate=SAMPLE_RATE,
@@ -161,14 +156,9 @@ class TTS(tts.TTS):
             max_ahead_s=max_ahead_s,
         )
         self._memory = memory
-        self._remote: RemoteEngine | None = None  # this TTS's own server connection (url=), closed in aclose
+        self._remote = remote  # closed in aclose
         self._connecting: asyncio.Task[Any] | None = None
-        if url is not None:
-            from misotts_agents.server.client import RemoteEngine
-
-            token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-            engine = self._remote = RemoteEngine(url, token, codes=False)
-        self._engine = engine
+        self._engine = remote if remote is not None else engine
         self._load_kwargs: dict[str, Any] = {"watermark": watermark, **(load_options or {})}
         if device is not None:
             self._load_kwargs["device"] = device

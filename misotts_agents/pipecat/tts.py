@@ -18,7 +18,6 @@ How the pieces fit (see the class docstring for the user-facing summary):
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, fields
@@ -47,6 +46,7 @@ from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from misotts_agents.audio import SAMPLE_RATE
+from misotts_agents.connect import server_connection
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.registry import shared_engine
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from misotts_agents.server.client import RemoteEngine
 
 DEFAULT_VOICE = "default"
-TOKEN_ENV = "MISOTTS_TOKEN"  # the server's bearer token when ``url=`` is given without ``token=``
 _REQUEST_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)}
 
 
@@ -262,8 +261,7 @@ class MisoTTSService(TTSService):
         """
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-        if engine is not None and url is not None:
-            raise ValueError("pass either engine= (in process) or url= (a server), not both")
+        remote = server_connection(engine, url, token)  # url=: the service's own connection
         if memory is None:
             memory = ConversationMemory(max_turns=max(max_turns, 1), voice=voice, enabled=tone_conditioning)
         voice = voice if voice is not None else memory.voice
@@ -287,13 +285,10 @@ class MisoTTSService(TTSService):
             settings=default_settings,
             **kwargs,
         )
-        self._remote: RemoteEngine | None = None  # the service's own connection (url=), closed in cleanup
+        self._remote = remote  # closed in cleanup
         self._connect_task: asyncio.Task[None] | None = None
-        if url is not None:
-            from misotts_agents.server.client import RemoteEngine
-
-            token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-            engine = self._remote = RemoteEngine(url, token, codes=False)
+        if remote is not None:
+            engine = remote
         elif engine is None:
             # Only non-default options: ``MisoTTSService(model)`` then shares ``shared_engine(model)``.
             options: dict[str, Any] = {} if device is None else {"device": device}
