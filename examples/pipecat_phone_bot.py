@@ -25,7 +25,8 @@ Point a Twilio number at it:
    Twilio's REST API when the pipeline ends (without them the caller hangs up).
 
 Speech recognition and replies are chosen like the demo's (``--stt``, ``--llm``, ``OPENAI_API_KEY``,
-``DEEPGRAM_API_KEY``...); with no keys the caller hears a scripted MisoTTS reply to every turn.
+``DEEPGRAM_API_KEY``, a local Whisper, a local Ollama...); with none of them the caller hears a
+scripted MisoTTS reply to every turn.
 """
 
 import argparse
@@ -121,7 +122,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    options = demo.DemoOptions.from_args(args)
+    options = demo.prepare(demo.DemoOptions.from_args(args))  # STT and LLM settled once (Whisper loaded)
     engine = demo.load_engine(options)
     app = create_app(options, engine, args.public_url)
     print(f"MisoTTS phone bot on {args.host}:{args.port}: TwiML at /twiml, media stream at /ws", flush=True)

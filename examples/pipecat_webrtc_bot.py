@@ -10,14 +10,17 @@ The pipeline each browser connection gets (see ``misotts_agents/tools/demo/``, w
 with the ``demo`` command)::
 
     SmallWebRTCTransport.input()
-      -> STT          --stt: deepgram | openai | whisper | none (placeholder "(user spoke for N s)")
+      -> STT          --stt: deepgram | openai | whisper (local) | none (placeholder "(user spoke for N s)")
       -> user turns   LLMContextAggregatorPair with Silero VAD (bundled with Pipecat)
-      -> LLM          --llm: openai (OPENAI_API_KEY / OPENAI_BASE_URL, any compatible server) | scripted
+      -> LLM          --llm: openai (OPENAI_API_KEY / OPENAI_BASE_URL, any compatible server) | ollama
+                      (a local Ollama on 127.0.0.1:11434) | scripted
       -> MisoTTSService  24 kHz streaming speech, conditioned on the user's turn audio + transcript
       -> SmallWebRTCTransport.output() -> assistant context
 
-With no keys at all it still runs: the scripted responder answers each turn with a templated
-sentence, and MisoTTS speaks it in a tone conditioned on the audio of what you said.
+With no keys it runs locally: a local Whisper when faster-whisper is installed, a local Ollama when
+one answers; otherwise the scripted responder answers each turn with a templated sentence, and
+MisoTTS speaks it in a tone conditioned on the audio of what you said. The page says which parts
+are real.
 """
 
 import argparse

@@ -1,10 +1,12 @@
 """End to end in a real browser: headless Chromium talks to `misotts-agents demo` over WebRTC.
 
-A WAV file is Chromium's microphone (a short phrase, then silence). The demo server runs the tiny
-checkpoint on the CPU with the offline configuration (no speech recognizer, scripted replies), so the
-whole path is real: mic -> WebRTC -> Silero VAD -> user turn -> scripted reply -> MisoTTSService
-(tone-conditioned on the captured turn) -> WebRTC -> the page, which measures the received track with
-WebAudio and getStats. Everything runs in a network namespace with only loopback when this process
+A WAV file is Chromium's microphone (a short phrase, then silence, looped). The demo server runs the
+tiny checkpoint on the CPU with the offline configuration (no speech recognizer, scripted replies),
+so the whole path is real: mic -> WebRTC -> Silero VAD -> user turn -> scripted reply ->
+MisoTTSService (tone-conditioned on the captured turn) -> WebRTC -> the page, which measures the
+received track with WebAudio and getStats and shows the turn's figures. Then the page's tone switch
+goes off and a voice clip is uploaded through its form; the next turn must be answered without
+conditioning, in the uploaded voice. Everything runs in a network namespace with only loopback when this process
 may create one (root with `unshare`), so no packet can leave 127.0.0.1.
 
 Skipped only when Chromium is not installed (`.ci/run` installs it with apt-get).
@@ -31,7 +33,7 @@ HERE = Path(__file__).parent / "browser"
 sys.path.insert(0, str(HERE))
 
 from e2e import find_chromium  # noqa: E402
-from speech import make_mic_wav  # noqa: E402
+from speech import make_mic_wav, make_voice_clip  # noqa: E402
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None, reason="chromium is not installed (apt-get install chromium)"
@@ -52,7 +54,8 @@ def _loopback_namespace() -> list[str]:
 @pytest.fixture(scope="module")
 def mic_wav(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("mic") / "mic.wav"
-    return path, make_mic_wav(path)
+    # Chromium loops the file: the "user" speaks again about 12 s later (a second turn to answer).
+    return path, make_mic_wav(path, lead_s=4.0, silence_s=7.0)
 
 
 @needs_chromium
@@ -60,8 +63,11 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     wav, speech_source = mic_wav
     out = tmp_path / "result.json"
     netns = _loopback_namespace()
+    clip = tmp_path / "voice.wav"
+    clip_text, clip_s = make_voice_clip(clip)
     cmd = [*netns, sys.executable, str(HERE / "e2e.py"), "--model", str(tiny_dir), "--wav", str(wav)]
-    cmd += ["--out", str(out), "--timeout", "40", "--loud-frames", "20"]
+    cmd += ["--out", str(out), "--timeout", "40", "--loud-frames", "20", "--toggle-tone"]
+    cmd += ["--voice-clip", str(clip), "--voice-text", clip_text]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     )
@@ -70,7 +76,7 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
     try:
-        stdout, stderr = proc.communicate(timeout=150)
+        stdout, stderr = proc.communicate(timeout=200)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
@@ -83,6 +89,9 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
             "speech": speech_source,
             "page": {k: page.get(k) for k in ("state", "connectionState", "maxRms", "loudFrames", "firstAudioAt")},
             "events": page.get("events"),
+            "turns": page.get("turns"),
+            "rows": result["rows"],
+            "voice": page.get("voice"),
             "stats": stats,
             "timings": result["timings"],
             "server": result["server_log"],
@@ -105,6 +114,27 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     inbound = stats["inbound"]
     assert inbound["packetsReceived"] > 50, report
     assert 40_000 < stats["receiveRate"] < 56_000, report
+
+    # The page's turn table: the first answered turn shows the transcript (here the placeholder),
+    # the reply's text, time to first audio (server and browser) and tone conditioning on.
+    turns = sorted((t for t in page["turns"].values() if t.get("user")), key=lambda t: t["turn"])
+    rows = {int(r["n"]): r for r in result["rows"]}
+    first = turns[0]
+    assert first["user"].startswith("(user spoke for") and "seconds" in first["bot"], report
+    assert first["tone_conditioning"] and first["context_turns"] >= 1, report
+    assert 0 < first["tts_first_audio_s"] <= first["first_audio_after_user_s"] < 30, report
+    assert 0 < first["heard_s"] < 30, report
+    row = rows[first["turn"]]
+    assert row["user"] == first["user"] and row["bot"].startswith(first["bot"]), report
+    assert row["first"].endswith(" s)") and row["heard"].endswith(" s") and row["tone"].startswith("on ("), report
+    # The switch, clicked during that reply, applies from the next one: answered unconditioned,
+    # in the voice uploaded through the page meanwhile.
+    assert page["toneAcks"] == [False], report
+    later = turns[1]
+    assert not later["tone_conditioning"] and later["context_turns"] == 0, report
+    assert later["first_audio_after_user_s"] is not None and rows[later["turn"]]["tone"] == "off", report
+    assert "reply conditioned on: nothing (tone conditioning off)" in log, report
+    assert abs(page["voice"]["seconds"] - clip_s) < 0.1 and "voice prompt uploaded-1 in use" in log, report
 
 
 # -- the Twilio phone bot (examples/pipecat_phone_bot.py): a media-stream session on 127.0.0.1 ------
@@ -292,17 +322,143 @@ def test_scripted_reply_is_honest_about_placeholders() -> None:
     assert scripted_reply("", 0) == "I didn't catch that."
 
 
-def test_service_choice_follows_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+class FakeOllama:
+    """A stand-in for a local Ollama: answers ``GET /api/tags`` like Ollama does, on a loopback port."""
+
+    def __init__(self, models: list[str]) -> None:
+        import http.server
+        import threading
+
+        tags = json.dumps({"models": [{"name": m, "model": m, "size": 1} for m in models]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.path == "/api/tags"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(tags if ok else b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def no_keys(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No API keys, no local Ollama (a port nothing listens on), no local Whisper."""
+    from misotts_agents.tools.demo import services
+
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DEEPGRAM_API_KEY", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{closed}")
+    monkeypatch.setattr(services, "whisper_problem", lambda model: "faster-whisper is not installed")
+    return monkeypatch
+
+
+def test_service_choice_follows_keys(no_keys: pytest.MonkeyPatch) -> None:
     from misotts_agents.tools.demo import resolve_llm, resolve_stt
 
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DEEPGRAM_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
     assert (resolve_stt("auto"), resolve_llm("auto")) == ("none", "scripted")
-    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
+    no_keys.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
     assert (resolve_stt("auto"), resolve_llm("auto")) == ("none", "openai")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    no_keys.setenv("OPENAI_API_KEY", "sk-test")
     assert (resolve_stt("auto"), resolve_llm("auto")) == ("openai", "openai")
     assert resolve_stt("none") == "none" and resolve_llm("scripted") == "scripted"
+
+
+def test_local_llm_when_ollama_answers(no_keys: pytest.MonkeyPatch) -> None:
+    """Without keys, a local Ollama with a model pulled answers the turns; the page says it is real."""
+    from misotts_agents.tools.demo import DemoOptions, describe, make_llm, prepare
+    from misotts_agents.tools.demo.services import ollama_url, parts, pick_ollama_model
+
+    ollama = FakeOllama(["nomic-embed-text:latest", "llama3.2:latest"])
+    try:
+        no_keys.setenv("OLLAMA_HOST", ollama.host)
+        assert ollama_url() == f"http://{ollama.host}"
+        options = prepare(DemoOptions(model="tiny"))
+        assert (options.stt, options.llm, options.llm_model) == ("none", "ollama", "llama3.2:latest")
+        assert parts(options)["llm"] == {"kind": "ollama", "real": True, "what": "local Ollama LLM (llama3.2:latest)"}
+        assert parts(options)["stt"]["real"] is False and "placeholders" in describe(options)
+        llm = make_llm(options.llm, options.llm_model)
+        assert type(llm).__name__ == "OLLamaLLMService" and str(llm._client.base_url).startswith(ollama_url())
+        # A model asked for by name (with or without its tag) must be pulled there.
+        assert prepare(DemoOptions(llm="ollama", llm_model="llama3.2")).llm_model == "llama3.2:latest"
+        with pytest.raises(SystemExit, match="ollama pull"):
+            prepare(DemoOptions(llm="ollama", llm_model="mistral"))
+        # Keys still win over the local server.
+        no_keys.setenv("OPENAI_API_KEY", "sk-test")
+        assert prepare(DemoOptions()).llm == "openai"
+    finally:
+        ollama.close()
+    no_keys.delenv("OPENAI_API_KEY")
+    assert prepare(DemoOptions()).llm == "scripted"  # it stopped answering
+    empty = FakeOllama([])  # running, nothing pulled: not a usable LLM
+    try:
+        no_keys.setenv("OLLAMA_HOST", f"http://{empty.host}/")
+        assert prepare(DemoOptions()).llm == "scripted"
+    finally:
+        empty.close()
+    assert pick_ollama_model(None, ["phi3:mini", "qwen2.5:3b"]) == "qwen2.5:3b"
+    assert pick_ollama_model(None, ["phi3:mini"]) == "phi3:mini"
+    no_keys.setenv("OLLAMA_HOST", "0.0.0.0")
+    assert ollama_url() == "http://127.0.0.1:11434"
+
+
+def test_local_whisper_when_its_model_is_there(no_keys: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With faster-whisper installed, auto picks it and fetches and loads its model once, before
+    serving; when that fails (here: offline, not cached) auto falls back to placeholders, an explicit
+    --stt whisper stops with the reason."""
+    from misotts_agents.tools.demo import DemoOptions, prepare, resolve_stt, services, whisper
+    from misotts_agents.tools.demo.services import parts
+
+    loaded: list[str] = []
+
+    def fake_load(name: str) -> object:  # stands in for the download and the CTranslate2 load
+        loaded.append(name)
+        return object()
+
+    no_keys.setattr(services, "whisper_problem", lambda model: None)
+    no_keys.setattr(whisper, "load_whisper", fake_load)
+    options = prepare(DemoOptions(model="tiny"))
+    assert (options.stt, options.stt_model, loaded) == ("whisper", whisper.DEFAULT_WHISPER, [whisper.DEFAULT_WHISPER])
+    assert parts(options)["stt"] == {"kind": "whisper", "real": True, "what": "local Whisper (small.en)"}
+
+    def no_network(name: str) -> object:
+        raise OSError("could not reach the Hub")
+
+    no_keys.setattr(whisper, "load_whisper", no_network)
+    assert prepare(DemoOptions()).stt == "none"
+    with pytest.raises(SystemExit, match="could not reach the Hub"):
+        prepare(DemoOptions(stt="whisper"))
+
+    # The real availability check (faster-whisper is a dev dependency): offline, with an empty
+    # Hugging Face cache, the default model cannot be had; a local directory needs model.bin.
+    no_keys.undo()
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DEEPGRAM_API_KEY"):
+        no_keys.delenv(name, raising=False)
+    from huggingface_hub import constants
+
+    no_keys.setattr(constants, "HF_HUB_OFFLINE", True)
+    no_keys.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problem = services.whisper_problem(None)
+    assert problem is not None and "not in the Hugging Face cache" in problem
+    assert resolve_stt("auto") == "none"
+    (tmp_path / "w").mkdir()
+    assert "model.bin" in services.whisper_problem(str(tmp_path / "w"))
+    (tmp_path / "w" / "model.bin").write_bytes(b"")
+    assert services.whisper_problem(str(tmp_path / "w")) is None
+    assert resolve_stt("auto", str(tmp_path / "w")) == "whisper"
 
 
 def test_demo_help_is_light() -> None:

@@ -7,9 +7,14 @@ hand::
 
 It starts ``misotts-agents demo`` on a free 127.0.0.1 port, opens ``/?autostart=1`` in Chromium
 with a fake microphone fed from the WAV, polls the page (``window.miso``) over the DevTools
-protocol until the bot's audio has been heard, then prints one JSON object: the page's measurements
-(WebAudio RMS of the received track, getStats inbound-rtp and codec), its event log, the server's
-log lines about user turns and replies, and timings.
+protocol until the bot's audio has been heard and the page shows the answered turn's figures, then
+prints one JSON object: the page's measurements (WebAudio RMS of the received track, getStats
+inbound-rtp and codec), its turn table, its event log, the server's log lines about user turns and
+replies, and timings.
+
+With ``--toggle-tone`` it then switches tone conditioning off on the page (and with ``--voice-clip``
+uploads a voice clip through the page's form) and waits for the next answered turn (Chromium loops
+the microphone file, so the "user" speaks again).
 """
 
 from __future__ import annotations
@@ -124,6 +129,9 @@ SERVER_LOG_KEYS = (
     "MisoTTS spoke",
     "MisoTTS audio streaming",
     "client connected",
+    "tone conditioning",
+    "voice prompt",
+    "voice clip",
     "ERROR",
 )
 STATE_JS = "JSON.stringify(window.miso || null)"
@@ -143,7 +151,54 @@ STATS_JS = """(async () => {
 })()"""
 
 
-def run(model: str, wav: Path, *, timeout: float, want_loud_frames: int, watermark: bool, greeting: str = "") -> dict:
+# The page's table row of a turn: what a person sees (cell texts), read from the DOM.
+ROWS_JS = """JSON.stringify([...document.querySelectorAll('#turns tbody tr')].map(
+  tr => Object.fromEntries([...tr.children].map(td => [td.dataset.col, td.textContent]))))"""
+
+
+def answered(state: dict, after: int = 0) -> dict | None:
+    """The first turn after ``after`` that answers the user and shows its time to first audio."""
+    for key in sorted(state.get("turns") or {}, key=int):
+        turn = state["turns"][key]
+        if int(key) > after and turn.get("user") and turn.get("first_audio_after_user_s") is not None:
+            return turn
+    return None
+
+
+def poll(devtools: DevTools, done, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = json.loads(devtools.evaluate(STATE_JS) or "null") or {}
+        if state.get("state") == "error" or done(state):
+            break
+        time.sleep(0.25)
+    return state
+
+
+def upload_voice(devtools: DevTools, clip: Path, text: str) -> None:
+    """Fill the page's voice form (file input and transcript) and press its button, as a person would."""
+    root = devtools.call("DOM.getDocument")["root"]["nodeId"]
+    node = devtools.call("DOM.querySelector", nodeId=root, selector="#voice-file")["nodeId"]
+    devtools.call("DOM.setFileInputFiles", files=[str(clip)], nodeId=node)
+    devtools.evaluate(
+        f"document.getElementById('voice-text').value = {json.dumps(text)}; "
+        "document.getElementById('voice-send').click(); true"
+    )
+
+
+def run(
+    model: str,
+    wav: Path,
+    *,
+    timeout: float,
+    want_loud_frames: int,
+    watermark: bool,
+    greeting: str = "",
+    toggle_tone: bool = False,
+    voice_clip: Path | None = None,
+    voice_text: str = "",
+) -> dict:
     chromium = find_chromium()
     if chromium is None:
         raise RuntimeError("chromium is not installed")
@@ -191,17 +246,22 @@ def run(model: str, wav: Path, *, timeout: float, want_loud_frames: int, waterma
             )
             devtools = DevTools(profile)
             t_page = time.monotonic()
-            state: dict = {}
-            deadline = t_page + timeout
-            while time.monotonic() < deadline:
-                state = json.loads(devtools.evaluate(STATE_JS) or "null") or {}
-                if state.get("state") == "error" or state.get("loudFrames", 0) >= want_loud_frames:
-                    break
-                time.sleep(0.25)
+            state = poll(
+                devtools, lambda s: s.get("loudFrames", 0) >= want_loud_frames and answered(s) is not None, timeout
+            )
             timings["page_s"] = time.monotonic() - t_page
             if state.get("firstAudioAt") is not None:
                 timings["first_bot_audio_after_page_load_s"] = state["firstAudioAt"]
+            first = answered(state)
+            if toggle_tone and first is not None:
+                devtools.evaluate("document.getElementById('tone').click(), true")  # on -> off
+                if voice_clip is not None:
+                    upload_voice(devtools, voice_clip, voice_text)
+                t_toggle = time.monotonic()
+                state = poll(devtools, lambda s: answered(s, first["turn"]) is not None, timeout)
+                timings["next_turn_after_toggle_s"] = time.monotonic() - t_toggle
             result["page"] = state
+            result["rows"] = json.loads(devtools.evaluate(ROWS_JS) or "[]")
             result["stats"] = json.loads(devtools.evaluate(STATS_JS) or "null")
             devtools.evaluate("window.pc && window.pc.close(), true")  # the bot sees 'closed' at once
             devtools.close()
@@ -236,6 +296,9 @@ def main() -> None:
     p.add_argument("--loud-frames", type=int, default=10, help="50 ms windows of bot audio to wait for")
     p.add_argument("--watermark", action="store_true")
     p.add_argument("--greeting", default="", help="the demo's greeting (default: none, so audio means a reply)")
+    p.add_argument("--toggle-tone", action="store_true", help="then switch tone conditioning off, await a turn")
+    p.add_argument("--voice-clip", type=Path, help="with --toggle-tone: also upload this clip as the voice")
+    p.add_argument("--voice-text", default="", help="the voice clip's transcript")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
     result = run(
@@ -245,6 +308,9 @@ def main() -> None:
         want_loud_frames=args.loud_frames,
         watermark=args.watermark,
         greeting=args.greeting,
+        toggle_tone=args.toggle_tone,
+        voice_clip=args.voice_clip.resolve() if args.voice_clip else None,
+        voice_text=args.voice_text,
     )
     text = json.dumps(result, indent=1)
     if args.out:

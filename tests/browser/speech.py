@@ -76,3 +76,21 @@ def make_mic_wav(path: Path, *, silence_s: float = 12.0, lead_s: float = 6.0, pr
     audio = np.concatenate([np.zeros(int(lead_s * rate)), audio, np.zeros(int(silence_s * rate))])
     sf.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
     return source
+
+
+VOICE_TEXT = (
+    "Hello, this is a sample of my voice. I speak slowly and clearly, so that the model can learn "
+    "how I sound, and then answer you in the same voice."
+)
+
+
+def make_voice_clip(path: Path) -> tuple[str, float]:
+    """A voice-prompt clip (about 10 s of espeak-ng speech, else the synthetic phrase) as a WAV file;
+    returns its transcript and its length in seconds."""
+    made = espeak_phrase(VOICE_TEXT)
+    text = VOICE_TEXT
+    if made is None:
+        made, text = synthetic_phrase(seconds=8.0), "(a synthetic voice with no words)"
+    audio, rate = made
+    sf.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
+    return text, len(audio) / rate

@@ -36,13 +36,22 @@ from __future__ import annotations
 
 from misotts_agents.tools.demo.app import create_app, main, serve
 from misotts_agents.tools.demo.options import DemoOptions, add_arguments
-from misotts_agents.tools.demo.pipeline import build_pipeline, load_engine, make_tts, run_pipeline
+from misotts_agents.tools.demo.pipeline import (
+    Conversation,
+    build_conversation,
+    build_pipeline,
+    load_engine,
+    make_tts,
+    run_pipeline,
+)
 from misotts_agents.tools.demo.scripted import scripted_reply
-from misotts_agents.tools.demo.services import describe, make_llm, make_stt, resolve_llm, resolve_stt
+from misotts_agents.tools.demo.services import describe, make_llm, make_stt, prepare, resolve_llm, resolve_stt
 
 __all__ = [
+    "Conversation",
     "DemoOptions",
     "add_arguments",
+    "build_conversation",
     "build_pipeline",
     "create_app",
     "describe",
@@ -51,6 +60,7 @@ __all__ = [
     "make_llm",
     "make_stt",
     "make_tts",
+    "prepare",
     "resolve_llm",
     "resolve_stt",
     "run_pipeline",

@@ -16,7 +16,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "answer in one to three short, plain sentences without lists, markdown or emoji."
 )
 STT_CHOICES = ("auto", "none", "deepgram", "openai", "whisper")
-LLM_CHOICES = ("auto", "scripted", "openai")
+LLM_CHOICES = ("auto", "scripted", "openai", "ollama")
 
 
 @dataclass
@@ -82,20 +82,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=STT_CHOICES,
         default="auto",
         help="speech recognition: deepgram (DEEPGRAM_API_KEY), openai (OPENAI_API_KEY), whisper (local "
-        "faster-whisper), none (placeholder transcripts); auto picks the first that is configured",
+        "faster-whisper: pip install 'misotts-agents[whisper]'), none (placeholder transcripts); auto picks "
+        "the first that is there",
     )
-    p.add_argument("--stt-model", default=None, help="model name for --stt (service default if unset)")
+    p.add_argument(
+        "--stt-model",
+        default=None,
+        help="model for --stt; for whisper a size (small.en, the default; downloaded once into the Hugging "
+        "Face cache), a Hub repo id or a local directory",
+    )
     p.add_argument(
         "--llm",
         choices=LLM_CHOICES,
         default="auto",
-        help="replies: openai (any OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL) or scripted "
-        "(offline templated answers); auto picks openai when configured",
+        help="replies: openai (any OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL), ollama (a "
+        "local Ollama at $OLLAMA_HOST, default 127.0.0.1:11434) or scripted (offline templated answers); "
+        "auto picks the first that is there",
     )
-    p.add_argument("--llm-model", default=None, help="chat model for --llm openai (default: $OPENAI_MODEL or gpt-4.1)")
+    p.add_argument(
+        "--llm-model",
+        default=None,
+        help="chat model: for openai $OPENAI_MODEL or gpt-4.1; for ollama a pulled model (default: llama3.2 "
+        "or another pulled chat model)",
+    )
     p.add_argument("--greeting", default=DEFAULT_GREETING, help="said when a client connects ('' for none)")
     p.add_argument(
-        "--no-tone-conditioning", action="store_true", help="do not put the user's turns into the TTS prompt"
+        "--no-tone-conditioning",
+        action="store_true",
+        help="start with tone conditioning off (the page's switch turns it on and off per reply)",
     )
     p.add_argument("--max-turns", type=int, default=4, help="conversation turns kept as TTS context (default: 4)")
     p.add_argument(

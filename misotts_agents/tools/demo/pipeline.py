@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from misotts_agents.tools.demo.options import DemoOptions
@@ -27,15 +28,26 @@ def load_engine(options: DemoOptions) -> Any:
     from misotts_agents.engine.registry import shared_engine
     from misotts_agents.engine.request import SynthesisRequest
 
+    # The download and the weight loading show their own progress bars; these lines frame them.
     start = time.perf_counter()
+    log.info("loading MisoTTS %s", options.model)
     engine = shared_engine(options.model, device=options.device, watermark=options.watermark)
+    loaded = time.perf_counter()
+    log.info(
+        "MisoTTS loaded on %s in %.1f s; warming up (first allocations, CUDA graph capture)",
+        engine.device,
+        loaded - start,
+    )
     engine.synthesize(SynthesisRequest("Warming up.", max_audio_ms=240, seed=0))
-    log.info("engine ready on %s in %.1f s", engine.device, time.perf_counter() - start)
+    log.info(
+        "engine ready: warm-up took %.1f s, %.1f s in all", time.perf_counter() - loaded, time.perf_counter() - start
+    )
     return engine
 
 
-def make_tts(options: DemoOptions, engine: Any) -> Any:
-    """The conversation's MisoTTSService: on ``engine``, or on the ``options.url`` server."""
+def make_tts(options: DemoOptions, engine: Any, memory: Any = None) -> Any:
+    """The conversation's MisoTTSService: on ``engine``, or on the ``options.url`` server; ``memory``
+    (the demo's switchable turn memory) records every turn, its switch decides what a reply hears."""
     from misotts_agents.pipecat import MisoTTSService
 
     where: dict[str, Any] = {"url": options.url, "token": options.token} if options.url else {"engine": engine}
@@ -43,15 +55,32 @@ def make_tts(options: DemoOptions, engine: Any) -> Any:
         model=options.model,
         **where,
         watermark=options.watermark,
-        tone_conditioning=options.tone_conditioning,
+        memory=memory,
+        tone_conditioning=options.tone_conditioning if memory is None else True,
         max_turns=options.max_turns,
         # Pace generation a little ahead of playback: a barge-in then wastes little GPU work.
         settings=MisoTTSService.Settings(max_audio_ms=options.max_sentence_s * 1000, max_ahead_s=3.0),
     )
 
 
+@dataclass
+class Conversation:
+    """One conversation's pipeline and the parts the web page talks to."""
+
+    pipeline: Any
+    context: Any  # the LLM context
+    tts: Any  # MisoTTSService
+    controls: Any  # DemoControls: the tone switch and the uploaded voice
+
+
 def build_pipeline(transport: Any, options: DemoOptions, engine: Any) -> tuple[Any, Any]:
     """The voice-agent pipeline around ``transport``; returns ``(pipeline, context)``."""
+    conversation = build_conversation(transport, options, engine)
+    return conversation.pipeline, conversation.context
+
+
+def build_conversation(transport: Any, options: DemoOptions, engine: Any) -> Conversation:
+    """The voice-agent pipeline around ``transport``, with its controls."""
     from pipecat.audio.vad.silero import SileroVADAnalyzer
     from pipecat.pipeline.pipeline import Pipeline
     from pipecat.processors.aggregators.llm_context import LLMContext
@@ -60,9 +89,9 @@ def build_pipeline(transport: Any, options: DemoOptions, engine: Any) -> tuple[A
         LLMUserAggregatorParams,
     )
 
-    from misotts_agents.tools.demo.processors import SpeechLog
+    from misotts_agents.tools.demo.processors import DemoControls, SwitchableMemory, TurnReport
 
-    stt_kind, llm_kind = resolve_stt(options.stt), resolve_llm(options.llm)
+    stt_kind, llm_kind = resolve_stt(options.stt, options.stt_model), resolve_llm(options.llm)
     stt = make_stt(stt_kind, options.stt_model)
     llm = make_llm(llm_kind, options.llm_model)
     system = options.system_prompt
@@ -76,12 +105,14 @@ def build_pipeline(transport: Any, options: DemoOptions, engine: Any) -> tuple[A
     user, assistant = LLMContextAggregatorPair(
         context, user_params=LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer())
     )
-    tts = make_tts(options, engine)
+    memory = SwitchableMemory(conditioning=options.tone_conditioning, max_turns=max(options.max_turns, 1))
+    tts = make_tts(options, engine, memory)
+    controls = DemoControls(tts, memory)
     # MisoTTSService records the user's turn audio itself: InputAudioRawFrame passes through the STT,
     # the user aggregator and the LLM (or scripted responder) down to it, with the turn frames.
-    speech_log = SpeechLog(tts)
-    processors = [transport.input(), stt, user, llm, tts, speech_log, transport.output(), assistant]
-    return Pipeline(processors), context
+    report = TurnReport(controls, memory)
+    processors = [transport.input(), stt, user, llm, controls, tts, report, transport.output(), assistant]
+    return Conversation(Pipeline(processors), context, tts, controls)
 
 
 async def run_pipeline(

@@ -1,15 +1,34 @@
 "use strict";
+// The demo page: WebRTC to the server that served it (SmallWebRTC signalling at /api/offer), RTVI
+// messages on the data channel, and window.miso holding what the page measured (read by the tests).
 const miso = window.miso = {state: "idle", connectionState: "new", maxRms: 0, loudFrames: 0,
-  firstAudioAt: null, events: [], errors: [], messages: []};
+  firstAudioAt: null, events: [], errors: [], messages: [], turns: {}, toneAcks: [], heard: [],
+  pcId: null, info: null, voice: null};
 const $ = id => document.getElementById(id);
 const t0 = performance.now();
+const now = () => (performance.now() - t0) / 1000;
 function note(text) {
-  const s = ((performance.now() - t0) / 1000).toFixed(2);
+  const s = now().toFixed(2);
   miso.events.push(s + " " + text);
   const line = document.createElement("div"); line.textContent = s + "  " + text;
   $("log").appendChild(line); $("log").scrollTop = 1e9;
 }
 function setState(s) { miso.state = s; $("state").textContent = s; }
+
+// -- what is real --------------------------------------------------------------------------------
+function showInfo(info) {
+  miso.info = info; $("description").textContent = info.description;
+  const names = {stt: "Speech recognition", llm: "Replies", tts: "Voice"};
+  for (const [key, part] of Object.entries(info.parts || {})) {
+    const li = document.createElement("li"), tag = document.createElement("span");
+    tag.className = part.real ? "real" : "standin"; tag.textContent = part.real ? "real" : "stand-in";
+    li.append((names[key] || key) + ": " + part.what + " ", tag);
+    $("parts").appendChild(li);
+  }
+  $("tone").checked = !!info.tone_conditioning;
+}
+
+// -- levels --------------------------------------------------------------------------------------
 let ctx = null;
 function meter(stream, barId, onLevel) {
   const src = ctx.createMediaStreamSource(stream), an = ctx.createAnalyser();
@@ -23,22 +42,91 @@ function meter(stream, barId, onLevel) {
     if (onLevel) onLevel(rms);
   }, 50);
 }
+let userStoppedAt = null;  // when the server said your turn ended; the next bot audio heard is timed from it
 function onBotLevel(rms) {
   miso.maxRms = Math.max(miso.maxRms, rms);
   if (rms > 0.01) {
     miso.loudFrames += 1;
-    if (miso.firstAudioAt === null) { miso.firstAudioAt = (performance.now() - t0) / 1000; note("hearing MisoTTS"); }
+    if (miso.firstAudioAt === null) { miso.firstAudioAt = now(); note("hearing MisoTTS"); }
+    if (userStoppedAt !== null) { miso.heard.push(now() - userStoppedAt); userStoppedAt = null; pairHeard(); }
   }
+}
+
+// -- turns ---------------------------------------------------------------------------------------
+const fmt = s => (s === null || s === undefined) ? "" : s.toFixed(2) + " s";
+function turnRow(n) {
+  let row = document.getElementById("turn-" + n);
+  if (!row) {
+    row = document.createElement("tr"); row.id = "turn-" + n;
+    for (const c of ["n", "user", "bot", "first", "heard", "tone"]) {
+      const td = document.createElement("td"); td.dataset.col = c;
+      if (c === "n" || c === "first" || c === "heard") td.className = "num";
+      row.appendChild(td);
+    }
+    $("turns").tBodies[0].appendChild(row);
+  }
+  return row;
+}
+function drawTurn(t) {
+  const cells = Object.fromEntries([...turnRow(t.turn).children].map(td => [td.dataset.col, td]));
+  cells.n.textContent = t.turn;
+  cells.user.textContent = t.user === null ? "(greeting)" : t.user;
+  cells.bot.textContent = (t.bot || "...") + (t.stage === "interrupted" ? " [interrupted]" : "");
+  cells.first.textContent = t.first_audio_after_user_s !== null ? fmt(t.first_audio_after_user_s) +
+    " (TTS " + fmt(t.tts_first_audio_s) + ")" : "TTS " + fmt(t.tts_first_audio_s);
+  cells.heard.textContent = fmt(t.heard_s);
+  cells.tone.textContent = t.tone_conditioning ? "on (" + t.context_turns + " turns)" : "off";
+}
+function pairHeard() {  // the browser's figure goes to the oldest answered turn still without one
+  for (const t of Object.values(miso.turns)) {
+    if (!miso.heard.length) return;
+    if (t.user !== null && t.heard_s === undefined) { t.heard_s = miso.heard.shift(); drawTurn(t); }
+  }
+}
+function onTurn(d) {
+  const t = miso.turns[d.turn] = Object.assign(miso.turns[d.turn] || {}, d);
+  if (d.stage === "speaking") note("turn " + d.turn + ": first audio " + fmt(d.tts_first_audio_s) + " after the TTS request");
+  pairHeard(); drawTurn(t);
+}
+
+// -- the data channel (RTVI) ---------------------------------------------------------------------
+let dc = null, msgId = 0;
+function send(type, data) {
+  if (!dc || dc.readyState !== "open") return false;
+  dc.send(JSON.stringify({label: "rtvi-ai", type, id: String(++msgId), data}));
+  return true;
 }
 function rtvi(msg) {
   miso.messages.push(msg.type);
   const d = msg.data || {};
   if (msg.type === "bot-ready") note("bot ready");
-  else if (msg.type === "user-started-speaking") note("you started speaking");
-  else if (msg.type === "user-stopped-speaking") note("you stopped speaking");
+  else if (msg.type === "user-started-speaking") { note("you started speaking"); userStoppedAt = null; }
+  else if (msg.type === "user-stopped-speaking") { note("you stopped speaking"); userStoppedAt = now(); }
   else if (msg.type === "user-transcription" && d.final) note("you: " + d.text);
   else if (msg.type === "bot-output" && d.text) note("bot: " + d.text);
+  else if (msg.type === "server-message" && d.type === "miso-turn") onTurn(d);
+  else if (msg.type === "server-message" && d.type === "tone-conditioning") {
+    miso.toneAcks.push(d.on); note("tone conditioning " + (d.on ? "on" : "off") + " from the next reply");
+  }
 }
+$("tone").onchange = () => {
+  if (!send("client-message", {t: "tone-conditioning", d: {on: $("tone").checked}})) note("not connected");
+};
+
+// -- voice upload --------------------------------------------------------------------------------
+$("voice-send").onclick = async () => {
+  const file = $("voice-file").files[0], text = $("voice-text").value.trim();
+  if (!file || !text) { $("voice-state").textContent = "choose a clip and type its transcript"; return; }
+  $("voice-state").textContent = "uploading...";
+  const url = "/api/voice?pc_id=" + encodeURIComponent(miso.pcId) + "&text=" + encodeURIComponent(text);
+  const res = await fetch(url, {method: "POST", body: file, headers: {"Content-Type": file.type || "application/octet-stream"}});
+  const body = await res.json();
+  miso.voice = body;
+  $("voice-state").textContent = res.ok ? "voice set: " + body.seconds + " s clip, " + body.applies : "error: " + body.error;
+  note(res.ok ? "voice clip in use " + body.applies : "voice clip refused: " + body.error);
+};
+
+// -- connecting ----------------------------------------------------------------------------------
 async function waitIce(pc) {
   if (pc.iceGatheringState === "complete") return;
   await new Promise(resolve => {
@@ -59,10 +147,10 @@ async function start() {
     const pc = window.pc = new RTCPeerConnection({iceServers: []});
     pc.addTransceiver(mic.getAudioTracks()[0], {direction: "sendrecv", streams: [mic]});  // index 0: audio
     pc.addTransceiver("video", {direction: "recvonly"});                                   // index 1: video
-    const dc = pc.createDataChannel("chat");
+    dc = pc.createDataChannel("chat");
     dc.onopen = () => {
-      dc.send(JSON.stringify({label: "rtvi-ai", type: "client-ready", id: "1",
-        data: {version: "2.2.0", about: {library: "misotts-demo"}}}));
+      send("client-ready", {version: "2.2.0", about: {library: "misotts-demo"}});
+      $("tone").disabled = false;
       setInterval(() => { if (dc.readyState === "open") dc.send("ping: " + Date.now()); }, 1000);
     };
     dc.onmessage = ev => { try { const m = JSON.parse(ev.data); if (m.label === "rtvi-ai") rtvi(m); } catch (e) {} };
@@ -83,6 +171,8 @@ async function start() {
       body: JSON.stringify({sdp: pc.localDescription.sdp, type: pc.localDescription.type})});
     if (!res.ok) throw new Error("offer rejected: HTTP " + res.status);
     const answer = await res.json();
+    miso.pcId = answer.pc_id;
+    $("voice-send").disabled = false; $("voice-state").textContent = "";
     await pc.setRemoteDescription({type: answer.type, sdp: answer.sdp});
     setState("connecting");
   } catch (e) {
@@ -99,8 +189,6 @@ async function stats() {
   return out;
 }
 window.misoStats = stats;
-fetch("/api/info").then(r => r.json()).then(info => {
-  miso.info = info; $("description").textContent = info.description;
-}).catch(e => note("info: " + e));
+fetch("/api/info").then(r => r.json()).then(showInfo).catch(e => note("info: " + e));
 $("talk").onclick = start;
 if (new URLSearchParams(location.search).has("autostart")) start();
