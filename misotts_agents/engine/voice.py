@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from cachetools import LRUCache
 
 from misotts_agents.audio import SAMPLE_RATE, to_mono
 from misotts_agents.errors import InvalidRequest
@@ -59,24 +59,18 @@ class VoiceCache:
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, CachedVoice] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items: LRUCache[str, CachedVoice] = LRUCache(capacity)
+        self._lock = threading.Lock()  # the preparation thread and the scheduler both use it
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> CachedVoice | None:
         with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
+            return self._items.get(key)
 
     def put(self, key: str, item: CachedVoice) -> None:
         with self._lock:
             self._items[key] = item
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)

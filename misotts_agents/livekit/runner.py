@@ -26,11 +26,12 @@ import struct
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cachetools import LRUCache
 from livekit.agents.inference_runner import _InferenceRunner
 
 from misotts_agents import errors
@@ -92,9 +93,9 @@ class MisoInferenceRunner(_InferenceRunner):
         self._load_error: BaseException | None = None
         self._active: dict[str, _Active] = {}
         self._cancelled: deque[str] = deque(maxlen=1024)
-        self._blobs: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._blob_samples = 0
-        self._voices: OrderedDict[str, VoicePrompt] = OrderedDict()
+        # Context audio by hash, least recently used out first beyond max_cached_s of audio in all.
+        self._blobs: LRUCache[str, np.ndarray] = LRUCache(self.max_cached_samples, getsizeof=lambda a: a.size)
+        self._voices: LRUCache[str, VoicePrompt] = LRUCache(64)
         self._lock = threading.Lock()
 
     def initialize(self) -> None:
@@ -137,15 +138,9 @@ class MisoInferenceRunner(_InferenceRunner):
     def _blob(self, key: str, audio: np.ndarray | None) -> np.ndarray | None:
         with self._lock:
             if audio is None:
-                audio = self._blobs.get(key)
-                if audio is not None:
-                    self._blobs.move_to_end(key)
-                return audio
-            if key not in self._blobs:
+                return self._blobs.get(key)
+            if audio.size <= self._blobs.maxsize:  # a larger clip is used once, not kept
                 self._blobs[key] = audio
-                self._blob_samples += audio.size
-                while self._blob_samples > self.max_cached_samples and len(self._blobs) > 1:
-                    self._blob_samples -= self._blobs.popitem(last=False)[1].size
             return audio
 
     def _start(self, header: dict[str, Any], payload: memoryview) -> bytes:
@@ -174,8 +169,6 @@ class MisoInferenceRunner(_InferenceRunner):
             if voice is None:
                 voice = VoicePrompt(v["speaker"], v["text"], audios[-1], SAMPLE_RATE)
                 self._voices[v["hash"]] = voice
-                while len(self._voices) > 64:
-                    self._voices.popitem(last=False)
         request = SynthesisRequest(**header["request"], context=tuple(segments), voice=voice)
         rid = header["id"]
         if rid in self._cancelled:

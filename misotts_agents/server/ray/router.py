@@ -12,10 +12,9 @@ upgrading Ray.
 from __future__ import annotations
 
 import random
-import time
-from collections import OrderedDict
 from typing import Any
 
+from cachetools import LRUCache, TTLCache
 from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 
@@ -47,9 +46,9 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
     RECENT_S = 2.0
 
     def initialize_state(self, max_tracked_sessions: int = 100_000, **kwargs: Any) -> None:
-        self._homes: OrderedDict[str, ReplicaID] = OrderedDict()
-        self._max_tracked = max(1, int(max_tracked_sessions))
-        self._recent: OrderedDict[str, tuple[float, ReplicaID]] = OrderedDict()  # sid -> (when, replica)
+        tracked = max(1, int(max_tracked_sessions))
+        self._homes: LRUCache[str, ReplicaID] = LRUCache(tracked)
+        self._recent: TTLCache[str, ReplicaID] = TTLCache(tracked, ttl=self.RECENT_S)  # sid -> replica
 
     def _state(self) -> None:
         if not hasattr(self, "_homes"):  # a router built without initialize_state
@@ -90,8 +89,7 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
             mine = None
         holders = [r for r in replicas if sid in r.multiplexed_model_ids]
         if mine is not None and (not holders or any(r.replica_id == mine for r in holders)):
-            self._homes.move_to_end(sid)
-            return by_id[mine]
+            return by_id[mine]  # (the lookup above made it the most recently used)
         if holders:  # the same pick in every router: the lowest replica id
             chosen = min(holders, key=lambda r: r.replica_id.unique_id)
             self._place(sid, chosen.replica_id)
@@ -138,23 +136,16 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         self._state()
         self._note(sid, replica_id)
         self._homes[sid] = replica_id
-        self._homes.move_to_end(sid)
-        while len(self._homes) > self._max_tracked:
-            self._homes.popitem(last=False)
 
     def _note(self, sid: str, replica_id: ReplicaID) -> None:
         """A session just placed (or about to be): it counts towards the replica's load meanwhile."""
-        self._recent[sid] = (time.monotonic(), replica_id)
-        self._recent.move_to_end(sid)
+        self._recent[sid] = replica_id
 
     def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Sessions per replica: as reported to Serve, plus this router's placements not reported yet."""
-        now = time.monotonic()
-        while self._recent and now - next(iter(self._recent.values()))[0] > self.RECENT_S:
-            self._recent.popitem(last=False)
         load = {r.replica_id: len(r.multiplexed_model_ids) for r in replicas}
         reported = {r.replica_id: r.multiplexed_model_ids for r in replicas}
-        for sid, (_, rid) in self._recent.items():
+        for sid, rid in self._recent.items():  # the placements younger than RECENT_S
             if rid in load and sid not in reported[rid]:
                 load[rid] += 1
         return load

@@ -38,10 +38,10 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 import ray
+from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -278,8 +278,7 @@ class RayEngineBackend:
         self.refresh_s = refresh_s
         self.moved_sessions = 0
         self._figures: dict[str, dict[str, Any]] = {}
-        self._homes: OrderedDict[str, str] = OrderedDict()  # session -> replica last seen serving it
-        self._max_tracked = max_tracked_sessions
+        self._homes: LRUCache[str, str] = LRUCache(max_tracked_sessions)  # session -> replica last seen serving it
         self._polled = 0.0
         self._poll: asyncio.Task[None] | None = None
         self._closed = False
@@ -325,9 +324,6 @@ class RayEngineBackend:
                 replica,
             )
         self._homes[sid] = replica
-        self._homes.move_to_end(sid)
-        while len(self._homes) > self._max_tracked:
-            self._homes.popitem(last=False)
 
     def _fresh(self) -> list[dict[str, Any]]:
         now = time.monotonic()
