@@ -23,7 +23,8 @@ from misotts_agents.audio import FRAME_SAMPLES, to_int16
 from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineBusy, InvalidRequest
-from misotts_agents.server import Limits, RemoteEngine
+from misotts_agents.model.config import NUM_CODEBOOKS
+from misotts_agents.server import Limits, RemoteEngine, protocol
 from misotts_agents.server.app import check_bind
 from misotts_agents.server.protocol import audio_to_b64, unpack_audio
 
@@ -652,6 +653,14 @@ def test_remote_engine_blocking_use_matches_the_engine(server, srv_engine):
         assert loop_thread is not None
     assert remote.closed and remote._blocking_loop is None
     assert wait_until(lambda: not loop_thread.is_running(), timeout=5)  # the client's loop thread ended
+
+
+def test_end_codes_have_the_models_codebooks():
+    """An end message's codes as an array: (frames, K); none (an utterance that ended before its first
+    frame) is (0, 32), not a reshape error in the client's reader."""
+    assert protocol.codes_array([]).shape == protocol.codes_array(None).shape == (0, NUM_CODEBOOKS) == (0, 32)
+    rows = [[1] * NUM_CODEBOOKS, [2] * NUM_CODEBOOKS]
+    np.testing.assert_array_equal(protocol.codes_array(rows), np.array(rows))
 
 
 def test_the_client_loads_no_model_code():

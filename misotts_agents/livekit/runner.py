@@ -274,8 +274,8 @@ class InferenceEngine:
             _raise(reply["error"])
         return reply, rest
 
-    def stream(self, request: SynthesisRequest) -> RemoteSpeechStream:
-        return RemoteSpeechStream(self, request)
+    def stream(self, request: SynthesisRequest) -> InferenceProcessStream:
+        return InferenceProcessStream(self, request)
 
     async def stats(self) -> dict[str, Any]:
         reply, _ = await self.call({"op": "stats"})
@@ -297,7 +297,7 @@ def _describe(seg_speaker: int, text: str, audio: np.ndarray) -> tuple[dict[str,
     return {"speaker": seg_speaker, "text": text, "hash": key, "samples": len(pcm) // 2}, pcm
 
 
-class RemoteSpeechStream:
+class InferenceProcessStream:
     """Async iterator of :class:`AudioChunk` for one request run in the inference process."""
 
     def __init__(self, engine: InferenceEngine, request: SynthesisRequest) -> None:
@@ -362,7 +362,7 @@ class RemoteSpeechStream:
             if "error" in reply:
                 _raise(reply["error"])
 
-    def __aiter__(self) -> RemoteSpeechStream:
+    def __aiter__(self) -> InferenceProcessStream:
         return self
 
     async def __anext__(self) -> AudioChunk:

@@ -40,6 +40,7 @@ from moshi.models.compression import MimiModel
 
 from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.errors import ModelSourceError
+from misotts_agents.model.config import NUM_CODEBOOKS
 
 __all__ = [
     "CODEBOOK_SIZE",
@@ -56,8 +57,6 @@ __all__ = [
     "num_frames",
 ]
 
-NUM_CODEBOOKS = 32
-"""Codebooks MisoTTS generates per frame (Mimi has 32; moshi's default of 8 is for Moshi itself)."""
 CODEBOOK_SIZE = 2048
 """Bins per codebook. The LM's audio vocabulary is larger (2051: it has EOS/padding ids), so codes
 >= 2048 can come out of sampling and must be filtered before they reach Mimi."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_SEQ_LEN = 2048  # backbone positions; the reference's generate() budget
+NUM_CODEBOOKS = 32  # codebooks per frame (Mimi has 32; moshi's default of 8 is for Moshi itself)
 NORM_EPS = 1e-5
 ROPE_BASE = 500_000.0
 # Llama-3 RoPE scaling used by every MisoTTS / CSM flavor (torchtune Llama3ScaledRoPE).
@@ -81,7 +82,7 @@ class ModelConfig:
     decoder_flavor: str | dict[str, Any]
     text_vocab_size: int = 128_256
     audio_vocab_size: int = 2051
-    audio_num_codebooks: int = 32
+    audio_num_codebooks: int = NUM_CODEBOOKS
 
     @property
     def backbone(self) -> Flavor:

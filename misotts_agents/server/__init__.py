@@ -4,10 +4,10 @@ FastAPI and websockets are imported only when this package is used.
 """
 
 from misotts_agents.errors import RemoteError
-from misotts_agents.server.client import RemoteConnectionError, RemoteEngine, RemoteSpeechStream
+from misotts_agents.server.client import RemoteConnectionError, RemoteEngine, WebSocketSpeechStream
 from misotts_agents.server.protocol import Limits
 
-__all__ = ["Limits", "RemoteConnectionError", "RemoteEngine", "RemoteError", "RemoteSpeechStream", "create_app"]
+__all__ = ["Limits", "RemoteConnectionError", "RemoteEngine", "RemoteError", "WebSocketSpeechStream", "create_app"]
 
 
 def __getattr__(name: str):

@@ -71,7 +71,7 @@ class RemoteEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
-        self._streams: dict[str, RemoteSpeechStream] = {}
+        self._streams: dict[str, WebSocketSpeechStream] = {}
         self._known_audio: set[str] = set()  # audio ids the server has been sent on this connection
         self._tasks: set[asyncio.Task[Any]] = set()
         self._blocking_loop: asyncio.AbstractEventLoop | None = None  # for blocking callers (``for``)
@@ -80,11 +80,11 @@ class RemoteEngine:
 
     # -- MisoEngine's surface ---------------------------------------------------------------
 
-    def stream(self, request: SynthesisRequest) -> RemoteSpeechStream:
+    def stream(self, request: SynthesisRequest) -> WebSocketSpeechStream:
         """A stream for ``request``; it is sent to the server when first iterated."""
         if self._closed:
             raise EngineClosed("the remote engine is closed")
-        return RemoteSpeechStream(self, request)
+        return WebSocketSpeechStream(self, request)
 
     def synthesize(self, request: SynthesisRequest) -> Synthesis:
         """A whole utterance, blocking (on this engine's own loop thread); not from inside a loop."""
@@ -238,7 +238,7 @@ class RemoteEngine:
             asyncio.run_coroutine_threadsafe(quiet(), self._loop)
 
 
-class RemoteSpeechStream:
+class WebSocketSpeechStream:
     """One request on the server: ``async for`` its AudioChunks; ``cancel()`` stops it there too."""
 
     def __init__(self, engine: RemoteEngine, request: SynthesisRequest) -> None:
@@ -274,7 +274,7 @@ class RemoteSpeechStream:
                 setattr(self.stats, key, float(s[key]))
         self.stats.stop_reason = s.get("stop_reason", "eos")
         if msg.get("codes") is not None:
-            self._codes = np.asarray(msg["codes"], dtype=np.int64).reshape(len(msg["codes"]), -1)
+            self._codes = protocol.codes_array(msg["codes"])
         self._push(_End())
 
     # -- caller side ------------------------------------------------------------------------
@@ -282,7 +282,7 @@ class RemoteSpeechStream:
     @property
     def codes(self) -> np.ndarray:
         """The sampled codes (frames, K) once the request ended, when the server sent them; else empty."""
-        return self._codes if self._codes is not None else np.zeros((0, 32), dtype=np.int64)
+        return self._codes if self._codes is not None else protocol.codes_array(None)
 
     @property
     def done(self) -> bool:
@@ -314,10 +314,10 @@ class RemoteSpeechStream:
         assert self._conn is not None
         await self.engine._send(self._conn, text)
 
-    def __aiter__(self) -> RemoteSpeechStream:
+    def __aiter__(self) -> WebSocketSpeechStream:
         return self
 
-    def __iter__(self) -> RemoteSpeechStream:
+    def __iter__(self) -> WebSocketSpeechStream:
         return self
 
     def __next__(self) -> AudioChunk:
@@ -365,13 +365,13 @@ class RemoteSpeechStream:
     async def aclose(self) -> None:
         self.cancel()
 
-    def __enter__(self) -> RemoteSpeechStream:
+    def __enter__(self) -> WebSocketSpeechStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
 
-    async def __aenter__(self) -> RemoteSpeechStream:
+    async def __aenter__(self) -> WebSocketSpeechStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -107,6 +107,7 @@ from misotts_agents.audio import from_int16, to_int16, to_mono
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import WIRE_CODES, InvalidRequest, to_wire
+from misotts_agents.model.config import NUM_CODEBOOKS
 
 MAX_ID_BYTES = 128
 _TAIL = struct.Struct("<IIB")
@@ -403,6 +404,13 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False, know
         v = request.voice
         fields["voice"] = {"speaker": v.speaker, "text": v.text, **audio_fields(v.audio)}
     return message("start", **fields)
+
+
+def codes_array(rows: list[list[int]] | None) -> np.ndarray:
+    """An end message's ``codes`` (frames of K ints) as a (frames, K) array; (0, K) when there are none."""
+    if not rows:
+        return np.zeros((0, NUM_CODEBOOKS), dtype=np.int64)
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
 
 
 def stats_dict(stats: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import ray
 from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -408,12 +409,8 @@ class ReplicaStream:
         return self.stats.replica
 
     @property
-    def codes(self) -> Any:
-        import numpy as np
-
-        if self._codes is None:
-            return np.zeros((0, 32), dtype=np.int64)
-        return np.asarray(self._codes, dtype=np.int64).reshape(len(self._codes), -1)
+    def codes(self) -> np.ndarray:
+        return protocol.codes_array(self._codes)
 
     def __aiter__(self) -> ReplicaStream:
         return self
