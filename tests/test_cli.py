@@ -84,6 +84,19 @@ def test_watermark_check_reports(tiny_dir, tmp_path, capsys):
     assert rc in (0, 1) and str(path) in out and ("not watermarked" in out or "watermarked" in out)
 
 
+def test_watermark_check_reports_a_message_without_confidence(tiny_dir, tmp_path, capsys, monkeypatch):
+    """silentcipher can decode a message and give no confidence: the report says so instead of failing."""
+    import misotts_agents.model.watermark as watermark
+
+    found = watermark.WatermarkDetection(True, (0, 0, 0, 0, 0), None, "message matches the key")
+    monkeypatch.setattr(watermark, "check_file", lambda *args, **kwargs: found)
+    path = tmp_path / "clip.wav"
+    sf.write(path, tone(1.2), 24_000)
+    rc = main(["watermark-check", str(path), "--watermark-model", str(tiny_dir / "silentcipher")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "watermarked (message [0, 0, 0, 0, 0], confidence n/a); message matches the key" in out
+
+
 def test_make_tiny_writes_a_complete_directory(tmp_path, capsys):
     assert main(["make-tiny", str(tmp_path / "t"), "--seed", "1"]) == 0
     names = {p.name for p in (tmp_path / "t").iterdir()}

@@ -80,6 +80,22 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[object]
 # --------------------------------------------------------------------------- resolving / loading
 
 
+def test_tiny_silentcipher_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """Building the fixture draws its weights from a forked RNG: the same seed gives the same files,
+    and the caller's random stream goes on as if nothing had happened."""
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = make_tiny_silentcipher(tmp_path / "a", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    second = make_tiny_silentcipher(tmp_path / "b", seed=5)
+    for name in ("enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt"):
+        a, b = torch.load(first / name), torch.load(second / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_load_from_local_dir(watermarker: Watermarker, sc_dir: Path) -> None:
     assert watermarker.source_dir == sc_dir
     assert watermarker.key == DEFAULT_WATERMARK_KEY

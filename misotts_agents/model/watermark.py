@@ -136,7 +136,7 @@ _HOW_TO_PROVIDE = (
 )
 
 # One lock for all SilentCipher calls in the process: its STFT module is a process-wide singleton
-# (see the module docstring), so per-instance locks would not be enough.
+# (see docs/watermark.md), so per-instance locks would not be enough.
 _SILENTCIPHER_LOCK = threading.Lock()
 
 
@@ -367,8 +367,8 @@ class Watermarker:
 
         ``audio`` is mono floating-point (1-D).  Empty input returns an empty copy; (near-)silent
         input is returned unchanged, because there is no signal to hide a message in and silentcipher
-        would divide by its zero power.  Any length works; very short inputs get a weak mark (see the
-        module docstring).
+        would divide by its zero power.  Any length works; very short inputs get a weak mark (see
+        docs/watermark.md).
         """
         x = check_mono_float(audio)
         rate = _check_rate(sample_rate)

@@ -60,7 +60,8 @@ def make_tiny_silentcipher(path: str | Path, seed: int = 0) -> Path:
 
     The modules are built with silentcipher's own classes and the same constructor arguments
     ``silentcipher.server.Model`` uses, so ``load_state_dict`` accepts the files exactly as it would
-    accept the published checkpoints.  Returns the directory.
+    accept the published checkpoints.  The weights depend only on ``seed``; they are drawn inside
+    ``torch.random.fork_rng``, so the caller's global RNG is left as it was.  Returns the directory.
     """
     import torch
 
@@ -75,22 +76,23 @@ def make_tiny_silentcipher(path: str | Path, seed: int = 0) -> Path:
     hp = SILENTCIPHER_44K_HPARAMS
     config = argparse.Namespace(**hp)
 
-    torch.manual_seed(seed)
-    # Same arguments as server.Model: encoder_out_dim=32, dec_c_conv_dim=32*3.
-    enc_c = Encoder(
-        n_layers=hp["enc_n_layers"],
-        message_dim=hp["message_dim"],
-        out_dim=32,
-        message_band_size=hp["message_band_size"],
-        n_fft=hp["N_FFT"],
-    )
-    dec_c = CarrierDecoder(
-        config=config,
-        conv_dim=32 * 3,
-        n_layers=hp["dec_c_n_layers"],
-        message_band_size=hp["message_band_size"],
-    )
-    dec_m = MsgDecoder(message_dim=hp["message_dim"], message_band_size=hp["message_band_size"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Same arguments as server.Model: encoder_out_dim=32, dec_c_conv_dim=32*3.
+        enc_c = Encoder(
+            n_layers=hp["enc_n_layers"],
+            message_dim=hp["message_dim"],
+            out_dim=32,
+            message_band_size=hp["message_band_size"],
+            n_fft=hp["N_FFT"],
+        )
+        dec_c = CarrierDecoder(
+            config=config,
+            conv_dim=32 * 3,
+            n_layers=hp["dec_c_n_layers"],
+            message_band_size=hp["message_band_size"],
+        )
+        dec_m = MsgDecoder(message_dim=hp["message_dim"], message_band_size=hp["message_band_size"])
 
     _write_hparams(out / "hparams.yaml")
     torch.save(enc_c.state_dict(), out / "enc_c.ckpt")

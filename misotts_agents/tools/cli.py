@@ -193,7 +193,10 @@ def cmd_watermark_check(args: argparse.Namespace) -> int:
     marker = Watermarker.load(source, key=args.watermark_key or DEFAULT_WATERMARK_KEY)
     result = check_file(args.file, marker, phase_shift=args.phase_shift)
     verdict = "watermarked" if result.detected else "not watermarked"
-    detail = f" (message {list(result.message)}, confidence {result.confidence:.2f})" if result.message else ""
+    detail = ""
+    if result.message is not None:  # silentcipher may decode a message without a confidence
+        confidence = "n/a" if result.confidence is None else f"{result.confidence:.2f}"
+        detail = f" (message {list(result.message)}, confidence {confidence})"
     print(f"{args.file}: {verdict}{detail}; {result.reason}")
     return 0 if result.detected else 1
 
