@@ -9,7 +9,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from misotts_agents.audio import FRAME_MS, SAMPLE_RATE, to_int16
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest, MisoError, http_status, to_wire
 from misotts_agents.server import protocol
+from misotts_agents.server.encode import FORMATS, StreamEncoder
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.sessions import EngineBackend
 from misotts_agents.server.textfeed import TextFeed
@@ -180,8 +180,9 @@ def create_app(
             return openai_error(
                 400, f"input too long: {len(text)} characters (at most {limits.max_text_chars})", "too_large"
             )
-        if fmt not in ("pcm", "wav"):
-            return openai_error(400, f"response_format {fmt!r} is not supported: use 'pcm' or 'wav'", "unsupported")
+        if fmt not in FORMATS:
+            supported = ", ".join(FORMATS)
+            return openai_error(400, f"response_format {fmt!r} is not supported: use one of {supported}", "unsupported")
         if msg.get("stream_format") not in (None, "audio"):
             return openai_error(400, "only stream_format 'audio' is supported", "unsupported")
         speed = msg.get("speed", 1.0)
@@ -218,26 +219,29 @@ def create_app(
 
         async def body_iter():
             outcome = "cancelled"
+            encoder = None
             try:
-                if fmt == "wav":
-                    yield wav_header()
+                encoder = StreamEncoder(fmt)  # each chunk encoded as it comes (server/encode.py)
                 if first is not None:
-                    yield to_int16(first.pcm)
+                    yield encoder.encode(first.pcm)
                     metrics.audio_seconds.inc(first.duration_s)
                     async for chunk in stream:
-                        yield to_int16(chunk.pcm)
+                        yield encoder.encode(chunk.pcm)
                         metrics.audio_seconds.inc(chunk.duration_s)
+                yield encoder.finish()
                 outcome = "completed"
             except MisoError as exc:
                 outcome = "error"
                 log.warning("speech request failed mid-stream: %s", exc)
             finally:
+                if encoder is not None:
+                    encoder.close()
                 stream.cancel()
                 metrics.active.dec()
                 metrics.finished("openai", outcome, stream.stats)
 
-        media = "audio/wav" if fmt == "wav" else "audio/pcm"
-        return StreamingResponse(body_iter(), media_type=media, headers={"X-Sample-Rate": str(SAMPLE_RATE)})
+        headers = {"X-Sample-Rate": str(SAMPLE_RATE)}
+        return StreamingResponse(body_iter(), media_type=FORMATS[fmt].content_type, headers=headers)
 
     # -- WebSocket stream -------------------------------------------------------------------
 
@@ -256,20 +260,6 @@ def create_app(
             metrics.connections.dec()
 
     return app
-
-
-def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as streaming
-    servers commonly write)."""
-    unknown = 0xFFFFFFFF
-    return (
-        b"RIFF"
-        + struct.pack("<I", unknown)
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-        + b"data"
-        + struct.pack("<I", unknown)
-    )
 
 
 class _Connection:
