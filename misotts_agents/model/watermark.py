@@ -1,62 +1,7 @@
-"""Inaudible SilentCipher watermark for generated speech (framework-free).
-
-Why this exists
----------------
-The MisoTTS reference watermarks everything it generates with Sony's SilentCipher (44.1 kHz model,
-``message_sdr=36``) using the public key ``[0, 0, 0, 0, 0]``, and ships a detector for it.  We embed the
-same message the same way so that the reference detector recognises audio produced by this package as
-synthetic.  Watermarking is on by default; switching it off has to be an explicit choice
-(``--no-watermark`` / ``watermark=False`` in the callers), and when it is on but the weights cannot be
-found we raise :class:`WatermarkUnavailable` instead of quietly emitting unmarked audio.
-
-How a clip is marked
---------------------
-SilentCipher only runs at 44.1 kHz.  :meth:`Watermarker.apply` resamples the input to 44.1 kHz with
-soxr, runs ``encode_wav``, takes the *residual* (watermarked minus input, at 44.1 kHz), resamples only
-that residual back to the caller's rate and adds it to the untouched input.  The embedded mark is the
-same as resampling the whole watermarked clip back (the reference's way), but the speech itself never
-goes through a resampling round trip, and in streaming no resampler edge effects land on the speech at
-chunk boundaries.  The message lives in the 0-11 kHz STFT bins, so it fits below the 12 kHz Nyquist
-limit of 24 kHz audio.
-
-Streaming policy: each emitted chunk is marked on its own
-----------------------------------------------------------
-:class:`StreamWatermarker` watermarks every chunk as it is emitted and holds nothing back, so the only
-added latency is the encode compute (measured ~0.4-0.5 s of CPU per second of audio on 2 cores;
-roughly 45 ms for an 80 ms chunk).  The alternative, buffering audio until a block of at least 1-2 s
-is available, would add those 1-2 s to time-to-first-audio, which is what a voice agent cannot afford.
-
-The cost is honesty about strength.  SilentCipher is not a streaming algorithm: its output depends on
-the whole clip (power normalisation over the clip, BatchNorm left in training mode so it normalises
-with the current input's statistics, utterance-level RMS scaling, about +/-0.33 s of convolutional
-context, and the message phase restarting at frame 0 on each call).  Marking a 4 s signal in pieces and
-correlating the residual with the whole-clip residual gave (``shared/notes/engine.md``, section 2):
-
-=========  ===========
-chunk      correlation
-=========  ===========
-80 ms      0.24
-0.5 s      0.42
-1 s        0.47
-2 s        0.84
-=========  ===========
-
-So marks on very short chunks are weaker than a whole-clip mark.  The engine grows its emitted chunks
-to at least 1-2 s quickly, so most of an utterance is marked in long pieces.  Detection also needs at
-least one full message window per decode (:data:`MIN_DETECT_SAMPLES_44K` samples, ~0.84 s) and takes a
-majority vote over windows, so short chunks on their own cannot be verified at all.  Whether
-per-chunk-marked audio decodes with the real weights is not verified by this package's tests (they use
-random weights).
-
-Thread safety
--------------
-silentcipher's model is not thread-safe: BatchNorm in training mode updates its running statistics on
-every call, and the ``STFT`` module is a process-wide singleton whose ``num_samples`` attribute is
-mutated by ``encode_wav``.  Because that singleton is shared by *every* loaded SilentCipher model in the
-process, one module-level lock serialises all calls, not a lock per :class:`Watermarker`.
-
-``import silentcipher`` is slow (it pulls in librosa, scipy.stats and pydub; seconds on a cold start),
-so it is imported lazily in :meth:`Watermarker.load`, not at module import.
+"""Inaudible SilentCipher watermark for generated speech (framework-free): the reference's key and
+strength, so its detector recognises our audio; each streamed chunk marked as it leaves (no added
+latency, weaker marks on short chunks); one process-wide lock around silentcipher, which is not
+thread-safe; silentcipher imported lazily. Why each of these, with measurements: docs/watermark.md.
 """
 
 from __future__ import annotations
