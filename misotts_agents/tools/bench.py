@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
@@ -101,7 +102,7 @@ def requests_for(level: int, frames: int, base_seed: int) -> list[SynthesisReque
     return [SynthesisRequest(TEXT, seed=base_seed + i, max_audio_ms=FRAME_S * 1000 * frames) for i in range(level)]
 
 
-async def consume(stream, submitted: float) -> StreamResult:
+async def consume(stream, submitted: float, bar: tqdm | None = None) -> StreamResult:
     """Pull every chunk of one stream; note when its first audio arrived (since submission)."""
     first = None
     frames = 0
@@ -109,28 +110,36 @@ async def consume(stream, submitted: float) -> StreamResult:
         if first is None:
             first = time.perf_counter() - submitted
         frames += chunk.frames
+        if bar is not None:
+            bar.update(chunk.frames)
     stats = stream.stats
     return StreamResult(frames, first if first is not None else float("nan"), stats.real_time_factor, stats.stop_reason)
 
 
-async def run_batched(engine: MisoEngine, requests: list[SynthesisRequest]) -> tuple[float, list[StreamResult]]:
+async def run_batched(
+    engine: MisoEngine, requests: list[SynthesisRequest], bar: tqdm | None = None
+) -> tuple[float, list[StreamResult]]:
     submitted = time.perf_counter()
     streams = [engine.stream(r) for r in requests]
-    results = await asyncio.gather(*(consume(s, submitted) for s in streams))
+    results = await asyncio.gather(*(consume(s, submitted, bar) for s in streams))
     return time.perf_counter() - submitted, list(results)
 
 
-async def run_sequential(engine: MisoEngine, requests: list[SynthesisRequest]) -> tuple[float, list[StreamResult]]:
+async def run_sequential(
+    engine: MisoEngine, requests: list[SynthesisRequest], bar: tqdm | None = None
+) -> tuple[float, list[StreamResult]]:
     submitted = time.perf_counter()  # all N are "submitted" now; each waits for the ones ahead of it
-    results = [await consume(engine.stream(r), submitted) for r in requests]
+    results = [await consume(engine.stream(r), submitted, bar) for r in requests]
     return time.perf_counter() - submitted, results
 
 
-def run(engine: MisoEngine, mode: str, level: int, frames: int, base_seed: int) -> RunResult:
+def run(engine: MisoEngine, mode: str, level: int, frames: int, base_seed: int, bar: tqdm | None = None) -> RunResult:
     requests = requests_for(level, frames, base_seed)
     steps_before = engine.metrics().steps
     runner = run_batched if mode == "batched" else run_sequential
-    wall_s, streams = asyncio.run(runner(engine, requests))
+    if bar is not None:
+        bar.set_description(f"{mode} N={level}")
+    wall_s, streams = asyncio.run(runner(engine, requests, bar))
     check_idle(engine, f"{mode} N={level}")
     for i, s in enumerate(streams):
         if s.frames != frames:
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         watermark=args.watermark,
         max_batch=max_batch,
         batch_buckets=args.batch_buckets,
-        progress=False,
+        progress=True,  # the weights' loading bar (stderr)
     )
     try:
         device, dtype = str(engine.device), str(engine.model.dtype).removeprefix("torch.")
@@ -288,13 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average at start (1/5/15 min): {format_load()} on {os.cpu_count()} CPUs")
         print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
 
-        run(engine, "batched", levels[-1], args.frames, args.seed)  # warm-up: one-off allocations
-        results = []
-        for level in levels:
-            for mode in ("batched", "sequential"):
-                result = run(engine, mode, level, args.frames, args.seed)
-                results.append(result)
-                print(f"  N={level:<3} {mode:<10} {result.wall_s:6.2f} s wall", flush=True)
+        # A progress bar of frames generated, on stderr when it is a terminal (the table stays on stdout).
+        total = args.frames * (levels[-1] + 2 * sum(levels))
+        with tqdm(total=total, unit="frame", file=sys.stderr, disable=None, leave=False) as bar:
+            print("warm-up (one-off allocations, CUDA graph capture)...", flush=True)
+            run(engine, "batched", levels[-1], args.frames, args.seed, bar)
+            results = []
+            for level in levels:
+                for mode in ("batched", "sequential"):
+                    result = run(engine, mode, level, args.frames, args.seed, bar)
+                    results.append(result)
+                    bar.write(f"  N={level:<3} {mode:<10} {result.wall_s:6.2f} s wall", file=sys.stdout)
         print()
         print_table(results)
         print()
