@@ -101,6 +101,8 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     print(report)  # shown with -s; also part of every failure message below
 
     assert not page.get("errors") and page.get("connectionState") == "connected", report
+    # The page says which parts are real: here the voice; transcripts and replies are stand-ins.
+    assert {k: v["real"] for k, v in page["info"]["parts"].items()} == {"stt": False, "llm": False, "tts": True}
     # The user's turn was heard (VAD on the fake microphone) and answered through MisoTTS,
     # conditioned on the captured audio of that turn.
     assert "user turn:" in log and "scripted reply" in log, report
@@ -459,6 +461,33 @@ def test_local_whisper_when_its_model_is_there(no_keys: pytest.MonkeyPatch, tmp_
     (tmp_path / "w" / "model.bin").write_bytes(b"")
     assert services.whisper_problem(str(tmp_path / "w")) is None
     assert resolve_stt("auto", str(tmp_path / "w")) == "whisper"
+
+
+def test_voice_upload_is_checked(tmp_path: Path) -> None:
+    """The page's voice clip: any audio file, decoded to 24 kHz mono; junk, a clip too short or too
+    long, or a missing transcript is a clear error."""
+    import soundfile as sf
+
+    from misotts_agents.errors import InvalidRequest
+    from misotts_agents.tools.demo.voice import voice_from_upload
+
+    def clip(seconds: float, rate: int = 44_100, fmt: str = "WAV") -> bytes:
+        path = tmp_path / f"clip.{fmt.lower()}"
+        t = np.arange(int(seconds * rate)) / rate
+        sf.write(path, np.stack([np.sin(2 * np.pi * 200 * t)] * 2, axis=1) * 0.3, rate, format=fmt)
+        return path.read_bytes()
+
+    voice = voice_from_upload(clip(3.0, fmt="FLAC"), " Hello there. ", speaker=0)
+    assert voice.sample_rate == 24_000 and abs(len(voice.audio) / 24_000 - 3.0) < 0.02 and voice.text == "Hello there."
+    for data, text, message in (
+        (b"not audio at all" * 100, "Hi.", "could not be decoded"),
+        (clip(0.4), "Hi.", "0.4 s long"),
+        (clip(31.5, rate=8000), "Hi.", "31"),
+        (clip(2.0), "  ", "transcript"),
+        (b"", "Hi.", "empty"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            voice_from_upload(data, text, speaker=0)
 
 
 def test_demo_help_is_light() -> None:
