@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from misotts_agents.audio import SAMPLE_RATE, to_int16
+
+if TYPE_CHECKING:
+    from av.audio.stream import AudioStream
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class StreamEncoder:
         self.spec = FORMATS[fmt]
         self.sample_rate = sample_rate
         self._header = wav_header(sample_rate) if fmt == "wav" else b""
-        self._av: _AVEncoder | None = _AVEncoder(self.spec, sample_rate) if self.spec.muxer else None
+        spec = self.spec
+        self._av = _AVEncoder(spec.muxer, spec.codec, spec, sample_rate) if spec.muxer and spec.codec else None
 
     @property
     def content_type(self) -> str:
@@ -98,16 +102,17 @@ class _Sink:
 
 
 class _AVEncoder:
-    def __init__(self, spec: AudioFormat, sample_rate: int) -> None:
+    def __init__(self, muxer: str, codec: str, spec: AudioFormat, sample_rate: int) -> None:
         import av
 
         self._av = av
         self._sink = _Sink()
         # flush_packets: each packet leaves FFmpeg's I/O buffer as soon as it is muxed.
         options = {"flush_packets": "1", **spec.muxer_options}
-        self._container = av.open(self._sink, mode="w", format=spec.muxer, options=options, buffer_size=4096)
+        self._container = av.open(self._sink, mode="w", format=muxer, options=options, buffer_size=4096)
         codec_options = {"frame_size": str(spec.frame_size)} if spec.frame_size else {}
-        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono", options=codec_options)
+        stream = self._container.add_stream(codec, rate=sample_rate, layout="mono", options=codec_options)
+        self._stream = cast("AudioStream", stream)
         if spec.bit_rate:
             self._stream.codec_context.bit_rate = spec.bit_rate
         self._container.start_encoding()  # the header now: it leaves with the first chunk, or alone

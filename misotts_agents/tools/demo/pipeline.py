@@ -100,7 +100,7 @@ def build_conversation(transport: Any, options: DemoOptions, engine: Any) -> Con
             " No speech recognizer is running: each user message is only a placeholder such as "
             "'(user spoke for 2.3 s)'. Do not pretend to know what was said."
         )
-    messages = [{"role": "system", "content": system}] if llm_kind != "scripted" else []
+    messages: list[Any] = [{"role": "system", "content": system}] if llm_kind != "scripted" else []
     context = LLMContext(messages)
     user, assistant = LLMContextAggregatorPair(
         context, user_params=LLMUserAggregatorParams(vad_analyzer=SileroVADAnalyzer())

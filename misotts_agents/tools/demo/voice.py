@@ -19,6 +19,7 @@ MAX_VOICE_S = 30.0  # a voice prompt is meant to be ~10 s; longer ones only cost
 def decode_clip(data: bytes, max_seconds: float = MAX_VOICE_S) -> np.ndarray:
     """The clip's first audio stream as 24 kHz mono float32; InvalidRequest if it is not audio."""
     import av
+    from av.error import FFmpegError
 
     if not data:
         raise InvalidRequest("the voice clip is empty")
@@ -28,7 +29,7 @@ def decode_clip(data: bytes, max_seconds: float = MAX_VOICE_S) -> np.ndarray:
     parts: list[np.ndarray] = []
     got = 0
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
                 raise InvalidRequest("the voice clip has no audio stream")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -40,7 +41,7 @@ def decode_clip(data: bytes, max_seconds: float = MAX_VOICE_S) -> np.ndarray:
                     break
             else:
                 parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    except av.error.FFmpegError as exc:
+    except FFmpegError as exc:
         raise InvalidRequest(f"the voice clip could not be decoded: {exc}") from exc
     audio = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     seconds = audio.size / SAMPLE_RATE
