@@ -1,5 +1,6 @@
 """Turn memory: user audio with pre-roll and transcript, agent turns cut at interruptions, bounds."""
 
+import itertools
 import time
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 from signals import tone
 
 from misotts_agents.audio import to_mono
-from misotts_agents.engine.memory import ConversationMemory, cut_text
+from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
+from misotts_agents.engine.words import CHARS_PER_S, WordAligner, WordTiming, split_for_length
 
 
 def frames(audio: np.ndarray, rate: int, ms: int = 20):
@@ -102,10 +105,11 @@ def test_bounded_and_switchable():
 def test_long_agent_turn_keeps_its_start_and_the_matching_text():
     mem = ConversationMemory(max_turn_s=1.0)
     mem.agent_started("one two three four")
-    mem.push_agent_audio(tone(2.0))  # twice the cap: the first second is kept, and half the words
+    mem.push_agent_audio(tone(2.0))  # twice the cap: the first second is kept, and the words started in it
     mem.agent_finished()
     (seg,) = mem.context()
-    assert seg.audio.size == 24_000 and seg.text == "one two"
+    # (no word timings came: estimated over the 2 s by length, 4:4:6:5 -> starts 0, 0.42, 0.84, 1.47 s)
+    assert seg.audio.size == 24_000 and seg.text == "one two three"
 
 
 def test_user_audio_resampled_as_one_stream():
@@ -130,10 +134,6 @@ def test_shared_engine_key_fills_defaults():
     assert _key("m", {}) != _key("m", {"max_batch": 2})
 
 
-def test_cut_text():
-    assert cut_text("a b c d", 0.5) == "a b" and cut_text("a b", 1.0) == "a b" and cut_text("a b", 0.0) == ""
-
-
 def test_bad_user_audio_is_refused():
     mem = ConversationMemory()
     mem.user_started_speaking()
@@ -149,3 +149,163 @@ def test_shared_engine_is_one_per_model(tiny_dir):
     c = shared_engine(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
     assert c is not a and not c.closed
     c.close()
+
+
+# -- word timings -----------------------------------------------------------------------------------
+
+
+def test_words_are_spread_by_length_and_handed_out_once_in_order():
+    aligner = WordAligner("Sure thing. Your order ships today.")
+    got = []
+    for k in range(1, 30):  # 80 ms chunks, the sentence still going
+        got += aligner.advance(k * 0.08)
+    assert [w.word for w in got] == ["Sure", "thing.", "Your", "order", "ships"]  # the last is held back
+    starts = [w.start_s for w in got]
+    assert starts == sorted(starts) and starts[0] == 0.0
+    # by length at the prior rate while the audio is short of it: "thing." after "Sure " (5 characters)
+    assert abs(got[1].start_s - 5 / CHARS_PER_S) < 1e-9
+    assert all(w.start_s < k_end for w, k_end in zip(got, [0.08, 0.4, 0.88, 1.28, 1.68], strict=True))
+    # end of speech at 3.0 s: the rest placed by its share of the real length, never before a word given
+    (last,) = aligner.advance(3.0, ended=True)
+    assert last.word == "today." and last.end_s == 3.0 and got[-1].start_s <= last.start_s < 3.0
+    assert aligner.advance(3.2, ended=True) == ()
+
+
+def test_a_sentence_cut_by_its_limit_hands_out_only_the_words_started():
+    aligner = WordAligner("one two three four five six")
+    words = aligner.advance(0.8)  # the limit came at 0.8 s (the final chunk, but not end of speech)
+    assert [w.word for w in words] == ["one", "two", "three"] and aligner.remaining == 3
+
+
+def test_end_of_speech_sooner_than_expected_refines_the_timings():
+    aligner = WordAligner("one two three four five six")  # ~2.1 s at the prior rate
+    first = aligner.advance(0.08)
+    rest = aligner.advance(1.0, ended=True)  # but it was said in 1 s
+    words = [*first, *rest]
+    assert [w.word for w in words] == "one two three four five six".split()
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words)) and rest[-1].end_s == 1.0
+    assert abs(rest[0].start_s - 4 / 28 * 1.0) < 1e-9  # "two" at its share (after "one ": 4 of 28) of 1 s
+
+
+def test_long_text_is_split_at_clauses_then_words():
+    text = "When it arrives, and it will arrive soon, please check the box; then call us back right away."
+    parts = split_for_length(text, 2.5)
+    assert " ".join(parts) == text and len(parts) == 4 and all(p.endswith((",", ";", ".")) for p in parts)
+    assert split_for_length("Short one.", 2.0) == ["Short one."]
+    run_on = " ".join(["word"] * 40)  # no clause boundary at all: between words
+    assert all(len(p) / CHARS_PER_S <= 2.0 for p in split_for_length(run_on, 2.0))
+
+
+def test_playout_clock_ahead_and_behind():
+    now = [0.0]
+    clock = PlayoutClock(lambda: now[0])
+    assert clock.push(2.0) == 0.0  # generation far ahead: 2 s handed over at once
+    now[0] = 0.5
+    assert clock.heard_s() == 0.5 and clock.push(0.5) == 2.0  # queued behind the first 2 s
+    now[0] = 4.0  # the player ran dry at 2.5 s: the next audio plays when it comes
+    assert clock.heard_s() == 2.5 and clock.push(0.08) == 4.0
+    now[0] = 4.04
+    assert abs(clock.heard_s() - 2.54) < 1e-9
+
+
+def chunk_words(text: str, seconds: float, chunk_s: float = 0.16) -> list[tuple[np.ndarray, tuple]]:
+    """Chunks of ``seconds`` of audio with their words, as the engine streams a sentence that ends."""
+    aligner = WordAligner(text)
+    n = round(seconds / chunk_s)
+    return [(tone(chunk_s), aligner.advance((k + 1) * chunk_s, ended=k == n - 1)) for k in range(n)]
+
+
+def test_interrupted_turn_keeps_the_words_heard_when_generation_is_ahead():
+    now = [0.0]
+    mem = ConversationMemory()
+    mem.clock = lambda: now[0]
+    said = "one two three four five six seven eight"
+    mem.agent_started(said)
+    timed = [(pcm, words) for pcm, words in chunk_words(said, 3.2)]
+    for pcm, words in timed:  # all 3.2 s generated at once
+        mem.push_agent_audio(pcm, words)
+    now[0] = 1.0  # the user barges in after 1 s of playback
+    mem.agent_finished(interrupted=True)
+    (turn,) = mem.context()
+    heard = [w.word for _, words in timed for w in words if w.start_s < 1.0]
+    assert turn.audio.size == 24_000 and turn.text == " ".join(heard) and 0 < len(heard) < 8
+
+
+def test_interrupted_turn_keeps_the_words_heard_when_generation_is_behind():
+    """Generation slower than playback: everything generated was heard, but only the words generated
+    so far (the rest of the sentence was never said): not the whole sentence's text."""
+    now = [0.0]
+    mem = ConversationMemory()
+    mem.clock = lambda: now[0]
+    said = "Sure thing. Your order ships today."
+    mem.agent_started(said)
+    aligner = WordAligner(said)
+    for k in range(8):  # 0.64 s of a ~2.6 s sentence, one 80 ms chunk every 0.12 s
+        now[0] = 0.12 * k
+        mem.push_agent_audio(tone(0.08), aligner.advance((k + 1) * 0.08))
+    now[0] = 0.12 * 8
+    mem.agent_finished(interrupted=True)
+    (turn,) = mem.context()
+    assert turn.audio.size == 8 * 1920  # all of it played (the player waited for each chunk)
+    assert turn.text == "Sure thing." and aligner.remaining == 4
+
+
+def test_explicit_heard_position_and_two_sentences():
+    mem = ConversationMemory()
+    mem.agent_started()
+    for text in ("One two.", "Three four."):
+        mem.agent_add_text(text)
+        for pcm, words in chunk_words(text, 0.64):
+            mem.push_agent_audio(pcm, words)
+    mem.agent_finished(interrupted=True, heard_s=0.64 + 0.1)  # the framework says: 0.74 s played
+    (turn,) = mem.context()
+    assert turn.audio.size == round(0.74 * 24_000) and turn.text == "One two. Three"
+
+
+def test_only_an_interruption_cuts_and_a_user_turn_meanwhile_comes_after():
+    now = [0.0]
+    mem = ConversationMemory(pre_roll_s=0)
+    mem.clock = lambda: now[0]
+    mem.agent_started("A reply the user talks over.")
+    mem.push_agent_audio(tone(2.0), (WordTiming("A", 0.0, 0.1),))
+    now[0] = 0.5  # interruptions off: the user speaks while the reply plays on
+    mem.user_started_speaking()
+    mem.push_user_audio(tone(0.4), 24_000)
+    mem.user_stopped_speaking()
+    mem.add_user_transcript("Hm.")
+    assert mem.context() == ()  # the user's turn waits for the reply's
+    mem.agent_add_text("More of it.")
+    mem.push_agent_audio(tone(1.0))
+    mem.agent_finished()  # played out (the next reply starts): kept whole
+    agent, user = mem.context()
+    assert agent.audio.size == 3 * 24_000 and agent.text.startswith("A") and agent.text.endswith("More of it.")
+    assert (user.speaker, user.text) == (1, "Hm.")
+
+
+def test_user_resampler_is_flushed_at_the_end_of_each_turn():
+    mem = ConversationMemory(pre_roll_s=0)
+    for text in ("first", "second"):
+        mem.user_started_speaking()
+        for f in frames(tone(0.6, 16_000), 16_000):
+            mem.push_user_audio(f, 16_000)
+        mem.user_stopped_speaking()
+        mem.add_user_transcript(text)
+    first, second = mem.context()
+    assert first.audio.size == second.audio.size == round(0.6 * 24_000)  # each turn whole, none spilled
+
+
+def test_preflight_transcript_conditions_a_reply_before_the_turn_ends():
+    mem = ConversationMemory(pre_roll_s=0)
+    mem.user_started_speaking()
+    mem.push_user_audio(tone(0.5), 24_000)
+    assert mem.context() == ()  # nothing known yet
+    mem.user_preflight_transcript("Where is")
+    (pending,) = mem.context()
+    assert (pending.speaker, pending.text, pending.audio.size) == (1, "Where is", 12_000)
+    mem.add_user_transcript("Where is my order?")
+    mem.user_preflight_transcript()  # the finals are all there is so far
+    mem.push_user_audio(tone(0.1), 24_000)
+    assert mem.context()[0].text == "Where is my order?" and mem.context()[0].audio.size == 14_400
+    mem.user_stopped_speaking()  # committed: the turn itself, once
+    (turn,) = mem.context()
+    assert turn.text == "Where is my order?" and turn.audio.size == 14_400

@@ -3,7 +3,8 @@
 The scheduler thread pushes audio chunks into the stream's mailbox; the caller pulls them by
 iterating (blocking) or ``async for`` (awaiting without blocking the event loop). The watermark is
 applied here, on the caller's side (in a worker thread for async callers), so the CPU-heavy
-SilentCipher work never stalls the shared GPU step.
+SilentCipher work never stalls the shared GPU step. Word timings (engine/words.py) are attached
+here too, as each chunk reaches the caller.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
+from misotts_agents.engine.words import WordAligner
+from misotts_agents.model.config import MAX_SEQ_LEN
 from misotts_agents.model.watermark import StreamWatermarker
 
 
@@ -75,7 +79,8 @@ class SpeechStream:
     frame step and free its slot; so do leaving a ``with`` / ``async with`` block and cancelling the
     task that awaits it. Iteration stops at once after a cancel (buffered audio is dropped).
     ``final`` is True on the last chunk when the utterance ended by itself (end of speech or a
-    length limit); iteration stops at the end either way.
+    length limit); iteration stops at the end either way. Each chunk carries the words it covers
+    (``AudioChunk.words``, estimated timings).
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class SpeechStream:
         self._watermark = watermark
         self._on_cancel = on_cancel
         self._ended = False
+        self._aligner = WordAligner(request.text)
+        self._end_frame = 0  # frames handed to the caller so far
 
     # -- scheduler side -----------------------------------------------------------------------
 
@@ -128,6 +135,12 @@ class SpeechStream:
     def done(self) -> bool:
         return self._ended
 
+    @property
+    def queued(self) -> bool:
+        """Still waiting for an engine slot (being prepared, or queued behind other requests): a
+        caller's timeout for the first audio should not run yet."""
+        return self.stats.queued_s is None and not self._ended and not self.cancelled.is_set()
+
     def cancel(self) -> None:
         if not self.cancelled.is_set() and not self._ended:
             self.cancelled.set()
@@ -137,15 +150,29 @@ class SpeechStream:
 
     def _take(self, item: object) -> AudioChunk | None:
         if isinstance(item, AudioChunk):
-            return item
+            return self._with_words(item)
         self._ended = True
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, _End) and item.reason == "eos" and self._end_frame and self._aligner.remaining:
+            # End of speech came right after a chunk: its last words come with an empty final chunk.
+            words = self._aligner.advance(self._end_frame * FRAME_MS / 1000, ended=True)
+            return AudioChunk(np.zeros(0, dtype=np.float32), self._end_frame, 0, True, words=words)
         return None
+
+    def _with_words(self, chunk: AudioChunk) -> AudioChunk:
+        self._end_frame = chunk.start_frame + chunk.frames
+        # A final chunk ends the sentence by itself unless a length limit cut it: then the words
+        # that did not fit were never spoken, and are not handed out.
+        cut = (
+            self._end_frame >= self.request.max_frames or self.stats.prompt_frames - 1 + self._end_frame >= MAX_SEQ_LEN
+        )
+        words = self._aligner.advance(self._end_frame * FRAME_MS / 1000, ended=chunk.final and not cut)
+        return replace(chunk, words=words) if words else chunk
 
     def _mark(self, chunk: AudioChunk) -> AudioChunk:
         if self._watermark is not None and chunk.pcm.size:
-            chunk = AudioChunk(self._watermark.process(chunk.pcm), chunk.start_frame, chunk.frames, chunk.final)
+            chunk = replace(chunk, pcm=self._watermark.process(chunk.pcm))
         if self.stats.time_to_first_audio_s is None:
             self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
         return chunk
