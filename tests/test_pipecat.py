@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from pipecat.frames.frames import (
+    AggregatedTextProgressFrame,
     ErrorFrame,
     Frame,
     InputAudioRawFrame,
@@ -20,19 +21,26 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    OutputAudioRawFrame,
+    StartFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    TTSTextFrame,
     TTSUpdateSettingsFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
 from pipecat.utils.errors import ErrorCategory
 from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone, wait_until
@@ -42,6 +50,7 @@ from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.engine.words import WordAligner, WordTiming
 from misotts_agents.errors import EngineBusy
 from misotts_agents.pipecat import MisoTTSService
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
@@ -68,8 +77,8 @@ class Spy:
         self.calls: list[tuple] = []
         real = engine.stream
 
-        def stream(request):
-            s = fake(request) if fake is not None else real(request)
+        def stream(request, **options):  # (the server passes its client's identity)
+            s = fake(request) if fake is not None else real(request, **options)
             self.calls.append((request, s))
             return s
 
@@ -86,14 +95,33 @@ def run(service, frames, rate: int = 24_000):
     )
 
 
+WORD_FRAMES = (TTSTextFrame, AggregatedTextProgressFrame)  # one pair per word, as the word plays
+
+
 def names(frames: list[Frame]) -> list[str]:
+    """Frame types in order, runs of audio collapsed, word frames left out (see spoken_words)."""
     out: list[str] = []
     for f in frames:
         name = type(f).__name__
-        if name == "TTSAudioRawFrame" and out and out[-1] == name:
+        if isinstance(f, WORD_FRAMES) or (name == "TTSAudioRawFrame" and out and out[-1] == name):
             continue
         out.append(name)
     return out
+
+
+def said(text: str, stats: StreamStats) -> str:
+    """The words of ``text`` the engine says were spoken: all of them when the sentence ended by itself,
+    else those that started within the audio before the length limit cut it (engine/words.py)."""
+    if stats.stop_reason == "eos":
+        return text
+    return " ".join(w.word for w in WordAligner(text).advance(stats.frames * 0.08))
+
+
+def spoken_words(frames: list[Frame]) -> list[str]:
+    """The words pushed as TTSTextFrames (word timestamps), checked to come in time order."""
+    words = [f for f in frames if isinstance(f, TTSTextFrame)]
+    assert [f.pts for f in words] == sorted(f.pts for f in words) and all(f.pts for f in words)
+    return [f.text for f in words]
 
 
 def user_turn(text_frame: Frame, seconds: float = 0.6, rate: int = 16_000) -> list[Frame]:
@@ -103,12 +131,11 @@ def user_turn(text_frame: Frame, seconds: float = 0.6, rate: int = 16_000) -> li
     return [UserStartedSpeakingFrame(), *audio, UserStoppedSpeakingFrame(), text_frame]
 
 
-# What one TTSSpeakFrame produces downstream, in order, when its utterance streams one chunk.
+# What one TTSSpeakFrame produces downstream, in order (audio collapsed, word frames aside).
 SPEAK_FRAMES = [
     "AggregatedTextFrame",
     "TTSStartedFrame",
     "TTSAudioRawFrame",
-    "TTSTextFrame",
     "LLMAssistantPushAggregationFrame",
     "TTSStoppedFrame",
 ]
@@ -130,6 +157,7 @@ def test_speak_frame_order_and_pcm(mode, monkeypatch):
     tts = MisoTTSService(**mode.kwargs, settings=SHORT)
     down, up = run(tts, [TTSSpeakFrame("Hello there.")])
     assert names(down) == SPEAK_FRAMES
+    assert " ".join(spoken_words(down)) == "Hello there."  # timed words (a word cut by max_audio_ms: at the end)
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert len(audio) > 1  # streamed in chunks, not one blob
@@ -155,18 +183,18 @@ def test_llm_reply_one_context_and_sentences_condition_each_other(mode, monkeypa
         "AggregatedTextFrame",
         "TTSStartedFrame",
         "TTSAudioRawFrame",
-        "TTSTextFrame",
         "AggregatedTextFrame",
         "TTSAudioRawFrame",
-        "TTSTextFrame",
         "TTSStoppedFrame",
         "LLMFullResponseEndFrame",
     ]
+    # every word, in time order (the words a length limit cut come at the end of the reply, from Pipecat)
+    assert " ".join(spoken_words(down)) == "Hello there. How are you today?"
     assert len({f.context_id for f in down if isinstance(f, TTSAudioRawFrame)}) == 1
     first, second = spy.requests
     assert first.context == ()
     (seg,) = second.context  # the reply so far: its first sentence, as generated
-    assert (seg.speaker, seg.text) == (0, "Hello there.")
+    assert (seg.speaker, seg.text) == (0, said("Hello there.", spy.calls[0][1].stats))  # the words in its audio
     assert seg.audio.size == spy.calls[0][1].stats.frames * FRAME_SAMPLES
 
 
@@ -269,6 +297,136 @@ class FakeStream:
         raise StopAsyncIteration
 
 
+class PacedStream:
+    """What the engine streams for a sentence, at a chosen pace: a chunk of ``CHUNK_S`` every
+    ``every_s`` seconds (0: all at once, generation far ahead of playback; more than ``CHUNK_S``:
+    slower than real time, so playback stalls), each with the words whose start falls in it (one word
+    every ``WORD_S``), until ``seconds`` of audio, then end of speech (or hold until cancelled)."""
+
+    CHUNK_S, WORD_S = 0.16, 0.4
+
+    def __init__(self, text: str, seconds: float, every_s: float = 0.0, hold: bool = True) -> None:
+        self.words = text.split()
+        self.frames = round(self.CHUNK_S * 12.5)
+        self.count = round(seconds / self.CHUNK_S)
+        self.every_s, self.hold = every_s, hold
+        self.sent = 0
+        self.cancelled = False
+        self.stats = StreamStats()
+        self.codes = np.zeros((0, 32), dtype=np.int64)
+
+    def word_start(self, i: int) -> float:
+        return i * self.WORD_S
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.sent >= self.count:
+            if self.hold:
+                await asyncio.sleep(30)  # still generating when the user barges in
+            raise StopAsyncIteration
+        if self.every_s:
+            await asyncio.sleep(self.every_s)
+        k, self.sent = self.sent, self.sent + 1
+        start, end = k * self.CHUNK_S, (k + 1) * self.CHUNK_S
+        last = self.sent == self.count and not self.hold
+        words = tuple(
+            WordTiming(w, self.word_start(i), self.word_start(i + 1))
+            for i, w in enumerate(self.words)
+            if start <= self.word_start(i) < end or (last and self.word_start(i) >= end)
+        )
+        return AudioChunk(tone(self.CHUNK_S), k * self.frames, self.frames, last, words=words)
+
+
+class Speaker(BaseOutputTransport):
+    """An output transport that plays audio at real time (sleeping for it, as a sound card blocks) and
+    releases word frames at their presentation time, as Pipecat's transports do; ``barge_at``: once
+    that much audio has played, the user barges in (``barge`` broadcasts an interruption)."""
+
+    def __init__(self, barge: FrameProcessor, barge_at: float) -> None:
+        super().__init__(TransportParams(audio_out_enabled=True, audio_out_sample_rate=24_000))
+        self.barge, self.barge_at = barge, barge_at
+        self.played = 0.0
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)
+        self.played += len(frame.audio) / 2 / frame.sample_rate
+        if self.barge_at is not None and self.played >= self.barge_at:
+            self.barge_at = None
+            self.barge.create_task(self.barge.broadcast_interruption())
+        return True
+
+
+class Barge(FrameProcessor):
+    """Stands where the user aggregator is: it broadcasts the interruption when the speaker says so."""
+
+    async def process_frame(self, frame, direction):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+def reply(text: str) -> list[Frame]:
+    return [LLMFullResponseStartFrame(), LLMTextFrame(text), LLMFullResponseEndFrame()]
+
+
+@pytest.mark.parametrize("pace", ["ahead", "behind"])
+def test_interrupted_reply_keeps_exactly_the_words_heard(mode, monkeypatch, pace):
+    """Generation far ahead of playback (a GPU), or slower than it (a loaded GPU, a CPU: playback
+    stalls): either way Pipecat's assistant context and the turn memory keep the same words, those
+    whose audio had started playing when the user barged in, and the memory's audio is what played."""
+    said = "one two three four five six seven eight nine ten."
+    every = 0.0 if pace == "ahead" else 1.5 * PacedStream.CHUNK_S
+    Spy(mode.engine, monkeypatch, fake=lambda r: PacedStream(r.text, 3.2, every_s=every))
+    tts = MisoTTSService(**mode.kwargs)
+    context = LLMContext()
+    barge = Barge()
+    speaker = Speaker(barge, barge_at=1.0)  # words start at 0, 0.4, 0.8, 1.2...: three were heard
+    frames = [*reply(said), SleepFrame(4.0)]
+    run(Pipeline([barge, tts, speaker, LLMContextAggregatorPair(context).assistant()]), frames)
+    assert [m["content"] for m in context.get_messages()] == ["one two three"]
+    (turn,) = tts.memory.context()
+    assert (turn.speaker, turn.text) == (0, "one two three")
+    assert 0.95 <= turn.audio.size / 24_000 <= 1.15  # what had played (not all 3.2 s generated, nor wall time)
+
+
+@pytest.mark.parametrize("mode", ["local"], indirect=True)
+def test_interrupted_real_reply_text_and_audio_agree(mode):
+    """The tiny engine, as it really streams: the assistant context and the memory end on the same word."""
+    tts = MisoTTSService(**mode.kwargs, settings=MisoTTSService.Settings(max_audio_ms=8_000, seed=3))
+    context = LLMContext()
+    barge = Barge()
+    speaker = Speaker(barge, barge_at=0.7)
+    said = "Sure thing, I can help with that order of yours right away."
+    run(Pipeline([barge, tts, speaker, LLMContextAggregatorPair(context).assistant()]), [*reply(said), SleepFrame(3.0)])
+    (turn,) = tts.memory.context()
+    heard = [m["content"] for m in context.get_messages()]
+    assert heard == [turn.text] and said.startswith(turn.text) and turn.text != said
+    assert 0.65 <= turn.audio.size / 24_000 <= 0.9
+
+
+def test_only_an_interruption_cuts_the_reply(miso, monkeypatch):
+    """Interruptions off: the user talks while the reply plays (no InterruptionFrame comes). The reply
+    is remembered whole, as one turn, and the user's turn after it."""
+    Spy(miso, monkeypatch, fake=lambda r: PacedStream(r.text, 1.6, hold=False))
+    tts = MisoTTSService(engine=miso)
+    talk = user_turn(LLMContextUserTurnFrame(text="Wait a second.", timestamp=""), 0.4)
+    frames = [*reply("First sentence here. And a second one."), SleepFrame(0.3), *talk, SleepFrame(0.5)]
+    frames += reply("Okay, waiting.")
+    run(tts, frames)
+    agent, user = tts.memory.context()  # (the last reply is still open)
+    assert (agent.speaker, agent.text) == (0, "First sentence here. And a second one.")
+    assert agent.audio.size == 2 * round(1.6 * 12.5) * FRAME_SAMPLES  # both sentences, all of their audio
+    assert (user.speaker, user.text) == (1, "Wait a second.")
+
+
 def test_agent_turn_is_cut_to_what_was_played(miso, monkeypatch):
     spy = Spy(miso, monkeypatch, fake=lambda r: FakeStream(2.0, hold=True) if len(spy.calls) == 0 else FakeStream(0.1))
     tts = MisoTTSService(engine=miso)
@@ -302,11 +460,12 @@ def test_user_audio_and_transcript_reach_the_prompt(mode, monkeypatch, via):
     first, second = spy.requests
     (user,) = first.context
     assert (user.speaker, user.text, user.sample_rate) == (1, "Where is my order?", 24_000)
-    # the 16 kHz turn, resampled to 24 kHz as one stream (the resampler's delay shifts it by < 40 ms)
-    assert abs(user.audio.size / 24_000 - 0.6) < 0.04
+    # the 16 kHz turn, resampled to 24 kHz as one stream and flushed at the turn's end: all 0.6 s
+    assert abs(user.audio.size - 0.6 * 24_000) <= 24
     assert np.abs(user.audio).max() > 0.2  # the user's real audio (remote: as it reached the server)
     # the next utterance hears the user's turn and then the agent's first reply
-    assert [(s.speaker, s.text) for s in second.context] == [(1, "Where is my order?"), (0, "It is on its way.")]
+    heard = said("It is on its way.", spy.calls[0][1].stats)  # cut at max_audio_ms: the words in its audio
+    assert [(s.speaker, s.text) for s in second.context] == [(1, "Where is my order?"), (0, heard)]
 
 
 def test_user_audio_tap_when_audio_does_not_reach_the_tts(miso, monkeypatch):
@@ -358,9 +517,8 @@ def test_engine_rejections_and_failures_become_error_frames(mode, monkeypatch):
     assert [f for f in down if isinstance(f, TTSAudioRawFrame)]  # the pipeline kept going
 
     # bad settings (invalid request), a busy engine and a failure mid-stream
-    bad = MisoTTSService(**quick, settings=MisoTTSService.Settings(temperature=-1.0))
-    _, up = run(bad, [TTSSpeakFrame("Too cold.")])
-    assert any("temperature" in f.error for f in up if isinstance(f, ErrorFrame))
+    with pytest.raises(ValueError, match="temperature"):  # bad settings: refused at once
+        MisoTTSService(**quick, settings=MisoTTSService.Settings(temperature=-1.0))
 
     def busy(request):
         raise EngineBusy("engine busy: test")
@@ -387,6 +545,59 @@ def test_settings_update_applies_to_the_next_request(mode, monkeypatch):
     assert (after.temperature, after.topk, after.max_frames, after.seed) == (0.5, 3, 3, 7)
     assert same_voice(after.voice, voice) and after.watermark is False
     assert spy.calls[1][1].stats.frames <= 3
+
+
+def test_bad_settings_update_is_refused_and_the_old_value_kept(mode, monkeypatch):
+    spy = Spy(mode.engine, monkeypatch)
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
+    bad = [
+        MisoTTSService.Settings(topk=0),
+        MisoTTSService.Settings(temperature=float("nan")),
+        MisoTTSService.Settings(max_audio_ms=10),
+        MisoTTSService.Settings(max_ahead_s=-1.0),
+        MisoTTSService.Settings(seed=-5),
+        MisoTTSService.Settings(voice="nobody"),
+        MisoTTSService.Settings(topk=3, temperature=0.0),  # one bad value refuses the whole update
+    ]
+    frames = [TTSSpeakFrame("Before."), *[TTSUpdateSettingsFrame(delta=d) for d in bad], TTSSpeakFrame("After.")]
+    down, up = run(tts, frames)
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == len(bad) and all("settings update refused" in e for e in errors)
+    for word, error in zip(
+        ["topk", "temperature", "max_audio_ms", "max_ahead_s", "seed", "nobody", "temperature"], errors, strict=True
+    ):
+        assert word in error
+    _, after = spy.requests  # both sentences spoken, the second with the settings unchanged
+    assert (after.topk, after.temperature, after.max_frames, after.max_ahead_s, after.seed, after.voice) == (
+        50,
+        0.9,
+        6,
+        None,
+        1,
+        None,
+    )
+    assert len({f.context_id for f in down if isinstance(f, TTSAudioRawFrame)}) == 2
+
+
+def test_token_aggregation_is_refused_with_a_reason(miso):
+    from pipecat.services.tts_service import TextAggregationMode
+
+    with pytest.raises(ValueError, match="whole sentences"):
+        MisoTTSService(engine=miso, text_aggregation_mode=TextAggregationMode.TOKEN)
+    MisoTTSService(engine=miso, text_aggregation_mode=TextAggregationMode.SENTENCE)  # the default is fine
+
+
+def test_metrics_carry_the_engines_model(mode, tiny_dir):
+    from pipecat.frames.frames import MetricsFrame
+
+    tts = MisoTTSService(**mode.kwargs, settings=SHORT)
+    expected = str(tiny_dir) if mode.name == "local" else mode.kwargs["url"]  # (remote: the server it speaks to)
+    assert tts.settings.model == expected
+    params = PipelineParams(enable_metrics=True, enable_usage_metrics=True)
+    down, _ = asyncio.run(run_test(tts, frames_to_send=[TTSSpeakFrame("Hi.")], pipeline_params=params))
+    models = {d.model for f in down if isinstance(f, MetricsFrame) for d in f.data}
+    assert models - {None} == {expected}  # (None: figures Pipecat keeps without a model)
+    assert MisoTTSService(**mode.kwargs, model="my-label").settings.model == "my-label"
 
 
 def test_constructor_voice_is_the_default(miso, monkeypatch):

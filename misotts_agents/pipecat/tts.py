@@ -8,8 +8,11 @@ How the pieces fit (see the class docstring for the user-facing summary):
   generates and are pushed as ``TTSAudioRawFrame`` at once. The event loop never blocks.
 - An interruption cancels the task running ``run_tts``: the ``CancelledError`` lands on the stream's
   ``await``, which cancels the engine request (its slot is freed at the scheduler's next step).
+- Each chunk carries the words it covers (engine/words.py, estimated timings); they go to Pipecat as
+  word timestamps (``add_word_timestamps``, like its word-timestamp services), placed where the
+  chunk's audio plays, so the assistant context holds exactly the words heard when the user barges in.
 - The turn memory (:class:`ConversationMemory`) is fed the user's turn audio and transcript and the
-  agent's generated audio; each request's ``context`` is read from it.
+  agent's generated audio with the same word timings; each request's ``context`` is read from it.
 - With ``url=`` the engine is a :class:`~misotts_agents.server.RemoteEngine` (same ``stream()``
   surface, over the ``misotts-agents serve`` WebSocket): the memory stays in this process and each
   request carries its context; a cancel is sent to the server, which frees the slot.
@@ -49,10 +52,11 @@ from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
-from misotts_agents.engine.request import Segment, SynthesisRequest
+from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import EngineClosed, MisoError
+from misotts_agents.errors import EngineClosed, InvalidRequest, MisoError
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -66,19 +70,22 @@ _REQUEST_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)}
 class MisoTTSSettings(TTSSettings):
     """Runtime-updatable settings of :class:`MisoTTSService` (send a delta in ``TTSUpdateSettingsFrame``).
 
-    Every change applies from the next request (the next sentence) on.
+    Every change applies from the next request (the next sentence) on. An update is checked when it
+    arrives: a value out of bounds (or an unregistered voice) is refused with an ``ErrorFrame`` and
+    the settings stay as they were; the constructor raises ``ValueError`` for the same values.
 
     Parameters:
         voice: name of a registered voice prompt (``MisoTTSService.register_voice``; the constructor's
             ``voice=`` is registered as ``"default"``), or None for no voice prompt.
-        temperature: sampling temperature (> 0).
-        topk: top-k sampling (>= 1; 1 is greedy).
+        temperature: sampling temperature, in (0, 100].
+        topk: top-k sampling, in [1, 2051] (1 is greedy).
         watermark: None uses the engine's setting; False opts requests out of the SilentCipher mark;
             True requires it (an error if the engine was loaded without a watermarker).
         max_audio_ms: longest audio per sentence.
         max_ahead_s: pace generation to at most this many seconds of audio ahead of real time
             (less GPU work wasted when the user barges in); None generates flat out.
-        seed: fixed sampling seed (reproducible audio), or None for a fresh one per request.
+        seed: fixed sampling seed in [0, 2**63 - 1] (reproducible audio), or None for a fresh one per
+            request.
     """
 
     temperature: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
@@ -213,9 +220,18 @@ class MisoTTSService(TTSService):
       runs the LLM, so it reaches the TTS ahead of the reply. A ``TranscriptionFrame`` that does reach
       the service (no aggregator in front) is used instead.
 
-    The agent's side is recorded from the generated audio; its played part is estimated from wall
-    time since the reply's first audio (playback runs at real time) and the utterance is closed at
-    the user's next turn start or interruption (cut to what was played) or at the next reply.
+    **Word timestamps**: each chunk's words (estimated by the engine: its audio spread over the
+    words by their length, refined when the sentence ends; see ``misotts_agents.engine.words``) are
+    pushed with ``add_word_timestamps`` where that audio plays (a queue of generated audio delays it,
+    a stall while generation catches up delays the rest), so the assistant context gets each word as
+    it is heard: an interrupted reply leaves exactly the words heard, not whole sentences. Text
+    aggregation must be by sentence (the default): the model speaks whole texts, and
+    ``text_aggregation_mode=TOKEN`` is refused at construction.
+
+    The agent's side is recorded from the generated audio with the same word timings. A reply stays
+    one turn until the next reply starts, kept whole; only an interruption cuts it, to the audio
+    played by then (audio handed over less audio still queued) and the words that started in it. A
+    user turn that ends while the reply is still open (interruptions off) is remembered after it.
     """
 
     Settings = MisoTTSSettings
@@ -223,7 +239,7 @@ class MisoTTSService(TTSService):
 
     def __init__(
         self,
-        model: str | Path = DEFAULT_MODEL,
+        model: str | Path | None = None,
         *,
         engine: MisoEngine | None = None,
         url: str | None = None,
@@ -241,8 +257,9 @@ class MisoTTSService(TTSService):
         """Create the service.
 
         Args:
-            model: local directory or Hub repo id of the checkpoint (ignored when ``engine`` or ``url``
-                is given, except as the ``model`` setting's label).
+            model: local directory or Hub repo id of the checkpoint to load (default: MisoLabs/MisoTTS);
+                with ``engine`` or ``url`` only the ``model`` setting's label (metrics), which then
+                defaults to the engine's own model (``MisoEngine.model_name``) or the server's url.
             engine: an explicit (shared) engine instead of the process-wide one for ``model``.
             url: run on a ``misotts-agents serve`` server instead (``ws://host:port`` or ``http://...``);
                 the service makes and owns a :class:`~misotts_agents.server.RemoteEngine`. Not with
@@ -255,9 +272,10 @@ class MisoTTSService(TTSService):
             memory: the conversation memory to use (default: a new one for this service).
             tone_conditioning: feed the user's last turns and the agent's earlier turns into the prompt.
             max_turns: most conversation turns in each prompt.
-            settings: initial settings (a delta over the defaults).
+            settings: initial settings (a delta over the defaults); ``ValueError`` when out of bounds.
             sample_rate: output rate; None follows the pipeline's ``audio_out_sample_rate``.
-            **kwargs: passed to Pipecat's ``TTSService``.
+            **kwargs: passed to Pipecat's ``TTSService`` (except ``text_aggregation_mode=TOKEN``,
+                refused: the model speaks whole sentences).
         """
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {max_turns}")
@@ -265,8 +283,14 @@ class MisoTTSService(TTSService):
         if memory is None:
             memory = ConversationMemory(max_turns=max(max_turns, 1), voice=voice, enabled=tone_conditioning)
         voice = voice if voice is not None else memory.voice
+        if model is not None:
+            label = str(model)
+        elif engine is not None:
+            label = getattr(engine, "model_name", None) or DEFAULT_MODEL
+        else:
+            label = url if url is not None else DEFAULT_MODEL
         default_settings = self.Settings(
-            model=str(model),
+            model=label,
             voice=DEFAULT_VOICE if voice is not None else None,
             language=None,
             temperature=_REQUEST_DEFAULTS["temperature"],
@@ -281,10 +305,17 @@ class MisoTTSService(TTSService):
         super().__init__(
             push_start_frame=True,
             push_stop_frames=True,
+            push_text_frames=False,  # words are pushed as they are heard (add_word_timestamps)
             sample_rate=sample_rate,
             settings=default_settings,
             **kwargs,
         )
+        if self._is_streaming_tokens:
+            raise ValueError(
+                "MisoTTSService needs whole sentences: the model speaks a whole text per request, and "
+                "token fragments ('thi', 'ng. Yo') make it say nonsense. Keep the default "
+                "text_aggregation_mode=TextAggregationMode.SENTENCE"
+            )
         self._remote = remote  # closed in cleanup
         self._connect_task: asyncio.Task[None] | None = None
         if remote is not None:
@@ -294,7 +325,7 @@ class MisoTTSService(TTSService):
             options: dict[str, Any] = {} if device is None else {"device": device}
             if watermark is not True:
                 options["watermark"] = watermark
-            engine = shared_engine(model, **options)
+            engine = shared_engine(model if model is not None else DEFAULT_MODEL, **options)
         self._engine = engine
         self._memory = memory
         self._capture = _UserTurnCapture(memory)
@@ -303,7 +334,14 @@ class MisoTTSService(TTSService):
         self._voices: dict[str, VoicePrompt] = {}
         if voice is not None:
             self._voices[DEFAULT_VOICE] = voice
+        try:
+            self._check_settings(self._settings)
+        except InvalidRequest as exc:
+            raise ValueError(f"MisoTTSService settings: {exc}") from exc
         self._agent_context: str | None = None  # context_id of the reply open in the memory
+        self._agent_interruptible = True
+        self._playout: tuple[str, PlayoutClock] | None = None  # where the open context's audio plays
+        self._last_word_ts = 0.0
 
     # -- public --------------------------------------------------------------------------------
 
@@ -359,8 +397,9 @@ class MisoTTSService(TTSService):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
-        if isinstance(frame, (InterruptionFrame, UserStartedSpeakingFrame)):
-            # The user takes the floor: the reply ends here, cut to what was played by now.
+        if isinstance(frame, InterruptionFrame) and self._agent_interruptible:
+            # Only an interruption cuts the reply (a user who starts speaking with interruptions
+            # off does not): to what was played by now, also when its generation had already ended.
             self._finish_agent_turn(interrupted=True)
         if self._tone_conditioning:
             self._capture.handle(frame, direction, self)
@@ -368,21 +407,47 @@ class MisoTTSService(TTSService):
     async def on_audio_context_interrupted(self, context_id: str) -> None:
         if context_id == self._agent_context:
             self._finish_agent_turn(interrupted=True)
+        self._forget_playout(context_id)
+
+    async def on_audio_context_completed(self, context_id: str) -> None:
+        # Its audio is all handed over; Pipecat times the words of a context that resumes afresh.
+        # The reply stays open in the memory: its audio may still be playing.
+        self._forget_playout(context_id)
 
     async def _update_settings(self, delta: MisoTTSSettings) -> dict[str, Any]:
+        candidate = self._settings.copy()
+        candidate.apply_update(delta)
+        try:
+            self._check_settings(candidate)
+        except InvalidRequest as exc:
+            await self.push_error(f"{self}: settings update refused, the settings are unchanged: {exc}", exception=exc)
+            return {}
         changed = await super()._update_settings(delta)
-        if "voice" in changed and self._settings.voice is not None and self._settings.voice not in self._voices:
-            logger.warning(f"{self}: unknown voice {self._settings.voice!r}; register it with register_voice()")
         unhandled = {k for k in changed if k in ("model", "language")}
         if unhandled:
             self._warn_unhandled_updated_settings(unhandled)
         return changed
 
+    def _check_settings(self, settings: MisoTTSSettings) -> None:
+        """Raise InvalidRequest unless every request made with ``settings`` would be valid."""
+        if settings.voice is not None and settings.voice not in self._voices:
+            raise _UnknownVoice(f"unknown voice {settings.voice!r}: register it with register_voice() first")
+        # The request declares the bounds (SamplingParams for the sampling options).
+        SynthesisRequest(
+            "x",
+            temperature=settings.temperature,
+            topk=settings.topk,
+            seed=settings.seed,
+            max_audio_ms=settings.max_audio_ms,
+            watermark=settings.watermark,
+            max_ahead_s=settings.max_ahead_s,
+        )
+
     # -- synthesis -----------------------------------------------------------------------------
 
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
-        """Stream the sentence's audio while the engine generates it.
+        """Stream the sentence's audio while the engine generates it, and its words as they play.
 
         Args:
             text: the sentence to speak.
@@ -392,10 +457,12 @@ class MisoTTSService(TTSService):
         stream = None
         keepalive = None
         try:
+            if self._tone_conditioning:
+                self._open_agent_turn(context_id)
             request = self._request(text)
             stream = self._engine.stream(request)
             if self._tone_conditioning:
-                self._agent_says(text, context_id)
+                self._memory.agent_add_text(text)
             keepalive = self.create_task(self._keep_context_alive(context_id), name=f"{self}::keepalive")
             resampler = create_stream_resampler(clear_after_secs=None) if self.sample_rate != SAMPLE_RATE else None
             first = True
@@ -403,13 +470,16 @@ class MisoTTSService(TTSService):
                 if first:
                     await self.stop_ttfb_metrics()
                     first = False
-                if self._agent_context == context_id:
-                    self._memory.push_agent_audio(chunk.pcm)
+                if self._tone_conditioning and self._agent_context == context_id:
+                    self._memory.push_agent_audio(chunk.pcm, chunk.words)
+                played_at = self._playout_for(context_id).push(chunk.duration_s)
                 audio = chunk.to_int16()
-                if resampler is not None:
+                if resampler is not None and audio:
                     audio = await resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
                 if audio:
                     yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+                if chunk.words:  # queued behind the audio they belong to, in the same context
+                    await self.add_word_timestamps(self._word_times(chunk, played_at), context_id)
             if resampler is not None:
                 tail = await resampler.flush()
                 if tail:
@@ -461,18 +531,41 @@ class MisoTTSService(TTSService):
             return ()
         context = self._memory.context()
         current = self._memory.current_agent_segment() if self._agent_context is not None else None
-        if current is not None:
+        if current is not None:  # the reply so far: later sentences hear the earlier ones
             context += (current,)
         return context[-self._max_turns :]
 
-    def _agent_says(self, text: str, context_id: str) -> None:
-        """Open the reply in the memory on its first sentence; add later sentences' text to it."""
+    # -- word timestamps -----------------------------------------------------------------------
+
+    def _playout_for(self, context_id: str) -> PlayoutClock:
+        """Where the context's audio plays, from its first audio (Pipecat's word-timestamp baseline)."""
+        if self._playout is None or self._playout[0] != context_id:
+            self._playout = (context_id, PlayoutClock())
+            self._last_word_ts = 0.0
+        return self._playout[1]
+
+    def _forget_playout(self, context_id: str) -> None:
+        if self._playout is not None and self._playout[0] == context_id:
+            self._playout = None
+
+    def _word_times(self, chunk: AudioChunk, played_at: float) -> list[tuple[str, float]]:
+        """The chunk's words as (word, seconds after the context's first audio): where they play."""
+        times = []
+        for w in chunk.words:
+            self._last_word_ts = max(self._last_word_ts, played_at + w.start_s - chunk.start_s)
+            times.append((w.word, self._last_word_ts))
+        return times
+
+    # -- the agent's turn in the memory --------------------------------------------------------
+
+    def _open_agent_turn(self, context_id: str) -> None:
+        """A reply's first sentence opens its turn (the previous reply, played out, is kept whole)."""
         if self._agent_context == context_id and self._memory.agent_speaking:
-            self._memory.agent_add_text(text)
             return
-        self._finish_agent_turn(interrupted=False)  # the previous reply was played out
-        self._memory.agent_started(text)
+        self._memory.agent_started()
         self._agent_context = context_id
+        tts_context = self._tts_contexts.get(context_id)
+        self._agent_interruptible = tts_context.interruptible if tts_context is not None else True
 
     def _finish_agent_turn(self, interrupted: bool) -> None:
         if self._agent_context is not None:
@@ -488,5 +581,5 @@ class MisoTTSService(TTSService):
             self._refresh_audio_context(context_id)
 
 
-class _UnknownVoice(MisoError, ValueError):
+class _UnknownVoice(InvalidRequest):
     pass
