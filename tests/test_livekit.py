@@ -8,7 +8,10 @@ then see the request as it reached the server)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +28,19 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.testing import fake_job_context
+from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT, TimedString
 from livekit.agents.voice import Agent, AgentSession, io
 from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone
 
 from misotts_agents.audio import FRAME_SAMPLES, to_mono
 from misotts_agents.engine.facade import MisoEngine
-from misotts_agents.engine.request import Segment, StreamStats, SynthesisRequest
+from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
+from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.engine.words import WordAligner, estimated_duration_s, split_for_length
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
+from misotts_agents.livekit.tts import SPLIT_SHARE
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 
 RATE = 24_000
@@ -60,9 +67,9 @@ class Recorder:
         self.requests = []
         real = engine.stream
 
-        def stream(request):
+        def stream(request, **options):  # (the server passes its client's identity)
             self.requests.append(request)
-            return real(request)
+            return real(request, **options)
 
         monkeypatch.setattr(engine, "stream", stream)
 
@@ -86,6 +93,11 @@ def check_events(events, *, streamed: bool) -> None:
         assert all(e.segment_id for e in events) and len({e.segment_id for e in events}) == 1
 
 
+def timed_words(events) -> list[TimedString]:
+    """The TimedStrings the TTS pushed (LiveKit hands them on in the frames' userdata)."""
+    return [w for e in events for w in e.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT, [])]
+
+
 def samples(events) -> int:
     return sum(e.frame.samples_per_channel for e in events)
 
@@ -106,8 +118,17 @@ async def test_stream_pushes_frames_as_generated(mode):
     events = [ev async for ev in stream]
     check_events(events, streamed=True)
     total = samples(events)
-    assert total % FRAME_SAMPLES == 0 and 0 < total <= 2 * MAX_MS * RATE // 1000  # 80 ms per frame
+    # one request per piece of the sentence (split to fit max_audio_ms), each at most MAX_MS
+    pieces = split_for_length("Hello there, this is a test of streaming.", MAX_MS / 1000 * SPLIT_SHARE)
+    assert total % FRAME_SAMPLES == 0 and 0 < total <= len(pieces) * MAX_MS * RATE // 1000  # 80 ms per frame
     assert events[0].frame.duration <= 0.1  # first audio leaves after the first frame
+    # the words, timed: in order, within the audio, as one text
+    assert tts.capabilities.aligned_transcript
+    words = timed_words(events)
+    assert "".join(words) == "Hello there, this is a test of streaming."[: len("".join(words))] and words
+    starts = [w.start_time for w in words]
+    assert starts == sorted(starts) and starts[0] == 0.0 and starts[-1] < total / RATE
+    assert all(w.end_time >= w.start_time for w in words)
     await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=1.0)
     await tts.aclose()
 
@@ -165,7 +186,7 @@ class FailingEngine:
         self.stats = StreamStats()  # read by the server when the request ends (remote mode)
         self.cancelled = False
 
-    def stream(self, request):
+    def stream(self, request, **options):
         self.calls += 1
         if self.exc is not None:
             raise self.exc
@@ -339,11 +360,14 @@ class CaptureAudioOutput(io.AudioOutput):
 
 
 class LoudnessSTT(stt.STT):
-    """A streaming STT that 'hears' loud audio: start/end of speech by level, a fixed transcript."""
+    """A streaming STT that 'hears' loud audio: start/end of speech by level, a fixed transcript
+    (final after ``final_at`` quiet 20 ms frames; with ``preflight_at``, a preflight one before)."""
 
-    def __init__(self, transcript: str) -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
+    def __init__(self, transcript: str, final_at: int = 10, preflight_at: int | None = None) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=preflight_at is not None))
         self.transcript = transcript
+        self.final_at, self.preflight_at = final_at, preflight_at
+        self.final_sent_at: float | None = None
 
     async def _recognize_impl(self, buffer, *, language=None, conn_options=None):
         raise NotImplementedError
@@ -364,10 +388,14 @@ class _LoudnessStream(stt.RecognizeStream):
                 self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
             elif level <= 0.05 and speaking:
                 quiet += 1
-                if quiet == 10:  # 200 ms of quiet ends the turn
+                text = stt.SpeechData(language="en", text=self._stt.transcript)
+                if quiet == self._stt.preflight_at:
+                    kind = stt.SpeechEventType.PREFLIGHT_TRANSCRIPT
+                    self._event_ch.send_nowait(stt.SpeechEvent(type=kind, alternatives=[text]))
+                if quiet == self._stt.final_at:  # (200 ms of quiet by default) ends the turn
                     speaking = False
-                    text = stt.SpeechData(language="en", text=self._stt.transcript)
                     final = stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT, alternatives=[text])
+                    self._stt.final_sent_at = time.monotonic()
                     self._event_ch.send_nowait(final)
                     self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH))
 
@@ -396,18 +424,21 @@ class ToneAgent(MisoToneMixin, Agent):
         super().__init__(instructions="test")
 
 
-async def start_session(tts: TTS, replies: list[str], transcript: str = "Where is my parcel?"):
+async def start_session(
+    tts: TTS, replies: list[str], transcript: str = "Where is my parcel?", stt_node: stt.STT | None = None, **options
+):
     session = AgentSession(
-        stt=LoudnessSTT(transcript),
+        stt=stt_node or LoudnessSTT(transcript),
         llm=ScriptedLLM(replies),
         tts=tts,
         vad=None,
         turn_handling={
             "turn_detection": "stt",
             "endpointing": {"min_delay": 0.0, "max_delay": 0.5},
-            "preemptive_generation": {"enabled": False},
+            "preemptive_generation": options.pop("preemptive", {"enabled": False}),
         },
         aec_warmup_duration=None,
+        **options,
     )
     audio_in, audio_out = QueueAudioInput(), CaptureAudioOutput()
     session.input.audio = audio_in
@@ -435,7 +466,7 @@ async def test_session_user_turn_reaches_the_prompt(mode, monkeypatch):
         memory = tone_for(session).memory
         await wait_for(lambda: any(s.speaker == 0 for s in memory.context()), 5)
         agent = next(s for s in memory.context() if s.speaker == 0)
-        assert agent.text == "Let me check that for you." and agent.audio.size == played
+        assert agent.text == "Let me check that for you." and agent.audio.size == played  # (one word a request)
     finally:
         await session.aclose()
         await tts.aclose()
@@ -460,11 +491,282 @@ async def test_session_interruption_cancels_and_cuts_the_turn(mode):
         memory = tone_for(session).memory
         await wait_for(lambda: bool(memory.context()), 5)
         (turn,) = memory.context()
-        generated = sum(f.samples_per_channel for f in audio_out.frames)
-        assert 0 < turn.audio.size <= generated  # cut to what was played
+        played = sum(f.samples_per_channel for f in audio_out.frames)
+        # exactly what was played (the position LiveKit reports), whatever more had been generated,
+        # and the words that started in it
+        assert turn.audio.size == played > 0
+        said = "This is a long answer that the user will not let me finish at all."
+        assert said.startswith(turn.text) and 0 < len(turn.text.split()) < len(said.split())
     finally:
         await session.aclose()
         await tts.aclose()
+
+
+@pytest.mark.asyncio
+async def test_preemptive_reply_hears_the_user_turn_so_far(mode, monkeypatch):
+    """With preemptive TTS the reply is synthesized on the preflight transcript, before the turn is
+    confirmed: it is conditioned on the user's audio so far and that transcript (it had no user turn)."""
+    times: list[float] = []
+    rec = Recorder(mode.engine, monkeypatch)
+    real = mode.engine.stream
+
+    def timed(request, **options):
+        times.append(time.monotonic())
+        return real(request, **options)
+
+    monkeypatch.setattr(mode.engine, "stream", timed)
+    ear = LoudnessSTT("Where is my parcel?", final_at=50, preflight_at=3)  # the final comes 1 s after
+    tts = TTS(**mode.kwargs, max_audio_ms=MAX_MS)
+    preemptive = {"enabled": True, "preemptive_tts": True}
+    session, audio_in, audio_out = await start_session(tts, ["Checking."], stt_node=ear, preemptive=preemptive)
+    try:
+        audio_in.speak([*tone_frames(0.3, 0.0), *tone_frames(1.0, 0.3), *tone_frames(1.2, 0.0)])
+        await wait_for(lambda: audio_out.frames and ear.final_sent_at and session.agent_state == "listening", 30)
+        assert times and times[0] < ear.final_sent_at  # synthesized before the turn was confirmed...
+        for request in rec.requests:  # ...and still hearing it
+            (user,) = [s for s in request.context if s.speaker == 1]
+            assert user.text == "Where is my parcel?" and 0.9 <= user.audio.size / RATE <= 1.6
+            assert np.abs(user.audio).max() > 0.2
+    finally:
+        await session.aclose()
+        await tts.aclose()
+
+
+@pytest.mark.asyncio
+async def test_interrupted_turn_with_aligned_transcript(mode):
+    """``use_tts_aligned_transcript``: LiveKit's transcript of an interrupted reply comes from our word
+    timings; the memory keeps exactly the audio played and the words that started in it."""
+    tts = TTS(**mode.kwargs, max_audio_ms=4000)
+    session, _, audio_out = await start_session(tts, [], use_tts_aligned_transcript=True)
+    said = "This is a long answer that the user will not let me finish at all."
+    try:
+        handle = session.say(said)
+        await asyncio.wait_for(audio_out.first_frame.wait(), 20)
+        await asyncio.sleep(0.3)
+        handle.interrupt()
+        await handle.wait_for_playout()
+        memory = tone_for(session).memory
+        await wait_for(lambda: bool(memory.context()), 5)
+        (turn,) = memory.context()
+        played = sum(f.samples_per_channel for f in audio_out.frames)
+        assert turn.audio.size == played and said.startswith(turn.text) and turn.text != said
+        (message,) = [m for m in session.history.messages() if m.role == "assistant"]
+        assert message.interrupted and said.startswith(message.text_content.strip())
+    finally:
+        await session.aclose()
+        await tts.aclose()
+
+
+# -- options, streams' lifetime, retries, timeouts, long sentences ------------------------------
+
+
+def test_every_option_is_checked_at_construction_and_update(lk_engine):
+    bad = [
+        {"speaker": -1},
+        {"max_ahead_s": -1.0},
+        {"topk": 0},
+        {"temperature": 0.0},
+        {"max_audio_ms": 10},
+        {"voice": "not a VoicePrompt"},
+        {"tone_conditioning": "yes"},
+        {"memory": object()},
+        {"sentence_tokenizer": object()},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            TTS(engine=lk_engine, **kwargs)
+    tts = TTS(engine=lk_engine, topk=7)
+    for kwargs in bad[:6]:
+        with pytest.raises(ValueError):
+            tts.update_options(**kwargs)
+    assert tts._opts.topk == 7 and tts._opts.speaker == 0 and tts._opts.max_ahead_s is None  # unchanged
+
+
+@pytest.mark.asyncio
+async def test_voice_none_returns_to_the_default_voice(lk_engine, monkeypatch):
+    rec = Recorder(lk_engine, monkeypatch)
+    voice = VoicePrompt(0, "This is my voice.", tone(0.5), RATE)
+    tts = TTS(engine=lk_engine, max_audio_ms=160, voice=voice)
+    tts.update_options(temperature=0.5)  # options not given keep their value
+    await tts.synthesize("One.", conn_options=FAST).collect()
+    tts.update_options(voice=None, max_ahead_s=2.0)
+    await tts.synthesize("Two.", conn_options=FAST).collect()
+    first, second = rec.requests
+    assert first.voice is voice and first.temperature == 0.5
+    assert second.voice is None and second.max_ahead_s == 2.0 and second.temperature == 0.5
+
+
+@pytest.mark.asyncio
+async def test_nothing_is_kept_after_a_stream_ends_however_it_ends(mode):
+    tts = TTS(**mode.kwargs, max_audio_ms=4000)
+
+    async def finished():
+        async with tts.stream(conn_options=FAST) as stream:  # as Agent.default.tts_node uses it
+            stream.push_text("Hi.")
+            stream.end_input()
+            async for _ in stream:
+                pass
+        return stream
+
+    async def interrupted():
+        stream = tts.stream(conn_options=FAST)
+        stream.push_text("A long sentence that the user interrupts half way through.")
+        stream.end_input()
+        await stream.__anext__()
+        await stream.aclose()  # LiveKit's barge-in
+        return stream
+
+    async def failed():
+        stream = tts.stream(conn_options=FAST)
+        stream.push_text("Hello.")
+        stream.end_input()
+        try:
+            async for _ in stream:
+                pass
+        except APIStatusError:
+            pass  # (not kept: pytest.raises would keep the traceback, and the stream with it)
+        await stream.aclose()
+        return stream
+
+    async def one_shot():
+        chunked = tts.synthesize("Hello there.", conn_options=FAST)
+        await chunked.__anext__()
+        await chunked.aclose()
+        return chunked
+
+    engine = tts._engine
+    for end in (finished, interrupted, failed, one_shot):
+        tts._engine = FailingEngine(InvalidRequest("bad")) if end is failed else engine  # failed: refused
+        stream = await end()
+        ref = weakref.ref(stream)
+        del stream
+        await wait_for(lambda: tts.running_streams == 0, timeout=2.0)
+        gc.collect()
+        assert ref() is None, end.__name__  # not referenced by the TTS (nor anything else)
+    await wait_for(lambda: mode.engine.free_slots == mode.engine.max_batch, timeout=2.0)
+    await tts.aclose()
+
+
+@pytest.mark.asyncio
+async def test_aclose_ends_one_shot_requests_too(mode):
+    engine = mode.engine
+    tts = TTS(**mode.kwargs, max_audio_ms=8000)
+    chunked = tts.synthesize("A long one-shot answer nobody waits for.", conn_options=FAST)
+    await chunked.__anext__()  # generating
+    assert tts.running_streams == 1 and engine.free_slots < engine.max_batch
+    await tts.aclose()
+    assert chunked.done and tts.running_streams == 0
+    await wait_for(lambda: engine.free_slots == engine.max_batch, timeout=2.0)
+
+
+class ScriptedEngine:
+    """Answers every request at once with ``seconds`` of audio (at most its max_audio_ms) carrying
+    its words, as the engine times them; request number ``fail_at`` is refused as busy (retryable)."""
+
+    def __init__(self, seconds: float = 0.32, fail_at: int | None = None) -> None:
+        self.seconds, self.fail_at = seconds, fail_at
+        self.requests: list[SynthesisRequest] = []
+
+    def stream(self, request, **options):
+        self.requests.append(request)
+        if len(self.requests) - 1 == self.fail_at:
+            raise EngineBusy("engine busy: test")
+        frames = min(round(self.seconds * 12.5), request.max_frames)
+        cut = frames == request.max_frames
+        words = WordAligner(request.text).advance(frames * 0.08, ended=not cut)
+        return _Once(AudioChunk(tone(frames * 0.08), 0, frames, True, words=words))
+
+
+class _Once:
+    def __init__(self, chunk: AudioChunk) -> None:
+        self.chunk = chunk
+
+    def cancel(self) -> None:
+        pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.chunk is None:
+            raise StopAsyncIteration
+        chunk, self.chunk = self.chunk, None
+        return chunk
+
+
+@pytest.mark.asyncio
+async def test_a_retry_starts_from_a_clean_state():
+    """A one-shot text of two sentences: the second fails (busy, retryable) after the first was spoken;
+    LiveKit retries the whole text. The retry's first sentence is conditioned on nothing of the failed
+    attempt (it was, before: on the failed attempt's first sentence)."""
+    engine = ScriptedEngine(fail_at=1)
+    tts = TTS(engine=engine, tone_conditioning=False)
+    errors = []
+    tts.on("error", errors.append)
+    await tts.synthesize("First sentence here. Second sentence here.", conn_options=FAST).collect()
+    assert [r.text for r in engine.requests] == ["First sentence here.", "Second sentence here."] * 2
+    first, _failed, retry_first, retry_second = engine.requests
+    assert first.context == () and retry_first.context == ()  # a clean start
+    assert [s.text for s in retry_second.context] == ["First sentence here."]  # the retry's own first sentence
+    assert len(errors) == 1 and errors[0].recoverable
+
+
+class QueuedStream:
+    """A request that waits ``queued_s`` for an engine slot (saying so), then speaks at once."""
+
+    def __init__(self, queued_s: float) -> None:
+        self.admitted_at = time.monotonic() + queued_s
+        self.stats = StreamStats()
+        self.codes = np.zeros((0, 32), dtype=np.int64)
+        self.sent = False
+
+    @property
+    def queued(self) -> bool:
+        return time.monotonic() < self.admitted_at
+
+    def cancel(self) -> None:
+        pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.sent:
+            raise StopAsyncIteration
+        await asyncio.sleep(max(0.0, self.admitted_at - time.monotonic()) + 0.05)
+        self.sent = True
+        return AudioChunk(np.zeros(FRAME_SAMPLES, dtype=np.float32), 0, 1, True)
+
+
+@pytest.mark.asyncio
+async def test_timeout_starts_when_the_request_leaves_the_queue(mode, monkeypatch):
+    """Queued for 1 s behind other conversations, with a 0.4 s timeout: not a timeout (it was, before,
+    and the retry went to the back of the queue). A request that does not say it is queued still
+    times out."""
+    monkeypatch.setattr(mode.engine, "stream", lambda request, **options: QueuedStream(1.0))
+    tts = TTS(**mode.kwargs)
+    frame = await tts.synthesize("Hello.", conn_options=APIConnectOptions(max_retry=0, timeout=0.4)).collect()
+    assert frame.samples_per_channel == FRAME_SAMPLES
+    await tts.aclose()
+
+
+@pytest.mark.asyncio
+async def test_long_sentences_are_split_at_clauses_and_a_cut_is_reported(caplog):
+    said = "When the parcel arrives, and it will arrive soon, please check the box; then call us back."
+    spoken = ScriptedEngine(seconds=1.6)  # each part ends by itself, within the cap
+    tts = TTS(engine=spoken, max_audio_ms=4_000, tone_conditioning=False)
+    with caplog.at_level(logging.WARNING, logger="misotts_agents.livekit"):
+        await tts.synthesize(said, conn_options=FAST).collect()
+    texts = [r.text for r in spoken.requests]
+    assert " ".join(texts) == said and len(texts) > 1
+    assert all(t.endswith((",", ";", ".")) for t in texts)  # at clause ends, not inside a phrase
+    assert all(estimated_duration_s(t) <= 4.0 * SPLIT_SHARE for t in texts)
+    assert not [r for r in caplog.records if "cut a sentence short" in r.getMessage()]
+    # a part the cap still cuts (the model spoke slower than expected) is reported, with what was lost
+    slow = ScriptedEngine(seconds=10.0)
+    await TTS(engine=slow, max_audio_ms=4_000, tone_conditioning=False).synthesize(said, conn_options=FAST).collect()
+    warnings = [r.getMessage() for r in caplog.records if "cut a sentence short" in r.getMessage()]
+    assert len(warnings) == len(slow.requests)
 
 
 # -- one engine for a process-per-job worker: the inference process ------------------------------

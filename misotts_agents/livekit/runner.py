@@ -38,6 +38,7 @@ from misotts_agents import errors
 from misotts_agents.audio import SAMPLE_RATE, from_int16, to_int16, to_mono
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.engine.words import WordTiming
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger("misotts_agents.livekit")
@@ -202,8 +203,9 @@ class MisoInferenceRunner(_InferenceRunner):
             chunk = active.items.popleft()
             chunks.append({"samples": chunk.pcm.size, "start_frame": chunk.start_frame, "frames": chunk.frames})
             chunks[-1]["final"] = chunk.final
+            chunks[-1]["words"] = [[w.word, w.start_s, w.end_s] for w in chunk.words]
             pieces.append(to_int16(chunk.pcm))
-        reply: dict[str, Any] = {"done": done, "chunks": chunks}
+        reply: dict[str, Any] = {"done": done, "chunks": chunks, "queued": getattr(active.stream, "queued", None)}
         if done:
             if active.error is not None:
                 reply["error"] = _error(active.error)
@@ -308,6 +310,7 @@ class InferenceProcessStream:
         self._done = False
         self._cancelled = False
         self._buffer: deque[AudioChunk] = deque()
+        self.queued: bool | None = None  # waiting for an engine slot, as of the last poll (None: unknown)
 
     async def _start(self) -> None:
         r = self._request
@@ -356,7 +359,9 @@ class InferenceProcessStream:
             nbytes = 2 * c["samples"]
             pcm = from_int16(payload[offset : offset + nbytes])
             offset += nbytes
-            self._buffer.append(AudioChunk(pcm, c["start_frame"], c["frames"], c["final"]))
+            words = tuple(WordTiming(w, a, b) for w, a, b in c.get("words", ()))
+            self._buffer.append(AudioChunk(pcm, c["start_frame"], c["frames"], c["final"], words=words))
+        self.queued = reply.get("queued") if not reply["done"] else False
         if reply["done"]:
             self._done = True
             if "error" in reply:

@@ -6,8 +6,18 @@ sentence is complete, and its audio is pushed to the emitter chunk by chunk whil
 Earlier sentences of the same segment go into the prompt as the agent's own context (voice
 continuity inside a reply), after the conversation's tone context (see :mod:`.tone`).
 
+Each chunk's words (engine/words.py: estimated timings) are pushed as ``TimedString``s (the TTS
+declares ``aligned_transcript``), so with ``AgentSession(use_tts_aligned_transcript=True)`` LiveKit's
+transcript follows the audio word by word, and an interrupted reply's chat message ends on the
+last word heard. A sentence longer than half of ``max_audio_ms`` (at a typical speaking rate) is
+split at clause boundaries first, so the per-request cap does not cut it; if the cap still cuts
+one, a warning says so.
+
 Cancelling the stream's task (an interruption) cancels the engine request: the scheduler drops it
-at its next frame step and frees its slot.
+at its next frame step and frees its slot. Every attempt (LiveKit retries retryable errors) starts
+afresh; a stream is forgotten by the TTS as soon as it ends, however it ends, and ``TTS.aclose()``
+ends every stream still running, one-shot ``synthesize`` ones too. ``conn_options.timeout`` counts
+from when a request leaves the engine's queue (a busy engine is not a failed one).
 
 With ``url=`` the engine is a :class:`~misotts_agents.server.RemoteEngine` on a ``misotts-agents
 serve`` server: the same requests (the tone context travels in each one), a cancel message instead
@@ -18,9 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,14 +48,16 @@ from livekit.agents import (
     tts,
     utils,
 )
+from livekit.agents.types import NOT_GIVEN, NotGivenOr, TimedString
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.engine.words import split_for_length, words_of
 from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
-from misotts_agents.livekit.tone import ToneTracker, current_tracker
+from misotts_agents.livekit.tone import SpokenSegment, ToneTracker, current_tracker
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger("misotts_agents.livekit")
@@ -53,6 +66,11 @@ MIME_TYPE = "audio/pcm"
 NUM_CHANNELS = 1
 # Earlier sentences of the segment kept as the agent's context for the next sentence.
 SEGMENT_CONTEXT_SENTENCES = 2
+# A sentence is split (at clauses) when it would take more than this share of max_audio_ms at a
+# typical speaking rate: real speech varies, and the cap must not be what ends it.
+SPLIT_SHARE = 0.5
+# While a request waits for an engine slot, how often the wait is checked (its timeout not running).
+QUEUE_POLL_S = 0.02
 
 
 class AudioSource(Protocol):
@@ -73,6 +91,22 @@ class _Options:
     voice: VoicePrompt | None
     tone_conditioning: bool
     max_ahead_s: float | None
+
+    def check(self) -> _Options:
+        """Raise ValueError (InvalidRequest) unless every request made with these options is valid:
+        the request declares the bounds (SamplingParams for the sampling options)."""
+        SynthesisRequest(
+            "x",
+            speaker=self.speaker,
+            temperature=self.temperature,
+            topk=self.topk,
+            max_audio_ms=self.max_audio_ms,
+            voice=self.voice,
+            max_ahead_s=self.max_ahead_s,
+        )
+        if not isinstance(self.tone_conditioning, bool):
+            raise InvalidRequest(f"tone_conditioning must be True or False, got {self.tone_conditioning!r}")
+        return self
 
 
 def map_error(exc: BaseException) -> APIError:
@@ -105,7 +139,15 @@ class TTS(tts.TTS):
     thread). ``device`` and ``watermark`` are passed to the load. ``voice`` fixes the voice;
     ``memory`` is an explicit turn memory for every stream of this TTS (one TTS per conversation);
     otherwise the session's memory from :class:`.MisoToneMixin` is used when
-    ``tone_conditioning`` is on. ``max_audio_ms`` caps each sentence.
+    ``tone_conditioning`` is on. ``max_audio_ms`` caps each request (longer sentences are split at
+    clause boundaries first). Every option is checked here and in ``update_options`` (``ValueError``).
+
+    Word timings: the TTS pushes each word with its estimated start and end (``TimedString``); turn
+    on ``AgentSession(use_tts_aligned_transcript=True)`` for a transcript that follows the audio.
+
+    Preemptive generation: with ``preemptive_generation={"preemptive_tts": True}`` a reply is
+    synthesized before the user's turn is confirmed; it is conditioned on the user's audio so far
+    and the preflight (or final) transcript so far, as the STT has them.
 
     ``url``: run on a ``misotts-agents serve`` server instead (``ws://host:8700``; not with
     ``engine``). The TTS then loads nothing: it makes its own
@@ -137,14 +179,7 @@ class TTS(tts.TTS):
         sentence_tokenizer: tokenize.SentenceTokenizer | None = None,
         load_options: dict[str, Any] | None = None,
     ) -> None:
-        remote = server_connection(engine, url, token)  # url=: this TTS's own connection
-        super().__init__(
-            capabilities=tts.TTSCapabilities(streaming=True),
-            sample_rate=SAMPLE_RATE,
-            num_channels=NUM_CHANNELS,
-        )
-        # Validate the sampling settings now, not on the first reply.
-        SynthesisRequest("x", temperature=temperature, topk=topk, max_audio_ms=max_audio_ms)
+        # Every option is checked now, not on the first reply.
         self._opts = _Options(
             model=str(model),
             speaker=speaker,
@@ -154,6 +189,16 @@ class TTS(tts.TTS):
             voice=voice,
             tone_conditioning=tone_conditioning,
             max_ahead_s=max_ahead_s,
+        ).check()
+        if memory is not None and not isinstance(memory, ConversationMemory):
+            raise InvalidRequest(f"memory must be a ConversationMemory, got {type(memory).__name__}")
+        if sentence_tokenizer is not None and not isinstance(sentence_tokenizer, tokenize.SentenceTokenizer):
+            raise InvalidRequest(f"sentence_tokenizer must be a SentenceTokenizer, got {type(sentence_tokenizer)}")
+        remote = server_connection(engine, url, token)  # url=: this TTS's own connection
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
+            sample_rate=SAMPLE_RATE,
+            num_channels=NUM_CHANNELS,
         )
         self._memory = memory
         self._remote = remote  # closed in aclose
@@ -165,7 +210,7 @@ class TTS(tts.TTS):
         self._loading: concurrent.futures.Future[AudioSource] | None = None
         self._load_lock = threading.Lock()
         self._sentences = sentence_tokenizer or tokenize.basic.SentenceTokenizer(min_sentence_len=10)
-        self._streams: set[tts.SynthesizeStream] = set()
+        self._streams: set[tts.SynthesizeStream | tts.ChunkedStream] = set()  # running: ended by aclose()
 
     @property
     def model(self) -> str:
@@ -186,23 +231,28 @@ class TTS(tts.TTS):
     def update_options(
         self,
         *,
-        voice: VoicePrompt | None = None,
-        temperature: float | None = None,
-        topk: int | None = None,
-        max_audio_ms: float | None = None,
+        voice: NotGivenOr[VoicePrompt | None] = NOT_GIVEN,
+        temperature: NotGivenOr[float] = NOT_GIVEN,
+        topk: NotGivenOr[int] = NOT_GIVEN,
+        max_audio_ms: NotGivenOr[float] = NOT_GIVEN,
+        max_ahead_s: NotGivenOr[float | None] = NOT_GIVEN,
+        speaker: NotGivenOr[int] = NOT_GIVEN,
     ) -> None:
-        """Change the voice or sampling for the next sentences."""
-        opts = replace(self._opts)
-        if voice is not None:
-            opts.voice = voice
-        if temperature is not None:
-            opts.temperature = temperature
-        if topk is not None:
-            opts.topk = topk
-        if max_audio_ms is not None:
-            opts.max_audio_ms = max_audio_ms
-        SynthesisRequest("x", temperature=opts.temperature, topk=opts.topk, max_audio_ms=opts.max_audio_ms)
-        self._opts = opts
+        """Change options for the next sentences; options not given keep their value.
+
+        ``voice=None`` goes back to the default voice (the tone memory's voice prompt if it has one,
+        else the speaker's own voice); ``max_ahead_s=None`` turns pacing off. A bad value raises
+        ``ValueError`` and changes nothing.
+        """
+        given = {
+            "voice": voice,
+            "temperature": temperature,
+            "topk": topk,
+            "max_audio_ms": max_audio_ms,
+            "max_ahead_s": max_ahead_s,
+            "speaker": speaker,
+        }
+        self._opts = replace(self._opts, **{k: v for k, v in given.items() if utils.is_given(v)}).check()
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -300,12 +350,22 @@ class TTS(tts.TTS):
         )
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
-        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+        return self._track(ChunkedStream(tts=self, input_text=text, conn_options=conn_options))
 
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SynthesizeStream:
-        stream = SynthesizeStream(tts=self, conn_options=conn_options)
+        return self._track(SynthesizeStream(tts=self, conn_options=conn_options))
+
+    def _track(self, stream: Any) -> Any:
+        """Keep a running stream for aclose(), and forget it the moment its task ends, however."""
         self._streams.add(stream)
+        task = stream._task if isinstance(stream, tts.SynthesizeStream) else stream._synthesize_task
+        task.add_done_callback(lambda _task: self._streams.discard(stream))
         return stream
+
+    @property
+    def running_streams(self) -> int:
+        """Streams (one-shot or streaming) still running."""
+        return len(self._streams)
 
     async def aclose(self) -> None:
         for stream in list(self._streams):
@@ -320,19 +380,34 @@ class TTS(tts.TTS):
 
 
 class _Speaker:
-    """Speaks sentences one after another into one emitter; shared by both stream kinds."""
+    """Speaks sentences one after another into one emitter: one stream attempt's state, made afresh
+    for every attempt (a retry is conditioned on nothing the failed attempt produced)."""
 
     def __init__(self, owner: TTS, conn_options: APIConnectOptions) -> None:
         self._tts = owner
         self._timeout = conn_options.timeout
         self._memory, self._tracker = owner._memory_for_stream()
+        self._segment: SpokenSegment | None = self._tracker.begin_segment() if self._tracker is not None else None
         self._earlier: list[Segment] = []
+        self._pushed_s = 0.0  # audio pushed so far: where the next request's words start
+        self._words = 0  # words pushed so far (the first goes without a leading space)
+
+    def abandon(self) -> None:
+        """The attempt failed. Without audio it never plays: the tracker forgets it (the retry's
+        segment takes its place); audio it did push plays, so its record stays."""
+        if self._segment is not None and self._tracker is not None and not self._segment.seconds:
+            self._tracker.discard(self._segment)
 
     async def speak(self, text: str, emitter: tts.AudioEmitter) -> None:
         text = text.strip()
         if not text:
             return
         engine = await self._tts._get_engine()
+        max_s = self._tts._opts.max_audio_ms / 1000 * SPLIT_SHARE
+        for part in split_for_length(text, max_s):
+            await self._request(engine, part, emitter)
+
+    async def _request(self, engine: AudioSource, text: str, emitter: tts.AudioEmitter) -> None:
         if self._earlier:  # release the last sentence's held-back tail while this one is prefilled
             emitter.flush()
         try:
@@ -340,26 +415,59 @@ class _Speaker:
             stream = engine.stream(request)
         except Exception as exc:
             raise map_error(exc) from exc
+        if self._segment is not None:
+            self._segment.sentence(text)
         pieces: list[np.ndarray] = []
+        spoken: list[str] = []
+        last: AudioChunk | None = None
         try:
             async for chunk in _chunks(stream, self._timeout):
-                emitter.push(chunk.to_int16())
-                pieces.append(chunk.pcm)
-                if self._tracker is not None:
-                    self._tracker.agent_audio(chunk.pcm)
+                if chunk.pcm.size:
+                    emitter.push(chunk.to_int16())
+                    pieces.append(chunk.pcm)
+                for w in chunk.words:
+                    start, end = self._pushed_s + w.start_s, self._pushed_s + w.end_s
+                    emitter.push_timed_transcript(
+                        TimedString(w.word if not self._words else f" {w.word}", start_time=start, end_time=end)
+                    )
+                    self._words += 1
+                    spoken.append(w.word)
+                if self._segment is not None:
+                    self._segment.audio(chunk.pcm, chunk.words)
+                last = chunk
         finally:
             stream.cancel()  # no-op when it ended by itself; frees the slot on cancel/errors
-        if self._tracker is not None:
-            self._tracker.agent_text(text)
+        if last is not None and last.final and last.start_frame + last.frames >= request.max_frames:
+            rest = " ".join(words_of(text)[len(spoken) :])
+            log.warning(
+                "MisoTTS: max_audio_ms=%s cut a sentence short even after splitting it: %s",
+                self._tts._opts.max_audio_ms,
+                f"not spoken: {rest!r}" if rest else f"the end of {text!r} may be clipped",
+            )
         if pieces:
-            self._earlier.append(Segment(self._tts._opts.speaker, text, np.concatenate(pieces), SAMPLE_RATE))
+            audio = np.concatenate(pieces)
+            self._pushed_s += audio.size / SAMPLE_RATE
+            heard = " ".join(spoken) if spoken else text  # the words its audio holds
+            self._earlier.append(Segment(self._tts._opts.speaker, heard, audio, SAMPLE_RATE))
+
+
+def _queued(stream: Any) -> bool:
+    """Whether the request still waits for an engine slot (streams that cannot tell: no)."""
+    return getattr(stream, "queued", None) is True
 
 
 async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
+    """The stream's chunks; ``timeout`` bounds the wait for each, counted for the first one from when
+    the request leaves the engine's queue (a busy engine delays it; it has not failed)."""
     iterator = stream.__aiter__()
+    first = True
     while True:
         try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
+            if first:
+                chunk = await _first_chunk(iterator, stream, timeout)
+                first = False
+            else:
+                chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
         except StopAsyncIteration:
             return
         except TimeoutError as exc:
@@ -369,6 +477,29 @@ async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
         except Exception as exc:
             raise map_error(exc) from exc
         yield chunk
+
+
+async def _first_chunk(iterator: Any, stream: Any, timeout: float) -> AudioChunk:
+    loop = asyncio.get_running_loop()
+    pending = asyncio.ensure_future(iterator.__anext__())
+    deadline: float | None = None
+    try:
+        while True:
+            if _queued(stream):  # (a server may say so a moment after the start: the clock restarts)
+                deadline = None
+            elif deadline is None:
+                deadline = loop.time() + timeout
+            wait = QUEUE_POLL_S if deadline is None else min(QUEUE_POLL_S, deadline - loop.time())
+            done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
+            if done:
+                return pending.result()
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
 
 
 def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:
@@ -382,18 +513,28 @@ def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:
     )
 
 
+@contextlib.contextmanager
+def _attempt(owner: TTS, conn_options: APIConnectOptions) -> Iterator[_Speaker]:
+    speaker = _Speaker(owner, conn_options)
+    try:
+        yield speaker
+    except Exception:  # (a cancel, an interruption, keeps the record: what played is reported)
+        speaker.abandon()
+        raise
+
+
 class ChunkedStream(tts.ChunkedStream):
     """One-shot text (``session.say`` / ``tts.synthesize``), streamed sentence by sentence."""
 
     def __init__(self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions) -> None:
         super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
         self._miso = tts
-        self._speaker = _Speaker(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         _initialize(output_emitter, stream=False)
-        for sentence in self._miso._sentences.tokenize(self.input_text) or [self.input_text]:
-            await self._speaker.speak(sentence, output_emitter)
+        with _attempt(self._miso, self._conn_options) as speaker:
+            for sentence in self._miso._sentences.tokenize(self.input_text) or [self.input_text]:
+                await speaker.speak(sentence, output_emitter)
 
 
 class SynthesizeStream(tts.SynthesizeStream):
@@ -402,7 +543,6 @@ class SynthesizeStream(tts.SynthesizeStream):
     def __init__(self, *, tts: TTS, conn_options: APIConnectOptions) -> None:
         super().__init__(tts=tts, conn_options=conn_options)
         self._miso = tts
-        self._speaker = _Speaker(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         _initialize(output_emitter, stream=True)
@@ -419,18 +559,18 @@ class SynthesizeStream(tts.SynthesizeStream):
         feeder = asyncio.create_task(feed(), name="misotts-feed-text")
         started = False
         try:
-            async for token in sentences:
-                if not token.token.strip():
-                    continue
-                if not started:
-                    output_emitter.start_segment(segment_id=utils.shortuuid())
-                    started = True
-                self._mark_started()
-                await self._speaker.speak(token.token, output_emitter)
-            await feeder
+            with _attempt(self._miso, self._conn_options) as speaker:
+                async for token in sentences:
+                    if not token.token.strip():
+                        continue
+                    if not started:
+                        output_emitter.start_segment(segment_id=utils.shortuuid())
+                        started = True
+                    self._mark_started()
+                    await speaker.speak(token.token, output_emitter)
+                await feeder
             if started:
                 output_emitter.end_segment()
         finally:
             await utils.aio.cancel_and_wait(feeder)
             await sentences.aclose()
-        self._miso._streams.discard(self)
