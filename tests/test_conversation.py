@@ -11,6 +11,7 @@ from misotts_agents.audio import to_mono
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
+from misotts_agents.engine.request import AudioChunk
 from misotts_agents.engine.words import CHARS_PER_S, WordAligner, WordTiming, split_for_length
 
 
@@ -309,3 +310,49 @@ def test_preflight_transcript_conditions_a_reply_before_the_turn_ends():
     mem.user_stopped_speaking()  # committed: the turn itself, once
     (turn,) = mem.context()
     assert turn.text == "Where is my order?" and turn.audio.size == 14_400
+
+
+class _EngineStream:
+    """Chunks of 80 ms with their words, as the engine streams a sentence still being generated; the
+    clock moves ``step_s`` per chunk (generation speed)."""
+
+    def __init__(self, text: str, now: list[float], step_s: float) -> None:
+        self.aligner, self.now, self.step_s, self.k = WordAligner(text), now, step_s, 0
+
+    def cancel(self) -> None:
+        pass
+
+    async def __anext__(self):
+        self.now[0] += self.step_s
+        self.k += 1
+        return AudioChunk(tone(0.08), self.k - 1, 1, False, words=self.aligner.advance(self.k * 0.08))
+
+
+@pytest.mark.parametrize(("step_s", "chunks", "barge_at", "heard_s"), [(0.0, 30, 0.5, 0.5), (0.12, 8, 1.04, 0.64)])
+def test_server_session_turn_is_cut_by_the_words_heard(step_s, chunks, barge_at, heard_s):
+    """A server session's agent turn (SessionStream), cancelled when the listener barges in: audio and
+    words as far as they were heard, generation ahead of playback (all at once, cancelled 0.5 s in)
+    or behind it (a chunk every 0.12 s, the last played out by 1.04 s: all of it was heard, and only
+    the words generated)."""
+    import asyncio
+
+    from misotts_agents.server.sessions import SessionStream
+
+    now = [0.0]
+    mem = ConversationMemory()
+    mem.clock = lambda: now[0]
+    said = "Sure thing. Your order ships today, and it should arrive by Friday."
+    mem.agent_started(said)
+    engine_stream = _EngineStream(said, now, step_s)
+    stream = SessionStream(engine_stream, mem, more=False)
+
+    async def listen() -> list[AudioChunk]:
+        return [await stream.__anext__() for _ in range(chunks)]
+
+    got = asyncio.run(listen())
+    now[0] = barge_at
+    stream.cancel()
+    (turn,) = mem.context()
+    words = [w for c in got for w in c.words if w.start_s < heard_s]
+    assert turn.audio.size == round(heard_s * 24_000)
+    assert turn.text == " ".join(w.word for w in words) and said.startswith(turn.text) and turn.text != said
