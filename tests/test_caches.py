@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.voice import VoiceCache
@@ -31,3 +32,15 @@ def test_runner_audio_cache_is_bounded_by_seconds():
     long = np.zeros(2 * SAMPLE_RATE, dtype=np.float32)
     assert runner._blob("long", long) is long  # used once, not kept (it would push out everything)
     assert runner._blob("long", None) is None and runner._blob("second", None) is not None
+
+
+def test_ray_ingress_tracks_a_bounded_number_of_sessions():
+    pytest.importorskip("ray")
+    from misotts_agents.server.ray.ingress import RayEngineBackend
+
+    backend = RayEngineBackend(engine=None, max_tracked_sessions=2)
+    for sid in ("s1", "s2", "s3"):
+        backend.heard({"replica": "a", "closed": False}, sid)
+    assert len(backend._homes) == 2 and "s1" not in backend._homes  # the oldest is forgotten
+    backend.heard({"replica": "b", "closed": False}, "s3")  # s3 answered from another replica
+    assert backend.moved_sessions == 1

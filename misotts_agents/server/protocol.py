@@ -426,7 +426,7 @@ def stats_dict(stats: Any) -> dict[str, Any]:
         "elapsed_s": stats.elapsed_s,
         "real_time_factor": stats.real_time_factor,
     }
-    replica = getattr(stats, "replica", None)  # the Ray Serve replica that generated it (ray_serve.py)
+    replica = getattr(stats, "replica", None)  # the Ray Serve replica that generated it (ray/stream.py)
     if replica is not None:
         fields["replica"] = replica
     return fields

@@ -1,6 +1,6 @@
 """SessionAffinityRouter: Ray Serve request routing that keeps each conversation on one engine replica.
 
-A session's voice and turn memory live on one replica (ray_serve.py), so all of a session's calls
+A session's voice and turn memory live on one replica (replica.py), so all of a session's calls
 must reach it. Serve's stock router learns where a multiplexed id lives only from the replicas'
 reports (every 0.1 s, seen by callers later still), and its FIFO matching can hand one session's
 replica to another session's call; this router decides at once and gives each replica to the call
