@@ -164,8 +164,8 @@ def test_concurrent_streams_match_sequential(engine):
 def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
     real = engine.model.decode_frame
 
-    def with_reserved_ids(last_h, sampling):
-        codes = real(last_h, sampling)
+    def with_reserved_ids(last_h, sampling, **kw):
+        codes = real(last_h, sampling, **kw)
         codes[:, 5] = 2049
         return codes
 
@@ -190,8 +190,8 @@ def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
 def test_all_zero_frame_ends_the_utterance(engine, monkeypatch):
     real = engine.model.decode_frame
 
-    def eos_at_frame_3(last_h, sampling):
-        codes = real(last_h, sampling)
+    def eos_at_frame_3(last_h, sampling, **kw):
+        codes = real(last_h, sampling, **kw)
         return torch.zeros_like(codes) if int(sampling.frame[0]) == 3 else codes
 
     monkeypatch.setattr(engine.model, "decode_frame", eos_at_frame_3)

@@ -164,11 +164,11 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(engine, monkeyp
     armed = threading.Event()
     armed.set()
 
-    def fails_once(last_h, sampling):
+    def fails_once(last_h, sampling, **kw):
         if armed.is_set():
             armed.clear()
             raise RuntimeError("simulated device error")
-        return real(last_h, sampling)
+        return real(last_h, sampling, **kw)
 
     monkeypatch.setattr(engine.model, "decode_frame", fails_once)
     with pytest.raises(RuntimeError, match="simulated device error"):

@@ -1,4 +1,8 @@
-"""The static frame step: buckets, padding with the scratch row, and torch.compile == eager."""
+"""The frame step: shape selection from host-side state, slots addressing cache rows in place,
+padding, warm-up capture with one failing shape, and torch.compile == eager."""
+
+import logging
+import random
 
 import numpy as np
 import pytest
@@ -6,9 +10,39 @@ import torch
 
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
-from misotts_agents.engine.step import bucket_sizes
+from misotts_agents.engine.step import FrameStepper, StepShape, _Captured, bucket_sizes
+from misotts_agents.model.sampling import SamplingState
+from misotts_agents.testing.tiny import TINY_CONFIG, random_model
 
 TEXTS = ["Compiled or not.", "Same codes.", "Third one."]
+K = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = random_model(TINY_CONFIG, seed=3)
+    model.setup_caches(8)
+    return model
+
+
+def fill_caches(model, value: float) -> None:
+    for stack in (model.backbone, model.decoder):
+        for layer in stack.layers:
+            layer.attn.k_cache.fill_(value)
+            layer.attn.v_cache.fill_(value)
+
+
+def step_inputs(slots: list[int], positions: list[int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(slots)
+    tokens = torch.zeros(n, 1, K + 1, dtype=torch.long)
+    tokens[:, 0, :K] = torch.randint(0, 2048, (n, K), generator=gen)
+    mask = torch.ones(n, 1, K + 1, dtype=torch.bool)
+    mask[:, 0, K] = False
+    sampling = SamplingState.empty(n, "cpu")
+    sampling.seed.copy_(torch.arange(n) + seed)
+    sampling.topk.fill_(1)
+    return torch.tensor(slots), tokens, mask, torch.tensor(positions)[:, None], sampling
 
 
 def test_bucket_sizes():
@@ -17,8 +51,119 @@ def test_bucket_sizes():
     assert bucket_sizes(6) == [1, 2, 4, 6]
 
 
+def test_shape_selection(model):
+    step = FrameStepper(model, 8)
+    assert step.shape_for([0], [10], 50) == StepShape(batch=8, attend=1, length=128, candidates=64)
+    assert step.shape_for([0, 5], [10, 300], 50) == StepShape(8, 8, 512, 64)
+    assert step.shape_for([2], [1900], 64) == StepShape(8, 4, 2048, 64)
+    assert step.shape_for([3], [127], 65).candidates == 2051  # a row wants more than 64: the whole vocabulary
+    assert step.shape_for([3], [128], 1).length == 256  # position 128 is the 129th
+    assert len(step.shapes()) == 4 * 9 * 2  # attend 1, 2, 4, 8 x 9 windows x 2 candidate counts
+    for slots, positions in (([8], [0]), ([-1], [0]), ([0], [2048]), ([0, 1], [5])):
+        with pytest.raises(ValueError):
+            step.shape_for(slots, positions, 1)
+
+    bucketed = FrameStepper(model, 8, buckets=True)
+    assert bucketed.shape_for([2], [10], 1) == StepShape(4, 4, 128, 64)
+    assert {s.batch for s in bucketed.shapes()} == {1, 2, 4, 8}
+    assert all(s.attend == s.batch for s in bucketed.shapes())
+
+
+def test_every_selectable_shape_is_in_the_warm_up_list(model):
+    """What warm-up captures is exactly what the scheduler can ask for: no shape is met first at a request."""
+    rng = random.Random(0)
+    for buckets in (False, True):
+        step = FrameStepper(model, 8, buckets=buckets)
+        listed = set(step.shapes())
+        seen = set()
+        for _ in range(3000):
+            slots = rng.sample(range(8), rng.randint(1, 8))
+            positions = [rng.randrange(2048) for _ in slots]
+            seen.add(step.shape_for(slots, positions, rng.choice([1, 50, 64, 65, 2051])))
+        assert seen <= listed
+        assert len(seen) > len(listed) // 2
+
+
+@torch.inference_mode()
+def test_slots_are_cache_rows_and_padding_rows_stay_out(model):
+    """Slots 1 and 3 write their own cache rows at their positions; padding rows in the step only
+    write the scratch position; rows beyond `attend` are never read (NaN there changes nothing)."""
+    step = FrameStepper(model, 8)
+    fill_caches(model, 3.0)
+    rows, tokens, mask, pos, sampling = step_inputs([1, 3], [5, 9])
+    codes = step(rows, tokens, mask, pos, sampling, slots=[1, 3], positions=[5, 9], topk=1)
+    assert codes.shape == (2, K)
+    k_cache = model.backbone.layers[0].attn.k_cache
+    written = (k_cache != 3.0).any(dim=3).any(dim=1)  # (rows, positions)
+    assert written[1].nonzero().flatten().tolist() == [5]
+    assert written[3].nonzero().flatten().tolist() == [9]
+    for row in (0, 2, 4, 5, 6, 7):  # padding: only the scratch position
+        assert written[row].nonzero().flatten().tolist() == [step.scratch_position]
+    # Same step again with every row beyond attend (4) poisoned: identical codes.
+    for layer in model.backbone.layers:
+        layer.attn.k_cache[4:] = float("nan")
+        layer.attn.v_cache[4:] = float("nan")
+    again = step(rows, tokens, mask, pos, sampling)  # host copies derived from the tensors
+    assert torch.equal(again, codes)
+
+
+@torch.inference_mode()
+def test_a_row_gives_the_same_codes_whatever_else_is_in_the_step(model):
+    """Fixed batch shape: a row's codes do not depend on which other slots run with it."""
+    step = FrameStepper(model, 8)
+    fill_caches(model, 0.0)
+    rows, tokens, mask, pos, sampling = step_inputs([6], [20], seed=4)
+    alone = step(rows, tokens, mask, pos, sampling)
+    others = step_inputs([0, 2, 6], [3, 40, 20], seed=4)
+    others[1][2], others[2][2] = tokens[0], mask[0]
+    for name in ("seed", "topk", "temperature", "frame"):
+        getattr(others[4], name)[2] = getattr(sampling, name)[0]
+    together = step(*others)
+    assert torch.equal(together[2], alone[0])
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on CPU: replay runs the step into the static output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.fn())
+
+
+@torch.inference_mode()
+def test_warm_up_captures_every_shape_and_one_failure_spares_the_others(model, monkeypatch, caplog):
+    step = FrameStepper(model, 4)
+    bad = StepShape(4, 1, 128, 64)
+
+    def capture(shape):
+        if shape == bad:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = step._run(shape)
+        return _Captured(_FakeGraph(lambda: step._run(shape), out), out)
+
+    monkeypatch.setattr(step, "_capture", capture)
+    with caplog.at_level(logging.INFO, logger="misotts_agents.engine.step"):
+        step.warm_up()
+    fill_caches(model, 0.0)  # rows 0 and 1 below start from the same (empty) history
+    assert set(step.graphs) == set(step.shapes()) - {bad} and step.eager_shapes == {bad}
+    assert any("FAILED" in r.message and r.levelno == logging.ERROR for r in caplog.records)
+    assert sum("captured batch" in r.message for r in caplog.records) == len(step.shapes()) - 1  # a line per shape
+
+    # The failed shape runs eagerly; a captured one replays its graph; both give the same codes.
+    inputs = step_inputs([0], [7], seed=2)
+    eager = step(*inputs)  # slot 0 -> attend 1: the failed shape
+    replayed_before = step.graphs[StepShape(4, 2, 128, 64)].graph.replays
+    inputs2 = step_inputs([1], [7], seed=2)
+    replayed = step(*inputs2)  # slot 1 -> attend 2: captured
+    assert step.graphs[StepShape(4, 2, 128, 64)].graph.replays == replayed_before + 1
+    assert torch.equal(eager, replayed)
+
+
 def test_padding_rows_do_not_change_results(engine):
-    """Three rows batched (one scratch row) give what each gives alone (three scratch rows)."""
+    """Three rows batched give what each gives alone (same step shape, rows independent)."""
     reqs = [SynthesisRequest(t, topk=1, max_audio_ms=320) for t in TEXTS]
     alone = [engine.synthesize(r).codes for r in reqs]
     streams = [engine.stream(r) for r in reqs]
@@ -30,11 +175,12 @@ def test_padding_rows_do_not_change_results(engine):
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager(engine, tiny_dir):
-    """The same static step under torch.compile (inductor, CPU) gives identical greedy codes.
+    """The same step with every layer under torch.compile (inductor, CPU, dynamic shapes) gives
+    identical greedy codes.
 
-    Slow: compiling the unrolled 32-codebook step takes about a minute on 2 cores; it earns its place
-    because it is the only check that the step stays traceable (no data-dependent Python branching,
-    no host syncs) before it meets CUDA graphs on a GPU.
+    Slow: compiling takes about a minute on 2 cores; it earns its place because it is the only
+    check that the step stays traceable (no data-dependent Python branching, no host syncs) before
+    it meets CUDA graphs on a GPU.
     """
     # the same max_batch as the eager session engine, so both run the same step shape
     compiled = MisoEngine.load(
@@ -52,7 +198,7 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
 def test_power_of_two_buckets(tiny_dir):
     bucketed = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, batch_buckets=True, progress=False)
     try:
-        assert sorted(bucketed._scheduler.stepper.buckets) == [1, 2, 4]
+        assert bucketed._scheduler.stepper.batch_sizes == [1, 2, 4]
         streams = [bucketed.stream(SynthesisRequest(t, max_audio_ms=240)) for t in TEXTS]
         assert [sum(c.frames for c in s) for s in streams] == [3, 3, 3]
     finally:

@@ -54,7 +54,8 @@ class MisoEngine:
     ``max_batch`` is how many requests generate at once (KV-cache rows; about 268 MB each in bf16
     for the 8B model); ``max_queue`` how many more may wait; beyond that ``stream`` raises
     :class:`EngineBusy` at once rather than letting callers hang. ``cuda_graphs`` (default: on
-    CUDA) captures the frame step per batch bucket; ``compile`` runs it under ``torch.compile``.
+    CUDA) captures every shape of the frame step at start-up; ``compile`` (default: on CUDA)
+    compiles its layers with ``torch.compile`` first.
     Every step runs ``max_batch`` rows (padded), so a request's audio does not depend on what
     shares its batch; ``batch_buckets=True`` trades that for smaller steps at low load (step.py).
     """
@@ -69,7 +70,7 @@ class MisoEngine:
         max_queue: int = 64,
         max_voices: int = 16,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         batch_buckets: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -85,7 +86,7 @@ class MisoEngine:
         self.voices = VoiceCache(max_voices)
         self._encoder_mimi = copy.deepcopy(mimi)  # encoding never disturbs the streaming decoder
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
-        model.setup_caches(max_batch + 1)  # + the frame step's scratch row
+        model.setup_caches(max_batch)  # slot i is cache row i
         decoder = codec.MimiStreamDecoder(mimi, batch_size=max_batch)
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misotts-prep")
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
@@ -115,7 +116,7 @@ class MisoEngine:
         max_batch: int = 8,
         max_queue: int = 64,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         batch_buckets: bool = False,
         progress: bool = True,
     ) -> MisoEngine:

@@ -89,10 +89,10 @@ class Scheduler:
         voices: VoiceCache,
         max_batch: int,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         batch_buckets: bool = False,
     ):
-        """``model`` must have caches for ``max_batch + 1`` rows: the last is the step's scratch row."""
+        """``model`` must have KV caches for ``max_batch`` rows: slot i is cache row i (step.py)."""
         self.model = model
         self.decoder = decoder
         self.voices = voices
@@ -102,7 +102,7 @@ class Scheduler:
         self.k = k
         dev = self.device
         self.stepper = FrameStepper(
-            model, max_batch, scratch_row=max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets
+            model, max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets
         )
         # Per slot: the next backbone input frame, its position (host ints: no sync), sampling settings.
         self.next_tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)

@@ -1,40 +1,63 @@
-"""The per-frame step for a batch, at static shapes, captured as a CUDA graph on CUDA.
+"""The per-frame step for a batch, at a few static shapes, each captured as a CUDA graph at start-up.
 
-One step takes, for each active row, the next backbone input frame (the last prompt frame for a
+One step takes, for each runnable row, the next backbone input frame (the last prompt frame for a
 request just prefilled, else ``[previous codes, 0]``) and produces that row's next 32 codes:
-backbone decode, codebook-0 head and sampling, all 31 depth-decoder steps with sampling. Shapes
-depend only on the batch-size *bucket*; rows beyond the active ones are padded with a scratch cache
-row whose results are ignored.
+backbone decode, codebook-0 head and sampling, all 31 depth-decoder steps with sampling. There is
+no branching on tensor values and no host synchronisation inside: end-of-speech and cancellation
+are checked by the scheduler between steps.
 
-By default there is one bucket, ``max_batch``: every step has the same shape, so a request's audio
-is bit-identical whatever else shares the batch (matrix kernels round differently for different
-row counts -- a one-row product is a matrix-vector kernel -- so a row's result would otherwise
-depend on how many rows ran with it). On a memory-bound GPU the padding rows cost little.
-``buckets=True`` uses 1, 2, 4, ... ``max_batch`` instead: less compute at low load, at the price
-of last-bit differences between batch sizes. With ``max_batch=1`` the step is the reference's
-batch-1 computation exactly. There is no branching on
-tensor values and no host synchronisation inside: end-of-speech and cancellation are checked by
-the scheduler between steps. Prefill (variable length) stays outside the captured graph.
+**Batch row = cache row.** A scheduler slot *is* a KV-cache row and a row of the step: the step
+computes rows ``[0, batch)`` in place and attention reads those rows' caches directly (no copy of
+any cache row, see transformer.CacheWindow). Rows in that range that do not run this step (free,
+paced or still prefilling slots) are padding: their input position is parked at the last cache
+position, which is scratch for every row (always written before it is read), and their codes are
+dropped. The shape of a step (:class:`StepShape`) is chosen on the host from what the scheduler
+already knows (slots, positions, top-k), never by reading the device:
 
-On CUDA each bucket is captured once (``torch.cuda.CUDAGraph``) and replayed: one launch instead of
-thousands of small kernels per frame. If capture fails, the step runs eagerly, with one warning.
-On CPU it runs eagerly, or under ``torch.compile`` when asked (tested for identical codes).
+- ``batch``: ``max_batch`` by default, so every step has the same matrix shapes and a request's
+  audio does not depend on how many others share the step (a one-row product is a matrix-vector
+  kernel and rounds differently from a 16-row one); with ``buckets=True`` the power of two above
+  the highest runnable slot (less compute at low load, last-bit differences between sizes);
+- ``attend``: the power of two above the highest runnable slot: padding rows beyond it skip
+  attention, so at low load they cost only their (memory-bound, nearly free on a GPU) matmul rows;
+- ``length``: the window of cache positions attention reads (transformer.length_buckets), so a
+  step reads the positions in use, not all 2048. A row's result can differ in the last bit between
+  windows (the attention kernel's blocking), never with other rows' contents;
+- ``candidates``: top-k ranks the 64 largest logits (default top-k is 50), or the whole vocabulary
+  when a row asks for more.
+
+**Graphs before the first request.** On CUDA the step's layers are compiled (``torch.compile``,
+one graph per call pattern shared by every layer of a stack, symbolic sizes) and every shape is
+captured at construction, one log line per shape with its time. Capture runs on its own stream
+in thread-local capture mode, so other threads' GPU work cannot break it. A shape that fails to
+capture runs eagerly (logged as an error); the others stay captured. On CPU the step runs
+eagerly, or compiled when asked (tested for identical codes).
+
+**Copies.** Host positions go to the device through a pinned buffer (non-blocking); the codes
+leave the static output with one device-side gather. Nothing here waits for the device.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from misotts_agents.model.sampling import SamplingState
-from misotts_agents.model.transformer import MisoModel
+from misotts_agents.model.transformer import CacheWindow, MisoModel, length_bucket, length_buckets
 
 log = logging.getLogger(__name__)
 
+# Top-k candidates ranked when every row's k fits (the default top-k is 50).
+TOPK_CANDIDATES = 64
+
 
 def bucket_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
     sizes, b = [], 1
     while b < max_batch:
         sizes.append(b)
@@ -42,53 +65,110 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-class _Bucket:
-    """Static input/output buffers of one batch size (and its captured graph, if any)."""
+def _smallest_at_least(sizes: list[int], n: int) -> int:
+    i = bisect.bisect_left(sizes, n)
+    if i == len(sizes):
+        raise ValueError(f"{n} exceeds the largest size {sizes[-1]}")
+    return sizes[i]
 
-    def __init__(self, size: int, k: int, device: torch.device) -> None:
-        self.size = size
-        self.rows = torch.zeros(size, dtype=torch.long, device=device)
-        self.tokens = torch.zeros(size, 1, k + 1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(size, 1, k + 1, dtype=torch.bool, device=device)
-        self.pos = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self.sampling = SamplingState.empty(size, device)
-        self.codes: torch.Tensor | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+
+@dataclass(frozen=True, order=True)
+class StepShape:
+    """One static shape of the step (see the module docstring)."""
+
+    batch: int  # rows computed: cache rows [0, batch)
+    attend: int  # rows [0, attend) attend; the rest are padding
+    length: int  # cache positions attention reads
+    candidates: int  # logits ranked per row for top-k
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, attend {self.attend}, length {self.length}, top-k candidates {self.candidates}"
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    codes: torch.Tensor  # the graph's static output, (batch, K)
 
 
 class FrameStepper:
-    """Runs :meth:`MisoModel` frame steps for up to ``max_batch`` rows; ``scratch_row`` pads buckets."""
+    """Runs :class:`MisoModel` frame steps for up to ``max_batch`` rows (slots 0..max_batch-1).
+
+    ``cuda_graphs`` and ``compile`` default to on for CUDA and off elsewhere. The model must have
+    KV caches for ``max_batch`` rows.
+    """
 
     def __init__(
         self,
         model: MisoModel,
         max_batch: int,
-        scratch_row: int,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         buckets: bool = False,
     ) -> None:
+        if model.max_batch < max_batch:
+            raise ValueError(f"the model has KV caches for {model.max_batch} rows, the step needs {max_batch}")
         self.model = model
         self.device = model.device
-        self.scratch_row = scratch_row
-        self.k = model.num_codebooks
-        sizes = bucket_sizes(max_batch) if buckets else [max_batch]
-        self.buckets = {b: _Bucket(b, self.k, self.device) for b in sizes}
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._fn: Callable[..., torch.Tensor] = self._step
-        if compile:
-            self._fn = torch.compile(self._step, dynamic=False, fullgraph=False)
-        self._warned = False
+        self.max_batch = max_batch
+        self.buckets = buckets
+        self.k = k = model.num_codebooks
+        self.max_len = model.backbone.max_len
+        self.scratch_position = self.max_len - 1
+        self.batch_sizes = bucket_sizes(max_batch) if buckets else [max_batch]
+        self.attend_sizes = bucket_sizes(max_batch)
+        self.lengths = length_buckets(self.max_len)
+        vocab = model.audio_vocab_size
+        self.candidate_sizes = sorted({min(TOPK_CANDIDATES, vocab), vocab})
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.compiled = on_cuda if compile is None else compile
+        # Static inputs for rows [0, max_batch); a shape reads the first `batch` rows.
+        dev = self.device
+        self.tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(max_batch, 1, k + 1, dtype=torch.bool, device=dev)
+        self.pos = torch.full((max_batch, 1), self.scratch_position, dtype=torch.long, device=dev)
+        self.sampling = SamplingState.empty(max_batch, dev)
+        self._sampling_views = {b: self.sampling.view(b) for b in self.batch_sizes}
+        self._pos_host = torch.empty(max_batch, dtype=torch.long, pin_memory=on_cuda)
+        self._staged = torch.cuda.Event() if on_cuda else None  # the last host-to-device copy of positions
+        self.graphs: dict[StepShape, _Captured] = {}
+        self.eager_shapes: set[StepShape] = set()  # shapes whose capture failed
+        if self.compiled:
+            model.compile_layers()
+        if self.cuda_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            self.warm_up()
 
-    def _step(self, b: _Bucket) -> torch.Tensor:
-        h = self.model.backbone_last_hidden(b.tokens, b.mask, b.pos, b.rows)
-        return self.model.decode_frame(h, b.sampling)
+    # -- shapes ---------------------------------------------------------------------------------
 
-    def bucket_for(self, n: int) -> _Bucket:
-        for size, bucket in self.buckets.items():
-            if size >= n:
-                return bucket
-        raise ValueError(f"{n} rows exceed the largest bucket ({max(self.buckets)})")
+    def shapes(self) -> list[StepShape]:
+        """Every shape :meth:`shape_for` can return."""
+        return [
+            StepShape(batch, attend, length, candidates)
+            for batch in self.batch_sizes
+            for attend in ([batch] if self.buckets else bucket_sizes(batch))
+            for length in self.lengths
+            for candidates in self.candidate_sizes
+        ]
+
+    def shape_for(self, slots: Sequence[int], positions: Sequence[int], topk: int) -> StepShape:
+        """The shape of a step running ``slots`` at ``positions`` with a largest top-k of ``topk``."""
+        if not slots or len(slots) != len(positions):
+            raise ValueError(f"need one position per slot, got {len(slots)} slots and {len(positions)} positions")
+        low, top = min(slots), max(slots) + 1
+        if low < 0 or top > self.max_batch:
+            raise ValueError(f"slots must be in 0..{self.max_batch - 1}, got {sorted(slots)}")
+        first, last = min(positions), max(positions)
+        if first < 0 or last >= self.max_len:
+            raise ValueError(f"positions must be in 0..{self.max_len - 1}, got {first}..{last}")
+        batch = _smallest_at_least(self.batch_sizes, top)
+        attend = batch if self.buckets else _smallest_at_least(self.attend_sizes, top)
+        length = length_bucket(last + 1, self.max_len)
+        candidates = _smallest_at_least(self.candidate_sizes, max(topk, 1))
+        return StepShape(batch, attend, length, candidates)
+
+    # -- running ---------------------------------------------------------------------------------
 
     def __call__(
         self,
@@ -97,46 +177,99 @@ class FrameStepper:
         mask: torch.Tensor,
         pos: torch.Tensor,
         sampling: SamplingState,
+        *,
+        slots: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None,
+        topk: int | None = None,
     ) -> torch.Tensor:
-        """One step for n rows: rows (n,), tokens/mask (n, 1, K+1), pos (n, 1) -> codes (n, K)."""
-        n = rows.size(0)
-        b = self.bucket_for(n)
-        b.rows[:n] = rows
-        b.rows[n:] = self.scratch_row
-        b.tokens[:n] = tokens
-        b.tokens[n:] = 0
-        b.mask[:n] = mask
-        b.mask[n:] = False
-        b.pos[:n] = pos
-        b.pos[n:] = 0
-        b.sampling.load(sampling)
-        if self.cuda_graphs and b.graph is None and not self._warned:
-            self._capture(b)
-        if b.graph is not None:
-            b.graph.replay()
-            return b.codes[:n].clone()
-        return self._fn(b)[:n]
+        """One step for n rows: rows (n,), tokens/mask (n, 1, K+1), pos (n, 1) -> codes (n, K).
 
-    def _capture(self, b: _Bucket) -> None:
-        """Capture this bucket's step; on failure warn once and stay eager for every bucket."""
-        saved = b.rows.clone()
-        try:
-            b.rows.fill_(self.scratch_row)  # warm-up and capture write only into the scratch row
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._fn(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                b.codes = self._fn(b)
-            b.graph = graph
-            log.info("captured the frame step for batch bucket %d as a CUDA graph", b.size)
-        except Exception as exc:  # capture is an optimisation: fall back, loudly, once
-            self._warned = True
-            self.cuda_graphs = False
-            b.graph = None
-            log.warning("CUDA graph capture failed (%s); running the frame step eagerly", exc)
-        finally:
-            b.rows.copy_(saved)
+        ``slots``, ``positions`` and ``topk`` are the host's copies of ``rows``, ``pos`` and the
+        largest ``sampling.topk``; give them (the scheduler does), or they are read from the
+        device, which waits for it.
+        """
+        slots = rows.tolist() if slots is None else list(slots)
+        positions = pos.reshape(-1).tolist() if positions is None else list(positions)
+        topk = int(sampling.topk.max()) if topk is None else topk
+        shape = self.shape_for(slots, positions, topk)
+        self._stage(shape, rows, tokens, mask, sampling, slots, positions)
+        captured = self.graphs.get(shape)
+        if captured is not None:
+            captured.graph.replay()
+            codes = captured.codes
+        else:
+            codes = self._run(shape)
+        return codes.index_select(0, rows)
+
+    def _stage(
+        self,
+        shape: StepShape,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        sampling: SamplingState,
+        slots: list[int],
+        positions: list[int],
+    ) -> None:
+        """Write this step's inputs into the static buffers: device rows in place, positions from the host."""
+        self.tokens.index_copy_(0, rows, tokens)
+        self.mask.index_copy_(0, rows, mask)
+        self.sampling.put(rows, sampling)
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy has left the pinned buffer (long since)
+        host = self._pos_host.numpy()
+        host[: shape.batch] = self.scratch_position  # padding rows: scratch position, results dropped
+        host[slots] = positions
+        self.pos[: shape.batch, 0].copy_(self._pos_host[: shape.batch], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
+
+    def _run(self, shape: StepShape) -> torch.Tensor:
+        """The step itself, eagerly (or through the compiled layers): codes for rows [0, batch)."""
+        b = shape.batch
+        window = CacheWindow(shape.length, None if shape.attend == b else shape.attend)
+        h = self.model.backbone_last_hidden(self.tokens[:b], self.mask[:b], self.pos[:b], window)
+        return self.model.decode_frame(h, self._sampling_views[b], candidates=shape.candidates)
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile and capture every shape now, before any request: a first stream never waits for it."""
+        shapes = self.shapes()
+        began = time.perf_counter()
+        log.info("frame step: capturing %d shapes (CUDA graphs, compiled=%s)", len(shapes), self.compiled)
+        self.pos.fill_(self.scratch_position)  # warm-up and capture write only at the scratch position
+        with torch.inference_mode():
+            for shape in shapes:
+                started = time.perf_counter()
+                try:
+                    self.graphs[shape] = self._capture(shape)
+                except Exception as exc:  # one shape's failure must not cost the others their graphs
+                    self.eager_shapes.add(shape)
+                    log.error(
+                        "frame step: CUDA graph capture FAILED for %s (%s: %s); this shape runs eagerly, "
+                        "much slower, the others stay captured",
+                        shape,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    continue
+                log.info("frame step: captured %s in %.2f s", shape, time.perf_counter() - started)
+        log.info(
+            "frame step: %d of %d shapes captured in %.1f s%s",
+            len(self.graphs),
+            len(shapes),
+            time.perf_counter() - began,
+            f"; {len(self.eager_shapes)} run eagerly" if self.eager_shapes else "",
+        )
+
+    def _capture(self, shape: StepShape) -> _Captured:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._run(shape)  # compiles, allocates and tunes outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            codes = self._run(shape)
+        return _Captured(graph, codes)

@@ -37,7 +37,9 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
     key = key.view(-1, *([1] * (counter.dim() - 1)))
     key = _mix32(key ^ (counter & _MASK32))
     h = _mix32(key.unsqueeze(-1) ^ ((token * 0x9E3779B9) & _MASK32))
-    uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0
+    # 23 bits: the largest value, 1 - 2**-24, is still below 1.0 in float32 (24 bits would round up
+    # to 1.0, giving zero noise: 0/0 = NaN would win the race for a filtered-out token).
+    uniform = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # in (0, 1)
     return -torch.log(uniform)
 
 
@@ -84,14 +86,14 @@ class SamplingState:
         """The given rows, gathered (a copy)."""
         return SamplingState(**{name: t[rows] for name, t in self._tensors().items()})
 
-    def load(self, other: SamplingState) -> None:
-        """Copy ``other`` into the first rows in place and reset the rest (static buffers for graphs)."""
-        neutral = SamplingState.empty(1, "cpu")._tensors()
+    def put(self, rows: torch.Tensor, other: SamplingState) -> None:
+        """Write ``other``'s rows into the given rows in place (the step's static buffers for graphs)."""
         for name, t in self._tensors().items():
-            src = getattr(other, name)
-            n = src.size(0)
-            t[:n] = src
-            t[n:] = neutral[name].item()
+            t.index_copy_(0, rows, getattr(other, name))
+
+    def view(self, size: int) -> SamplingState:
+        """The first ``size`` rows, as views (no copy)."""
+        return SamplingState(**{name: t[:size] for name, t in self._tensors().items()})
 
     def advance(self, rows: torch.Tensor) -> None:
         """The given rows move on to their next frame."""
@@ -107,19 +109,33 @@ class SamplingState:
 
 
 def sample_topk(
-    logits: torch.Tensor, state: SamplingState, codebook: int, noise: torch.Tensor | None = None
+    logits: torch.Tensor,
+    state: SamplingState,
+    codebook: int,
+    noise: torch.Tensor | None = None,
+    candidates: int | None = None,
 ) -> torch.Tensor:
     """Sample one token per row from (b, vocab) logits -> (b, 1) int64.
 
     Same filter as the reference's ``sample_topk`` (keep logits >= the k-th largest), computed in
     fp32 with per-row k and temperature. With k = 1 this is argmax, identical to the reference.
     ``noise`` is this codebook's slice of :meth:`SamplingState.frame_noise` when precomputed.
+
+    Only the ``candidates`` largest logits of each row are ranked (``torch.topk``, not a sort of
+    the whole vocabulary); every row's k must be at most ``candidates`` (None: the vocabulary,
+    exact for any k). The draw is the exponential race over those candidates, with the noise of
+    their own token ids, so it picks what the race over the whole vocabulary picks. (Logits tied
+    with the k-th largest beyond the first ``candidates`` would be kept by the reference and are
+    not here: float logits do not tie that way in practice.)
     """
     logits = logits.float() / state.temperature[:, None]
     vocab = logits.size(-1)
-    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (state.topk.clamp(1, vocab) - 1)[:, None])
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(torch.log_softmax(logits, dim=-1), dim=-1)
+    n = vocab if candidates is None else min(candidates, vocab)
+    top = torch.topk(logits, n, dim=-1)  # sorted, largest first
+    kth = top.values.gather(-1, (state.topk.clamp(1, n) - 1)[:, None])
+    kept = top.values.masked_fill(top.values < kth, float("-inf"))
+    probs = torch.softmax(torch.log_softmax(kept, dim=-1), dim=-1)
     if noise is None:
         noise = exponential_noise(state.seed, state.frame * 64 + codebook, vocab)
-    return torch.argmax(probs / noise, dim=-1, keepdim=True)
+    pick = torch.argmax(probs / noise.gather(-1, top.indices), dim=-1, keepdim=True)
+    return top.indices.gather(-1, pick)

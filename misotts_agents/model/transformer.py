@@ -1,15 +1,37 @@
 """The MisoTTS / CSM model in plain PyTorch: a Llama-3.2-style backbone and depth decoder.
 
 Parameter names follow the official checkpoint (torchtune layout) so `model.safetensors` loads
-strictly. The math reproduces torchtune 0.6.1 exactly (interleaved-pair Llama-3 scaled RoPE, fp32
-RMSNorm, GQA, SwiGLU, attention over the whole static KV cache under a boolean mask).
+strictly. The math is torchtune 0.6.1's (interleaved-pair Llama-3 scaled RoPE, fp32 RMSNorm, GQA,
+SwiGLU); the greedy codes equal the reference's (tests/test_model_parity.py).
 
-The KV caches are preallocated for ``max_batch`` rows; every call names the cache rows it uses, so a
-scheduler can keep many conversations in one cache and run them in one batched step. Cache writes
-land at the given positions with indexed assignment (no host synchronisation, graph-capturable).
+What makes it fast, and why each piece is shaped the way it is:
+
+- **Fused projections.** q/k/v and w1/w3 are each one matrix product. The official tensors stay
+  under their own names as row views of the fused matrix (one copy in memory, strict loading and
+  ``state_dict()`` unchanged); :meth:`MisoModel.fuse_weights` rebuilds the fused matrices after
+  tensors are *replaced* (``load_state_dict(assign=True)``); in-place loads update them directly.
+- **RMSNorm on its fused path**: fp32 input with an fp32 copy of the scale (a bf16 scale makes
+  ``F.rms_norm`` fall back to six separate ops).
+- **RoPE once per forward**: the rotations for the batch's positions are gathered once and shared
+  by every layer; q and k are rotated together, as one complex product.
+- **Attention proportional to what is used.** The KV caches are preallocated for ``max_batch``
+  rows. A :class:`CacheWindow` says "batch row i *is* cache row i" and reads only positions
+  ``[0, length)`` of the first ``attend`` rows: slices of the cache, no copies. Grouped KV heads are
+  handled natively: the query heads sharing a KV head are laid out as that head's query rows
+  (``q`` reshaped to (b, kv_heads, group x s, head_dim)), so K and V are never expanded. A tensor
+  of row indices instead gathers those rows' used positions (prefill of arbitrary rows).
+- The depth decoder reads exactly the positions each of its 31 steps has written (static lengths,
+  no mask at all for its one-position steps).
+
+Cache writes land at the given positions with indexed assignment (no host synchronisation,
+graph-capturable). A row's positions at or beyond the next one it will write are free scratch:
+they are always written before they are read (the frame step parks padding rows at the last one).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -28,15 +50,63 @@ from misotts_agents.model.config import (
 )
 from misotts_agents.model.sampling import SamplingState, sample_topk
 
+# Backbone attention windows are multiples of this many positions (see length_buckets).
+WINDOW_QUANTUM = 128
+
+
+def length_buckets(max_len: int, quantum: int = WINDOW_QUANTUM) -> list[int]:
+    """Attention window lengths a step may use: doubling up to 512 positions, then every 256.
+
+    Few enough to capture a CUDA graph for each; fine enough that a step reads at most twice the
+    positions in use (and at most 255 more beyond 512).
+    """
+    if max_len <= quantum:
+        return [max_len]
+    sizes, n = [], quantum
+    while n < min(512, max_len):
+        sizes.append(n)
+        n *= 2
+    n = min(n, max_len)
+    while n < max_len:
+        sizes.append(n)
+        n += 256
+    return [*sizes, max_len]
+
+
+def length_bucket(positions: int, max_len: int) -> int:
+    """The smallest window holding ``positions`` positions."""
+    for size in length_buckets(max_len):
+        if size >= positions:
+            return size
+    raise ValueError(f"{positions} positions exceed the cache's {max_len}")
+
+
+@dataclass(frozen=True)
+class CacheWindow:
+    """Batch row i uses cache row i; attention reads positions ``[0, length)`` of the first
+    ``attend`` rows (None: every row). Rows beyond ``attend`` are padding: they write their K/V
+    (where their position says) but get no attention. ``masked=False`` states that every row
+    attends to exactly all ``length`` positions (one query position, ``length - 1``), so no mask
+    is built -- the depth decoder's steps."""
+
+    length: int
+    attend: int | None = None
+    masked: bool = True
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
+        self.fuse_weights()
+
+    def fuse_weights(self) -> None:
+        # fp32 scale for F.rms_norm's fused path; for fp32 weights this is the parameter itself.
+        self.register_buffer("scale_fp32", self.scale.detach().float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the weight dtype, as the reference does.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.scale, NORM_EPS).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale_fp32, NORM_EPS).to(x.dtype)
 
 
 def llama3_rope_cache(head_dim: int, max_seq_len: int, device: torch.device) -> torch.Tensor:
@@ -55,18 +125,33 @@ def llama3_rope_cache(head_dim: int, max_seq_len: int, device: torch.device) -> 
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (b, s, heads, head_dim) by the angles at input_pos (b, s)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cache = rope[input_pos].view(-1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack(
-        [
-            xs[..., 0] * cache[..., 0] - xs[..., 1] * cache[..., 1],
-            xs[..., 1] * cache[..., 0] + xs[..., 0] * cache[..., 1],
-        ],
-        -1,
-    )
-    return out.flatten(3).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (b, s, heads, head_dim) by ``rotation`` (b, s, 1, head_dim/2),
+    complex cos + i sin, in fp32: one complex product, (x0 cos - x1 sin, x1 cos + x0 sin) exactly."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def fuse_linears(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    """One matrix of the bias-free Linear children ``names`` stacked by rows; each child's weight
+    becomes a view of its rows, so the module keeps one copy under the official names."""
+    parts = [getattr(owner, name).weight for name in names]
+    fused = torch.cat([p.detach() for p in parts])
+    for name, view in zip(names, fused.split([p.size(0) for p in parts]), strict=True):
+        getattr(owner, name).weight = nn.Parameter(view, requires_grad=False)
+    return fused
+
+
+class _Pass(NamedTuple):
+    """What every layer of one forward shares: rotation, cache addressing, window and mask."""
+
+    rotation: torch.Tensor  # (b, s, 1, head_dim/2) complex64: RoPE at each position
+    input_pos: torch.Tensor  # (b, s)
+    write_rows: torch.Tensor  # (b, 1) cache row of each batch row
+    gather_rows: torch.Tensor | None  # (b,) rows to gather for reading, or None: rows [0, attend) in place
+    attend: int  # batch rows that attend
+    length: int  # positions read
+    bias: torch.Tensor | None  # (attend, 1, s*group | 1, length) additive mask, or None
 
 
 class Attention(nn.Module):
@@ -75,51 +160,47 @@ class Attention(nn.Module):
         self.num_heads = flavor.num_heads
         self.num_kv_heads = flavor.num_kv_heads
         self.head_dim = flavor.head_dim
+        self.group = self.num_heads // self.num_kv_heads
         dim = flavor.embed_dim
         self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.output_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+        self.fuse_weights()
+
+    def fuse_weights(self) -> None:
+        self.register_buffer("wqkv", fuse_linears(self, ("q_proj", "k_proj", "v_proj")), persistent=False)
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (max_batch, self.num_kv_heads, max_len, self.head_dim)
-        # Zeros, not empty: masked-out positions still enter q.k, and NaN garbage would survive the mask.
+        # Zeros, not empty: stale positions are masked, and NaN garbage would survive a mask.
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        input_pos: torch.Tensor,
-        mask: torch.Tensor,
-        rows: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: _Pass) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), rope, input_pos)
-        k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), rope, input_pos)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache not set up: call setup_caches() first")
-        if rows is None:
-            row_idx = torch.arange(b, device=x.device)[:, None]
-            k_all, v_all = self.k_cache[:b], self.v_cache[:b]
+        qkv = F.linear(x, self.wqkv).view(b, s, heads + 2 * kv, hd)
+        q, k = apply_rope(qkv[:, :, : heads + kv], p.rotation).split([heads, kv], dim=2)
+        v = qkv[:, :, heads + kv :]
+        self.k_cache[p.write_rows, :, p.input_pos] = k
+        self.v_cache[p.write_rows, :, p.input_pos] = v
+        n = p.attend
+        if p.gather_rows is None:
+            keys, values = self.k_cache[:n, :, : p.length], self.v_cache[:n, :, : p.length]
         else:
-            row_idx = rows[:, None]
-        self.k_cache[row_idx, :, input_pos] = k
-        self.v_cache[row_idx, :, input_pos] = v
-        if rows is not None:
-            k_all, v_all = self.k_cache[rows], self.v_cache[rows]
-        q = q.transpose(1, 2)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            expand = (b, self.num_kv_heads, groups, -1, self.head_dim)
-            k_all = k_all.unsqueeze(2).expand(expand).flatten(1, 2)
-            v_all = v_all.unsqueeze(2).expand(expand).flatten(1, 2)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None, :, :])
-        return self.output_proj(out.transpose(1, 2).contiguous().view(b, s, -1))
+            keys, values = self.k_cache[p.gather_rows, :, : p.length], self.v_cache[p.gather_rows, :, : p.length]
+        # The query heads of one KV head are that head's query rows: (n, kv, s * group, hd).
+        q = q[:n].reshape(n, s, kv, self.group, hd).transpose(1, 2).reshape(n, kv, s * self.group, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.bias)
+        out = out.view(n, kv, s, self.group, hd).transpose(1, 2).reshape(n, s, heads * hd)
+        if n < b:  # padding rows: no attention output
+            out = F.pad(out, (0, 0, 0, 0, 0, b - n))
+        return self.output_proj(out)
 
 
 class MLP(nn.Module):
@@ -128,9 +209,14 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
         self.w2 = nn.Linear(flavor.intermediate_dim, flavor.embed_dim, bias=False)
         self.w3 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
+        self.fuse_weights()
+
+    def fuse_weights(self) -> None:
+        self.register_buffer("w13", fuse_linears(self, ("w1", "w3")), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -141,8 +227,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(flavor.embed_dim)
         self.mlp = MLP(flavor)
 
-    def forward(self, x, rope, input_pos, mask, rows):
-        h = self.attn(self.sa_norm(x), rope, input_pos, mask, rows) + x
+    def forward(self, x: torch.Tensor, p: _Pass) -> torch.Tensor:
+        h = self.attn(self.sa_norm(x), p) + x
         return self.mlp(self.mlp_norm(h)) + h
 
 
@@ -155,7 +241,18 @@ class Transformer(nn.Module):
         self.max_len = max_len
         self.layers = nn.ModuleList(Layer(flavor) for _ in range(flavor.num_layers))
         self.norm = RMSNorm(flavor.embed_dim)
+        self.compiled_layers: list[nn.Module] | None = None
         self.init_buffers(self.norm.scale.device, self.norm.scale.dtype)
+
+    def compile_layers(self) -> None:
+        """Run windowed calls (the frame step's) through ``torch.compile``d layers.
+
+        One compiled graph per call pattern serves every layer of the stack (the weights are
+        inputs, not constants), with symbolic batch and window sizes: a handful of compilations
+        instead of one per layer and shape. Prefill (row tensors) stays eager: its large products
+        gain little from fusion and its shapes vary with every prompt.
+        """
+        self.compiled_layers = [torch.compile(layer, dynamic=True) for layer in self.layers]
 
     def init_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
         """(Re)build the derived tables; needed after loading weights into a model made on ``meta``.
@@ -165,12 +262,18 @@ class Transformer(nn.Module):
         """
         rope = llama3_rope_cache(self.flavor.head_dim, self.max_len, device).to(dtype)
         self.register_buffer("rope", rope, persistent=False)
-        mask = torch.ones(self.max_len, self.max_len, dtype=torch.bool, device=device).tril()
-        self.register_buffer("causal_mask", mask, persistent=False)
+        self.register_buffer("key_positions", torch.arange(self.max_len, device=device), persistent=False)
+        self.register_buffer("row_index", torch.arange(0, device=device), persistent=False)
+
+    def fuse_weights(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_weights"):
+                module.fuse_weights()
 
     def setup_caches(self, max_batch: int, dtype: torch.dtype, device: torch.device) -> None:
         for layer in self.layers:
             layer.attn.setup_cache(max_batch, self.max_len, dtype, device)
+        self.row_index = torch.arange(max_batch, device=device)
 
     def export_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the first ``length`` cached positions of one row, per layer (for prefix reuse)."""
@@ -185,12 +288,47 @@ class Transformer(nn.Module):
             layer.attn.k_cache[row, :, : k.size(1)] = k
             layer.attn.v_cache[row, :, : v.size(1)] = v
 
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """h (b, s, dim) at positions input_pos (b, s) -> normalised hidden states in fp32."""
-        mask = self.causal_mask[input_pos]
-        for layer in self.layers:
-            h = layer(h, self.rope, input_pos, mask, rows)
-        return self.norm(h).float()
+    def window_for(self, input_pos: torch.Tensor) -> int:
+        """The window holding every position in ``input_pos`` (reads them: a device sync on CUDA)."""
+        return length_bucket(int(input_pos.max()) + 1, self.max_len)
+
+    def forward(
+        self, h: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | CacheWindow | None = None
+    ) -> torch.Tensor:
+        """h (b, s, dim) at positions input_pos (b, s) -> normalised hidden states (model dtype).
+
+        ``rows``: a :class:`CacheWindow` (batch row i is cache row i; pass one to avoid reading
+        ``input_pos`` on the host), a tensor (b,) of cache rows (their used positions are gathered),
+        or None (rows 0..b-1 with the window that holds ``input_pos``).
+        """
+        b, s, _ = h.shape
+        if isinstance(rows, torch.Tensor):
+            window = CacheWindow(self.window_for(input_pos))
+            write_rows, gather_rows = rows[:, None], rows
+        else:
+            window = rows if rows is not None else CacheWindow(self.window_for(input_pos))
+            write_rows, gather_rows = self.row_index[:b, None], None
+        attend = b if window.attend is None else window.attend
+        bias = None
+        if window.masked:
+            allowed = self.key_positions[: window.length] <= input_pos[:attend, :, None]  # (attend, s, length)
+            bias = torch.zeros((), dtype=h.dtype, device=h.device).masked_fill(~allowed, float("-inf"))
+            group = self.flavor.num_heads // self.flavor.num_kv_heads
+            # query rows are (position, head in group): repeat each position's mask per head
+            bias = bias.unsqueeze(2).expand(attend, s, group, window.length).reshape(attend, 1, s * group, -1)
+        p = _Pass(
+            rotation=torch.view_as_complex(self.rope[input_pos].float()).unsqueeze(2),
+            input_pos=input_pos,
+            write_rows=write_rows,
+            gather_rows=gather_rows,
+            attend=attend,
+            length=window.length,
+            bias=bias,
+        )
+        layers = self.compiled_layers if self.compiled_layers and isinstance(rows, CacheWindow) else self.layers
+        for layer in layers:
+            h = layer(h, p)
+        return self.norm(h)
 
 
 class MisoModel(nn.Module):
@@ -222,6 +360,24 @@ class MisoModel(nn.Module):
         self.backbone.init_buffers(device, self.dtype)
         self.decoder.init_buffers(device, self.dtype)
 
+    def fuse_weights(self) -> None:
+        """Rebuild the fused q/k/v and w1/w3 matrices and the fp32 norm scales from the official
+        tensors. Needed once after they are replaced (``load_state_dict(..., assign=True)``: see
+        weights.py); device and dtype conversions call it themselves."""
+        self.backbone.fuse_weights()
+        self.decoder.fuse_weights()
+
+    def compile_layers(self) -> None:
+        """Compile both stacks' layers for the frame step (see :meth:`Transformer.compile_layers`)."""
+        self.backbone.compile_layers()
+        self.decoder.compile_layers()
+
+    def _apply(self, fn, recurse=True):
+        # A conversion copies every tensor separately: re-fuse so the official weights are views again.
+        super()._apply(fn, recurse)
+        self.fuse_weights()
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.text_embeddings.weight.dtype
@@ -250,31 +406,39 @@ class MisoModel(nn.Module):
         tokens: torch.Tensor,
         tokens_mask: torch.Tensor,
         input_pos: torch.Tensor,
-        rows: torch.Tensor | None = None,
+        rows: torch.Tensor | CacheWindow | None = None,
     ) -> torch.Tensor:
-        """Run frames through the backbone (filling the cache rows) and return the last hidden state (b, dim)."""
-        h = self.backbone(self.embed_frames(tokens, tokens_mask), input_pos, rows).to(self.dtype)
-        return h[:, -1, :]
+        """Run frames through the backbone (filling the cache rows) and return the last hidden state (b, dim).
+
+        Each batch row has its own positions; ``rows`` as in :meth:`Transformer.forward`.
+        """
+        return self.backbone(self.embed_frames(tokens, tokens_mask), input_pos, rows)[:, -1, :]
 
     def _embed_audio(self, codebook: int, codes: torch.Tensor) -> torch.Tensor:
         return self.audio_embeddings(codes + codebook * self.audio_vocab_size)
 
-    def decode_frame(self, last_h: torch.Tensor, sampling: SamplingState) -> torch.Tensor:
+    def decode_frame(
+        self, last_h: torch.Tensor, sampling: SamplingState, candidates: int | None = None
+    ) -> torch.Tensor:
         """Sample one frame of K codes (b, K) from the backbone's last hidden state.
 
         Codebook 0 comes from the backbone head; codebooks 1..K-1 from the depth decoder, which
-        restarts every frame from ``[h, E0(c0)]`` and uses cache rows 0..b-1.
+        restarts every frame from ``[h, E0(c0)]`` and uses cache rows 0..b-1. ``candidates`` bounds
+        every row's top-k (see :func:`sample_topk`; None: the whole vocabulary, exact for any k).
         """
         b = last_h.size(0)
         noise = sampling.frame_noise(self.num_codebooks, self.audio_vocab_size)
-        c0 = sample_topk(self.codebook0_head(last_h), sampling, 0, noise[:, 0])
+        c0 = sample_topk(self.codebook0_head(last_h), sampling, 0, noise[:, 0], candidates)
         curr_h = torch.cat([last_h.unsqueeze(1), self._embed_audio(0, c0)], dim=1)
-        pos = torch.arange(2, device=last_h.device).unsqueeze(0).expand(b, 2)
         codes = [c0]
         for i in range(1, self.num_codebooks):
-            dh = self.decoder(self.projection(curr_h), pos).to(self.dtype)
-            ci = sample_topk(torch.mm(dh[:, -1, :], self.audio_head[i - 1]), sampling, i, noise[:, i])
+            if i == 1:  # positions 0 and 1, causal
+                pos, window = self.decoder.key_positions[:2].expand(b, 2), CacheWindow(2)
+            else:  # position i alone: it sees exactly positions 0..i
+                pos, window = self.decoder.key_positions[i : i + 1].expand(b, 1), CacheWindow(i + 1, masked=False)
+            dh = self.decoder(self.projection(curr_h), pos, window)
+            logits = torch.mm(dh[:, -1, :], self.audio_head[i - 1])
+            ci = sample_topk(logits, sampling, i, noise[:, i], candidates)
             codes.append(ci)
             curr_h = self._embed_audio(i, ci)
-            pos = pos[:, -1:] + 1
         return torch.cat(codes, dim=1)

@@ -79,7 +79,10 @@ def load_model(
                 raise CheckpointError(f"{path}: {key} has dtype {tensor.dtype}, expected floating point weights")
             state[key] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    count = len(state)
+    state.clear()  # the model holds the tensors now; fusing then frees each original as it goes
     model.init_buffers()
+    model.fuse_weights()  # after the strict check: fused q/k/v and w1/w3, official names as views
     model.eval().requires_grad_(False)
-    log.info("loaded %s (%d tensors, %s, %s)", path, len(state), dtype, device)
+    log.info("loaded %s (%d tensors, %s, %s)", path, count, dtype, device)
     return model
