@@ -50,20 +50,14 @@ class LoopbackServer:
 
         from misotts_agents.server import Limits
         from misotts_agents.server.app import create_app
+        from misotts_agents.server.runner import uvicorn_config
 
         limits = limits or Limits()
         self.engine = engine
         self.token = token
         self.port = free_port()
         self.app = app = create_app(engine, token=token, limits=limits, model_name=model_name, **app_options)
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="off",
-            ws_max_size=limits.ws_max_size,
-        )
+        config = uvicorn_config(app, "127.0.0.1", self.port, limits, log_level="warning")  # as `serve` runs it
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"loopback-server-{self.port}", daemon=True)
         self._thread.start()

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from remote_server import LoopbackServer
+from server_client import collect, free, http_url, next_json, start, ws_url
 from signals import tone, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -22,11 +23,12 @@ from websockets.exceptions import ConnectionClosed
 from misotts_agents.audio import FRAME_SAMPLES, to_int16
 from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
+from misotts_agents.engine.words import WordAligner
 from misotts_agents.errors import EngineBusy, InvalidRequest
 from misotts_agents.model.config import NUM_CODEBOOKS
 from misotts_agents.server import Limits, RemoteEngine, protocol
-from misotts_agents.server.app import check_bind
 from misotts_agents.server.protocol import audio_to_b64, unpack_audio
+from misotts_agents.server.tenants import Tenants, check_bind
 
 TOKEN = "s3cret"
 LIMITS = Limits(
@@ -37,6 +39,11 @@ LIMITS = Limits(
     ws_max_size=400_000,
 )
 ANNA = VoicePrompt(0, "I am Anna.", tone(0.5, freq=190))
+
+
+def said(text: str, frames: int) -> str:
+    """The words of a request cut at ``frames`` that had started (the engine's word timings)."""
+    return " ".join(w.word for w in WordAligner(text).advance(frames * 0.08))
 
 
 @pytest.fixture(scope="module")
@@ -76,55 +83,12 @@ def engine_requests(srv_engine, monkeypatch) -> list[SynthesisRequest]:
     seen: list[SynthesisRequest] = []
     real = srv_engine.stream
 
-    def spy(request):
+    def spy(request, **options):
         seen.append(request)
-        return real(request)
+        return real(request, **options)
 
     monkeypatch.setattr(srv_engine, "stream", spy)
     return seen
-
-
-async def next_json(ws) -> dict:
-    async with asyncio.timeout(10):
-        while True:
-            data = await ws.recv()
-            if isinstance(data, str):
-                return json.loads(data)
-
-
-def ws_url(s: LoopbackServer) -> str:
-    return f"ws://127.0.0.1:{s.port}/v1/stream"
-
-
-def http_url(s: LoopbackServer, path: str) -> str:
-    return f"http://127.0.0.1:{s.port}{path}"
-
-
-def start(rid: str, frames: int, seed: int = 7, **kw) -> str:
-    return json.dumps(
-        {"type": "start", "id": rid, "text": "Hello from Miso.", "seed": seed, "max_audio_ms": 80 * frames, **kw}
-    )
-
-
-async def collect(ws, ids: set[str], timeout: float = 30.0) -> tuple[dict[str, list], dict[str, dict]]:
-    """Audio frames and final (end / error) messages per id, until every id in ``ids`` ended."""
-    audio: dict[str, list] = {rid: [] for rid in ids}
-    ends: dict[str, dict] = {}
-    async with asyncio.timeout(timeout):
-        while set(ends) != ids:
-            data = await ws.recv()
-            if isinstance(data, bytes):
-                rid, start_frame, frames, final, pcm = unpack_audio(data)
-                audio[rid].append((start_frame, frames, final, bytes(pcm)))
-            else:
-                msg = json.loads(data)
-                if msg["type"] in ("end", "error") and msg.get("id") in ids:
-                    ends[msg["id"]] = msg
-    return audio, ends
-
-
-def free(engine) -> bool:
-    return wait_until(lambda: engine.free_slots == engine.max_batch, timeout=10)
 
 
 @pytest.mark.asyncio
@@ -195,7 +159,7 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(server, 
         assert (await next_json(ws))["code"] == "unknown_type"
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "x" * 600}))
         err = await next_json(ws)
-        assert err["code"] == "too_large" and err["id"] == "t" and "text too long" in err["message"]
+        assert err["code"] == "too_large" and err["id"] == "t" and "'text': too long" in err["message"]
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "topk": 0}))
         assert (await next_json(ws))["code"] == "invalid_request"
         bad_audio = [{"speaker": 1, "text": "hm", "audio_b64": "!!!"}]
@@ -207,9 +171,9 @@ async def test_bad_messages_get_errors_and_the_connection_keeps_working(server, 
         await ws.send(json.dumps({"type": "append", "id": "t", "text": "more"}))  # no such incremental request
         assert (await next_json(ws))["code"] == "bad_message"
         await ws.send(json.dumps({"type": "session", "op": "clear"}))
-        assert (await next_json(ws))["code"] == "bad_message"
+        assert (await next_json(ws))["code"] == "invalid_request"
         await ws.send(json.dumps({"type": "session", "session": "s", "op": "dance"}))
-        assert (await next_json(ws))["code"] == "bad_message"
+        assert (await next_json(ws))["code"] == "invalid_request"
         await ws.send(json.dumps({"type": "session", "session": "s", "op": "user_turn", "text": "hm"}))
         assert (await next_json(ws))["code"] == "invalid_request"  # no audio
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "voice": "nobody"}))
@@ -266,13 +230,15 @@ async def test_auth(secured):
         assert sum(c.frames for c in chunks) == 2
 
 
-def test_refuses_public_host_without_token():
-    with pytest.raises(SystemExit, match="--token"):
-        check_bind("0.0.0.0", None)
-    check_bind("0.0.0.0", "t")
-    check_bind("127.0.0.1", None)
-    check_bind("::1", None)
-    check_bind("localhost", None)
+def test_refuses_public_host_without_a_strong_token():
+    with pytest.raises(SystemExit, match="without a token"):
+        check_bind("0.0.0.0", Tenants())
+    with pytest.raises(SystemExit, match="shorter than 16"):
+        check_bind("0.0.0.0", Tenants({"default": "short"}))
+    check_bind("0.0.0.0", Tenants({"default": "x" * 16}))
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        check_bind(loopback, Tenants())
+        check_bind(loopback, Tenants({"default": "t"}))
 
 
 @pytest.mark.asyncio
@@ -297,7 +263,9 @@ async def test_openai_speech_pcm_and_wav(server, srv_engine):
         bad = await http.post(url, json={**body, "response_format": "ogg"})
         assert bad.status_code == 400 and "pcm" in bad.json()["error"]["message"]
         assert (await http.post(url, json={"input": ""})).status_code == 400
-        assert (await http.post(url, content=b"nope")).status_code == 400
+        json_type = {"Content-Type": "application/json"}
+        assert (await http.post(url, content=b"nope", headers=json_type)).status_code == 400
+        assert (await http.post(url, content=json.dumps(body).encode())).status_code == 415  # no JSON type
         metrics = (await http.get(http_url(server, "/metrics"))).text
         health = (await http.get(http_url(server, "/health"))).json()
     for name in (
@@ -408,7 +376,9 @@ async def test_incremental_text_is_spoken_sentence_by_sentence(server, srv_engin
     # Each part is conditioned on what was already spoken of the utterance (text and audio).
     assert engine_requests[0].context == ()
     spoken = [r.context[-1] for r in engine_requests[1:]]
-    assert [seg.text for seg in spoken] == ["Hello there.", "Hello there. How are you?"]
+    # the parts as far as their audio went (each was cut at its frame limit): words and audio agree
+    heard = [said(t, frames) for t in ("Hello there.", "How are you?")]
+    assert [seg.text for seg in spoken] == [heard[0], f"{heard[0]} {heard[1]}"]
     assert [seg.audio.size for seg in spoken] == [frames * FRAME_SAMPLES, 2 * frames * FRAME_SAMPLES]
     assert all(r.seed == 3 and r.max_frames == frames for r in engine_requests)
     assert free(srv_engine)
@@ -450,7 +420,7 @@ async def test_session_keeps_the_voice_and_the_turns(server, srv_engine, engine_
             await collect(ws, {rid})
         # The user hears 0.4 s, then barges in: the session's clock says so, whatever the CPU's speed.
         now = [0.0]
-        backend_of(server).sessions.get("c1").memory.clock = lambda: now[0]
+        backend_of(server).sessions.get("default/c1").memory.clock = lambda: now[0]  # (scoped: tenant/name)
         long = "A long answer that the user will interrupt."
         await ws.send(start("cut", 400, session="c1", text=long))
         async with asyncio.timeout(20):
@@ -476,7 +446,7 @@ async def test_session_keeps_the_voice_and_the_turns(server, srv_engine, engine_
     assert r1.voice is not None and r1.voice.text == "This is my voice." and r2.voice == r1.voice
     assert [(s.speaker, s.text) for s in r1.context] == [(1, "Where is my order?")]
     assert r1.context[0].audio.size == user_audio.size
-    assert [(s.speaker, s.text) for s in r2.context] == [(1, "Where is my order?"), (0, "Hello from Miso.")]
+    assert [(s.speaker, s.text) for s in r2.context] == [(1, "Where is my order?"), (0, said("Hello from Miso.", 4))]
     assert r2.context[1].audio.size == 4 * FRAME_SAMPLES  # the agent's reply as generated
     # The interrupted reply is remembered as far as it was heard: cut audio, cut words.
     heard = r4.context[-1]
@@ -604,7 +574,7 @@ async def test_an_engine_failure_mid_stream_reaches_the_client(server, srv_engin
             self.chunks += 1
             return await self.stream.__anext__()
 
-    monkeypatch.setattr(srv_engine, "stream", lambda request: Failing(real(request)))
+    monkeypatch.setattr(srv_engine, "stream", lambda request, **options: Failing(real(request, **options)))
     async with connect(ws_url(server)) as ws:
         await ws.send(start("oom", 50))
         audio, ends = await collect(ws, {"oom"})

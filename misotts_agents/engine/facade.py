@@ -12,11 +12,12 @@ import copy
 import logging
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
 
+from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
 from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.scheduler import EngineStats, Job, Scheduler
@@ -88,7 +89,7 @@ class MisoEngine:
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
         model.setup_caches(max_batch)  # slot i is cache row i
         decoder = codec.MimiStreamDecoder(mimi, batch_size=max_batch)
-        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misotts-prep")
+        self._prep: FairPreparation[Job] = FairPreparation(self._prepare)  # clients in turn (preparation.py)
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
         self._lock = threading.Lock()
         self._closed = False
@@ -163,8 +164,12 @@ class MisoEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def stream(self, request: SynthesisRequest) -> SpeechStream:
-        """Submit an utterance; iterate (or async-iterate) the returned stream for its audio chunks."""
+    def stream(self, request: SynthesisRequest, *, client: Hashable | None = None) -> SpeechStream:
+        """Submit an utterance; iterate (or async-iterate) the returned stream for its audio chunks.
+
+        ``client`` (any hashable, e.g. a server connection) shares preparation fairly: each client's
+        requests wait their turn, so one client's long context never delays the others' first audio.
+        """
         if self._closed:
             raise EngineClosed("the engine is closed")
         if request.watermark and self.watermarker is None:
@@ -188,7 +193,12 @@ class MisoEngine:
         job = Job(stream)
         with self._lock:
             self._unprepared.add(job)
-        self._prep.submit(self._prepare, job)
+        try:
+            self._prep.submit(client, job)
+        except RuntimeError:  # closed since the check above
+            with self._lock:
+                self._unprepared.discard(job)
+            raise EngineClosed("the engine is closed") from None
         return stream
 
     def synthesize(self, request: SynthesisRequest) -> Synthesis:
@@ -214,7 +224,7 @@ class MisoEngine:
         if self._closed:
             return
         self._closed = True
-        self._prep.shutdown(wait=True, cancel_futures=True)
+        self._prep.shutdown()
         with self._lock:
             never_prepared, self._unprepared = self._unprepared, set()
         for job in never_prepared:

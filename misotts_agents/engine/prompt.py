@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -67,7 +68,7 @@ class PromptBuilder:
 
     ``encode_audio`` maps 24 kHz mono -> (K, T) Mimi codes. The codes of recent clips are kept in a
     small LRU keyed by their content, because a conversation re-sends the same earlier turns with
-    every reply. Not thread-safe: the engine calls it from one preparation thread.
+    every reply. Thread-safe: the engine prepares requests on several threads (preparation.py).
     """
 
     def __init__(
@@ -82,16 +83,20 @@ class PromptBuilder:
         self.num_codebooks = num_codebooks
         self._codes: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._codes_cache_size = codes_cache_size
+        self._lock = threading.Lock()
 
     def audio_codes(self, audio: np.ndarray) -> torch.Tensor:
         key = hashlib.sha1(audio.tobytes()).hexdigest()
-        codes = self._codes.get(key)
-        if codes is None:
-            codes = self.encode_audio(torch.from_numpy(audio))
+        with self._lock:
+            codes = self._codes.get(key)
+            if codes is not None:
+                self._codes.move_to_end(key)
+                return codes
+        codes = self.encode_audio(torch.from_numpy(audio))  # outside the lock: other threads go on
+        with self._lock:
             self._codes[key] = codes
             while len(self._codes) > self._codes_cache_size:
                 self._codes.popitem(last=False)
-        self._codes.move_to_end(key)
         return codes
 
     def segment_frames(self, speaker: int, text: str, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

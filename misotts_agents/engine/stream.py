@@ -177,6 +177,15 @@ class SpeechStream:
             self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
         return chunk
 
+    def _marked(self, chunk: AudioChunk) -> AudioChunk:
+        """``_mark``; a failure there (the watermark) ends this request alone: it is cancelled, so
+        its slot is freed even when the caller does not cancel it, and the error goes to the caller."""
+        try:
+            return self._mark(chunk)
+        except Exception:
+            self.cancel()
+            raise
+
     def __iter__(self) -> SpeechStream:
         return self
 
@@ -186,7 +195,7 @@ class SpeechStream:
         chunk = self._take(self.mailbox.get())
         if chunk is None:
             raise StopIteration
-        return self._mark(chunk)
+        return self._marked(chunk)
 
     def __aiter__(self) -> SpeechStream:
         return self
@@ -199,8 +208,8 @@ class SpeechStream:
             if chunk is None:
                 raise StopAsyncIteration
             if self._watermark is None:
-                return self._mark(chunk)
-            return await asyncio.to_thread(self._mark, chunk)
+                return self._marked(chunk)
+            return await asyncio.to_thread(self._marked, chunk)
         except asyncio.CancelledError:
             self.cancel()
             raise

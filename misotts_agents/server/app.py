@@ -1,59 +1,54 @@
-"""The engine server: one shared MisoEngine behind a WebSocket stream, an OpenAI-compatible speech
-endpoint, ``/health`` and Prometheus ``/metrics`` (see protocol.py for the WebSocket protocol)."""
+"""The engine server: one shared MisoEngine behind a WebSocket stream (connection.py, protocol.py), an
+OpenAI-compatible speech endpoint, ``/health`` and Prometheus ``/metrics``.
+
+Facing the world (README "Exposing the server"): bearer tokens name tenants (tenants.py) whose
+sessions, audio ids and voices are their own; everything clients send is checked by one schema
+(schema.py) and refused with a clear 4xx / ``error`` message, never a 500; every buffer is bounded
+(:class:`~misotts_agents.server.protocol.Limits`; state kept between requests by one memory budget,
+budget.py); a browser page may use the server only from an allowed origin (no CORS by default, and
+POST bodies must be ``application/json``, which a page cannot send cross-origin without CORS); and
+a stop drains running streams first (runner.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import ipaddress
-import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
-from misotts_agents.audio import FRAME_MS, SAMPLE_RATE, to_int16
+from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import InvalidRequest, MisoError, http_status, to_wire
-from misotts_agents.server import protocol
+from misotts_agents.errors import EngineClosed, MisoError, http_status, to_wire
+from misotts_agents.server import schema
+from misotts_agents.server.budget import MemoryBudget
+from misotts_agents.server.connection import TRANSPORT_KEY, Connection
 from misotts_agents.server.encode import FORMATS, StreamEncoder
 from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.runner import Lifecycle
 from misotts_agents.server.sessions import EngineBackend
-from misotts_agents.server.textfeed import TextFeed
+from misotts_agents.server.tenants import DEFAULT_TENANT, Quotas, Tenants, scope, scoped_voice
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose the engine beyond this machine without a token."""
-    if not is_loopback(host) and not token:
-        raise SystemExit(
-            f"error: refusing to listen on {host!r} (not loopback) without --token: anyone who can reach it "
-            "could use the GPU. Pass --token SECRET (clients send 'Authorization: Bearer SECRET') or bind 127.0.0.1."
-        )
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class Metrics:
     """Prometheus figures of one server (own registry, so several apps can live in one process)."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, budget: MemoryBudget, quotas: Quotas) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active = Gauge("misotts_active_streams", "requests being streamed to clients", registry=r)
@@ -64,6 +59,11 @@ class Metrics:
         slots = Gauge("misotts_engine_free_slots", "free engine batch slots", registry=r)
         slots.set_function(lambda: _safe(lambda: backend.free_slots))
         self.connections = Gauge("misotts_websocket_connections", "open /v1/stream connections", registry=r)
+        memory = Gauge("misotts_state_bytes", "sessions and cached audio kept, all tenants", registry=r)
+        memory.set_function(lambda: budget.used_bytes)
+        sessions = Gauge("misotts_sessions", "sessions kept, all tenants", registry=r)
+        sessions.set_function(lambda: budget.sessions)
+        self.refused = Counter("misotts_refused", "client input refused, by error code", ["code"], registry=r)
         self.ttfa = Histogram(
             "misotts_time_to_first_audio_seconds",
             "submission to the first audio chunk",
@@ -97,36 +97,92 @@ def _safe(fn: Any) -> float:
         return float("nan")
 
 
+def public_model_name(model: str) -> str:
+    """What ``/health`` may say about the model: a Hub repo id as it is, a local path by its last
+    part only (never where the files are)."""
+    if HUB_ID.fullmatch(model) and not Path(model).exists():
+        return model
+    return Path(model).name
+
+
+class Origins:
+    """Which browser origins may use the server: none but its own, unless allowed (``*``: any)."""
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self.allowed = {o.rstrip("/").lower() for o in allowed}
+
+    def allows(self, headers: Any) -> bool:
+        origin = headers.get("origin")
+        if origin is None:  # not a browser page (browsers always send it on WebSockets and CORS requests)
+            return True
+        origin = origin.rstrip("/").lower()
+        if "*" in self.allowed or origin in self.allowed:
+            return True
+        return urlsplit(origin).netloc == (headers.get("host") or "").lower()  # the server's own page
+
+
 def create_app(
     engine: Any,
     *,
     token: str | None = None,
+    tenants: Tenants | None = None,
     limits: Limits | None = None,
     model_name: str = "",
     voices: dict[str, VoicePrompt] | None = None,
+    allow_origins: Iterable[str] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``engine``: a :class:`MisoEngine` (the caller owns and closes it),
     or a backend (an :class:`EngineBackend` or a proxy with its methods, as the Ray Serve ingress).
-    ``voices`` are the named voices of a MisoEngine's backend."""
+
+    ``tenants`` (or ``token``: one tenant, ``default``) say who may use it; neither: anyone who can
+    connect. ``voices`` are the named voices of a MisoEngine's backend (``tenant/name`` keys are
+    that tenant's only). ``allow_origins``: browser origins allowed besides the server's own (CORS
+    is enabled for them; ``*`` allows every origin)."""
     limits = limits or Limits()
+    if tenants is not None and token:
+        raise ValueError("give tenants or one token, not both")
+    tenants = tenants or Tenants({DEFAULT_TENANT: token} if token else None)
     if hasattr(engine, "start"):
         if voices:
             raise ValueError("pass named voices to the backend, not to create_app")
         backend = engine
     else:
         backend = EngineBackend(engine, limits, voices)
-    metrics = Metrics(backend)
+    budget = getattr(backend, "budget", None) or MemoryBudget.for_limits(limits)
+    quotas = Quotas(limits)
+    lifecycle = Lifecycle()
+    origins = Origins(allow_origins)
+    metrics = Metrics(backend, budget, quotas)
+    model = public_model_name(model_name) if model_name else ""
     app = FastAPI(title="misotts-agents", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
     app.state.metrics = metrics
     app.state.limits = limits
+    app.state.budget = budget
+    app.state.quotas = quotas
+    app.state.lifecycle = lifecycle
+    app.add_middleware(_RecordTransport)
+    if origins.allowed:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(origins.allowed),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
-    def authorized(headers: Any) -> bool:
-        if not token:
-            return True
-        value = headers.get("authorization", "")
-        scheme, _, given = value.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    # Every answer is OpenAI's error JSON, unknown routes and our own bugs included.
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return openai_error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return openai_error(400, "invalid request", "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return openai_error(500, "internal error", "internal")
 
     def unauthorized() -> JSONResponse:
         return JSONResponse(
@@ -135,93 +191,96 @@ def create_app(
             headers={"WWW-Authenticate": "Bearer"},
         )
 
+    def refused(exc: BaseException, where: str) -> JSONResponse:
+        """Bad input: one log line, no stack trace, and OpenAI's error JSON with the field at fault."""
+        code, message, _ = to_wire(exc)
+        metrics.refused.labels(code).inc()
+        log.info("refused %s: %s: %s", where, code, message[:300])
+        return openai_error(http_status(exc), message, code, getattr(exc, "param", None))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         closed = backend.closed
-        body = {"status": "closed" if closed else "ok", "model": model_name, "max_batch": backend.max_batch}
+        status = "closed" if closed else "draining" if lifecycle.draining else "ok"
+        body: dict[str, Any] = {"status": status, "model": model, "max_batch": backend.max_batch}
         if not closed:
             body["free_slots"] = backend.free_slots
-        return JSONResponse(body, status_code=503 if closed else 200)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        if not authorized(request.headers):
+        if tenants.authenticate(request.headers.get("authorization")) is None:
             return unauthorized()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- OpenAI-compatible speech -----------------------------------------------------------
 
-    def openai_error(status: int, message: str, code: str) -> JSONResponse:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
-
-    def refused(exc: BaseException) -> JSONResponse:
-        code, message, _ = to_wire(exc)
-        return openai_error(http_status(exc), message, code)
-
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
-        if not authorized(request.headers):
+        tenant = tenants.authenticate(request.headers.get("authorization"))
+        if tenant is None:
             return unauthorized()
-        body = await request.body()
-        if len(body) > limits.max_message_bytes:
-            return openai_error(413, "request body too large", "too_large")
+        peer = f"{request.client.host}" if request.client else "?"
+        if not origins.allows(request.headers):
+            log.info("refused %s: origin %r is not allowed", peer, request.headers.get("origin"))
+            return openai_error(403, "requests from this origin are not allowed", "forbidden_origin")
+        if lifecycle.draining:
+            return refused(EngineClosed("the server is shutting down"), peer)
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            return openai_error(415, "send the body as JSON, with 'Content-Type: application/json'", "invalid_request")
         try:
-            msg = json.loads(body)
-            if not isinstance(msg, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return openai_error(400, "the body must be a JSON object", "bad_json")
-        text = msg.get("input")
-        fmt = msg.get("response_format") or "wav"
-        if not isinstance(text, str) or not text.strip():
-            return openai_error(400, "'input' (the text to speak) is required", "invalid_request")
-        if len(text) > limits.max_text_chars:
-            return openai_error(
-                400, f"input too long: {len(text)} characters (at most {limits.max_text_chars})", "too_large"
-            )
-        if fmt not in FORMATS:
-            supported = ", ".join(FORMATS)
-            return openai_error(400, f"response_format {fmt!r} is not supported: use one of {supported}", "unsupported")
-        if msg.get("stream_format") not in (None, "audio"):
-            return openai_error(400, "only stream_format 'audio' is supported", "unsupported")
-        speed = msg.get("speed", 1.0)
-        if speed not in (None, 1, 1.0):
-            return openai_error(400, "speed other than 1.0 is not supported", "unsupported")
-        voice = msg.get("voice")
-        start: dict[str, Any] = {"type": "start", "id": "speech", "text": text}
-        if isinstance(voice, int) and not isinstance(voice, bool):
-            start["speaker"] = voice
-        elif isinstance(voice, str) and voice.isdigit():
-            start["speaker"] = int(voice)
-        elif isinstance(voice, str) and getattr(backend, "voices", None):
-            start["voice"] = voice  # one of the server's named voices (an unknown name is a 400)
-        # Other OpenAI voice names mean the default voice on a server without named voices.
-        # Non-OpenAI extras: a session (turn memory, voice), seed, sampling and length.
-        for key in ("session", "seed", "temperature", "topk", "max_audio_ms"):
-            if msg.get(key) is not None:
-                start[key] = msg[key]
+            body = await read_body(request, limits)
+        except ProtocolError as exc:
+            status = 413 if exc.code == "too_large" else 408
+            log.info("refused %s: %s", peer, exc.message)
+            return openai_error(status, exc.message, exc.code, headers={"Connection": "close"})
         try:
-            stream = backend.start(start)
-        except Exception as exc:
+            speech = schema.parse_speech_body(body, limits)
+            start = speech.start(getattr(backend, "voices", None))
+            if speech.session is not None:
+                start["session"] = scope(tenant, speech.session)
+            if "voice" in start:
+                start["voice"] = scoped_voice(getattr(backend, "voices", None), tenant, start["voice"])
+            quotas.start_stream(tenant)
+        except (ProtocolError, MisoError) as exc:
             metrics.finished("openai", "rejected")
-            return refused(exc)
+            return refused(exc, peer)
+        try:
+            stream = backend.start(start, client=f"http:{tenant}:{peer}")
+        except (ProtocolError, MisoError) as exc:
+            quotas.end_stream(tenant)
+            metrics.finished("openai", "rejected")
+            return refused(exc, peer)
+        lifecycle.http_streams.add(stream)
         metrics.active.inc()
+        outcome = ["cancelled"]
+
+        def done() -> None:  # once, however the response ends (even before its body starts)
+            if stream in lifecycle.http_streams:
+                lifecycle.http_streams.discard(stream)
+                stream.cancel()
+                quotas.end_stream(tenant)
+                metrics.active.dec()
+                metrics.finished("openai", outcome[0], stream.stats)
+
         try:
             first = await stream.__anext__()  # errors from preparation still get a status code
         except StopAsyncIteration:
             first = None
-        except Exception as exc:
-            metrics.active.dec()
-            stream.cancel()
-            metrics.finished("openai", "error")  # a backend may refuse here rather than in start() (Ray Serve)
-            return refused(exc)
+        except (ProtocolError, MisoError) as exc:  # a backend may refuse here rather than in start() (Ray)
+            outcome[0] = "error"
+            done()
+            return refused(exc, peer)
+        except BaseException:
+            outcome[0] = "error"
+            done()
+            raise
 
-        async def body_iter():
-            outcome = "cancelled"
+        async def body() -> AsyncIterator[bytes]:
             encoder = None
             try:
-                encoder = StreamEncoder(fmt)  # each chunk encoded as it comes (server/encode.py)
+                encoder = StreamEncoder(speech.response_format)  # each chunk encoded as it comes (encode.py)
                 if first is not None:
                     yield encoder.encode(first.pcm)
                     metrics.audio_seconds.inc(first.duration_s)
@@ -229,273 +288,111 @@ def create_app(
                         yield encoder.encode(chunk.pcm)
                         metrics.audio_seconds.inc(chunk.duration_s)
                 yield encoder.finish()
-                outcome = "completed"
-            except MisoError as exc:
-                outcome = "error"
+                outcome[0] = "completed"
+            except MisoError as exc:  # the status line is out: the body ends short
+                outcome[0] = "error"
                 log.warning("speech request failed mid-stream: %s", exc)
             finally:
                 if encoder is not None:
                     encoder.close()
-                stream.cancel()
-                metrics.active.dec()
-                metrics.finished("openai", outcome, stream.stats)
 
-        headers = {"X-Sample-Rate": str(SAMPLE_RATE)}
-        return StreamingResponse(body_iter(), media_type=FORMATS[fmt].content_type, headers=headers)
+        media = FORMATS[speech.response_format].content_type
+        return _Streamed(done, body(), media_type=media, headers={"X-Sample-Rate": str(SAMPLE_RATE)})
 
     # -- WebSocket stream -------------------------------------------------------------------
 
     @app.websocket("/v1/stream")
     async def ws_stream(ws: WebSocket) -> None:
+        peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        if not origins.allows(ws.headers):
+            log.info("refused a WebSocket from %s: origin %r is not allowed", peer, ws.headers.get("origin"))
+            await ws.close(code=1008)  # before the handshake: HTTP 403
+            return
         await ws.accept()
-        if not authorized(ws.headers):
+        tenant = tenants.authenticate(ws.headers.get("authorization"))
+        if tenant is None:
+            log.info("refused a WebSocket from %s: missing or wrong bearer token", peer)
             await ws.close(code=1008, reason="missing or wrong bearer token")
             return
+        if lifecycle.draining:
+            await ws.close(code=1001, reason="server shutting down")
+            return
+        try:
+            quotas.connect(tenant)
+        except ProtocolError as exc:
+            log.info("refused a WebSocket from %s (tenant %s): %s", peer, tenant, exc.message)
+            await ws.close(code=1013, reason=exc.message[:120])
+            return
+        conn = Connection(ws, backend, limits, metrics, tenant, quotas, budget, lifecycle)
+        lifecycle.connections.add(conn)
         metrics.connections.inc()
-        conn = _Connection(ws, backend, limits, metrics)
         try:
             await conn.run()
         finally:
-            await conn.shutdown()
+            lifecycle.connections.discard(conn)
+            quotas.disconnect(tenant)
             metrics.connections.dec()
 
     return app
 
 
-class _Connection:
-    """One WebSocket client: its running requests (tasks by id), their text feeds, serialised sends."""
+def openai_error(
+    status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
-    def __init__(self, ws: WebSocket, backend: Any, limits: Limits, metrics: Metrics) -> None:
-        self.ws = ws
-        self.backend = backend
-        self.limits = limits
-        self.metrics = metrics
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.feeds: dict[str, TextFeed] = {}  # the incremental requests' text
-        self.cancelled: set[str] = set()
-        self.sessions: set[str] = set()  # the session ids this client used
-        self.audio = protocol.AudioStore(limits.max_cached_audio_bytes)
-        self.send_lock = asyncio.Lock()
-        self.open = True
 
-    async def send_text(self, text: str) -> None:
-        await self._send(self.ws.send_text, text)
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused (``too_large``) as soon as it is known to be over the limit, from
+    its Content-Length or while it streams in, and refused (``timeout``) if it is not all in within
+    ``body_timeout_s``."""
+    limit = limits.max_message_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdecimal() or int(declared) > limit):
+        raise ProtocolError("too_large", f"request body too large (at most {limit} bytes)")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ProtocolError("too_large", f"request body too large (at most {limit} bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ProtocolError("timeout", f"the body did not arrive within {limits.body_timeout_s:g} s") from None
+    return b"".join(chunks)
 
-    async def send_bytes(self, data: bytes) -> None:
-        await self._send(self.ws.send_bytes, data)
 
-    async def _send(self, send: Any, data: Any) -> None:
-        if not self.open:
-            return
-        async with self.send_lock:
-            try:
-                await send(data)
-            except (WebSocketDisconnect, RuntimeError, OSError) as exc:  # Starlette: RuntimeError once closed
-                self.open = False
-                raise _ClientGone(str(exc)) from exc
+class _RecordTransport:
+    """Records a WebSocket's transport in its scope, so that a client cut off for not reading can
+    be dropped without waiting for it to read (connection.py). Under uvicorn the ASGI ``send`` of a
+    WebSocket is a method of its protocol object, which holds the transport; elsewhere nothing is
+    recorded and the close frame is all there is."""
 
-    async def run(self) -> None:
-        """Handle the client's messages until it goes away."""
-        with contextlib.suppress(_ClientGone, WebSocketDisconnect):
-            while True:
-                try:
-                    event = await self.ws.receive()
-                except RuntimeError:  # Starlette, once the socket is closed
-                    return
-                if event["type"] == "websocket.disconnect":
-                    return
-                if event.get("text") is None:
-                    await self.send_text(protocol.error_message("bad_message", "send JSON text messages, not binary"))
-                else:
-                    await self.on_message(event["text"])
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-    async def on_message(self, text: str) -> None:
-        """Handle one message; whatever goes wrong becomes an error message, and the connection stays."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None:
+                scope[TRANSPORT_KEY] = transport
+        await self.app(scope, receive, send)
+
+
+class _Streamed(StreamingResponse):
+    """A streamed response that runs ``done`` when it ends, however: finished, failed, or the
+    client gone before the body started (a body generator that never started never runs its
+    ``finally``)."""
+
+    def __init__(self, done: Any, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await self.handle(protocol.parse_json(text, self.limits))
-        except (_ClientGone, WebSocketDisconnect):
-            raise
-        except (ProtocolError, MisoError) as exc:
-            await self.send_text(protocol.exception_message(exc, getattr(exc, "rid", None)))
-        except Exception as exc:  # a bug here must not take the connection down with it
-            log.exception("handling a message failed")
-            await self.send_text(protocol.exception_message(exc))
-
-    def use_session(self, msg: dict[str, Any]) -> str | None:
-        sid = protocol.session_id(msg)
-        if sid is not None and sid not in self.sessions:
-            if len(self.sessions) >= self.limits.max_sessions_per_connection:
-                raise ProtocolError(
-                    "too_many", f"at most {self.limits.max_sessions_per_connection} sessions per connection"
-                )
-            self.sessions.add(sid)
-        return sid
-
-    async def handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "start":
-            rid = protocol.request_id(msg)
-            try:
-                if rid in self.tasks:
-                    raise ProtocolError("duplicate_id", f"request {rid!r} is already running")
-                if len(self.tasks) >= self.limits.max_concurrent_per_connection:
-                    raise ProtocolError(
-                        "too_many",
-                        f"at most {self.limits.max_concurrent_per_connection} concurrent requests per connection",
-                    )
-                self.use_session(msg)
-                msg = self.audio.resolve(msg)
-                if msg.get("incremental"):
-                    text = msg.get("text") or ""
-                    if not isinstance(text, str):
-                        raise InvalidRequest("'text' must be a string")
-                    # The options are checked now, not when the first sentence is complete.
-                    protocol.parse_start(msg | {"text": "Check."}, self.limits, getattr(self.backend, "voices", None))
-                    feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
-                    feed.append(text)
-                    parts = self.incremental_parts(msg, feed)
-                else:
-                    parts = _one(self.backend.start(msg))
-            except Exception as exc:
-                self.feeds.pop(rid, None)
-                self.metrics.finished("websocket", "rejected")
-                await self.send_text(protocol.exception_message(exc, rid))
-                return
-            self.tasks[rid] = asyncio.create_task(self.pump(rid, parts, bool(msg.get("codes"))))
-        elif kind in ("append", "end"):
-            rid = protocol.request_id(msg)
-            feed = self.feeds.get(rid)
-            if feed is None:
-                raise ProtocolError("bad_message", f"no incremental request {rid!r} is waiting for text", rid)
-            if kind == "end":
-                feed.end()
-                return
-            text = msg.get("text", "")
-            if not isinstance(text, str) or len(text) > self.limits.max_text_chars:
-                raise ProtocolError(
-                    "bad_message", f"'text' must be a string of at most {self.limits.max_text_chars}", rid
-                )
-            feed.append(text, flush=msg.get("flush") is True)
-        elif kind == "cancel":
-            rid = protocol.request_id(msg)
-            task = self.tasks.get(rid)
-            if task is not None and rid not in self.cancelled:
-                self.cancelled.add(rid)
-                task.cancel()
-        elif kind == "session":
-            self.use_session(msg)
-            reply = await self.backend.session(msg)
-            await self.send_text(protocol.message("session", **reply))
-        elif kind == "ping":
-            await self.send_text(protocol.message("pong"))
-        else:
-            raise ProtocolError("unknown_type", f"unknown message type {kind!r}", _maybe_id(msg))
-
-    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncIterator[tuple[Any, bool]]:
-        """One backend request per sentence, all in one session so each is conditioned on the parts
-        already spoken; a request without a session gets a private one for its lifetime."""
-        sid = protocol.session_id(msg) or f"~{uuid.uuid4().hex}"
-        base = {k: v for k, v in msg.items() if k not in ("text", "incremental")} | {"session": sid}
-        first, last = True, False
-        try:
-            async for text, last in feed.parts():
-                yield self.backend.start(base | {"text": text, "continue": not first, "more": not last}), last
-                first = False
+            await super().__call__(scope, receive, send)
         finally:
-            if sid != msg.get("session"):
-                await self.backend.session({"session": sid, "op": "close"})
-            elif not first and not last:  # the end came after the last part started: close the turn
-                interrupted = not feed.ended
-                await self.backend.session({"session": sid, "op": "end_turn", "interrupted": interrupted})
-
-    async def pump(self, rid: str, parts: AsyncIterator[tuple[Any, bool]], want_codes: bool) -> None:
-        """Stream a request's audio (its backend streams, one after the other, each with whether it is
-        the last) to the client, then its end (or error) message."""
-        self.metrics.active.inc()
-        outcome = "completed"
-        started = time.perf_counter()
-        current, done = None, []
-        try:
-            async for stream, last in parts:
-                current, offset = stream, sum(s.stats.frames for s in done)
-                async for chunk in stream:
-                    pcm = to_int16(chunk.pcm)
-                    final = chunk.final and last
-                    await self.send_bytes(
-                        protocol.pack_audio(rid, offset + chunk.start_frame, chunk.frames, final, pcm)
-                    )
-                    self.metrics.audio_seconds.inc(chunk.duration_s)
-                done.append(stream)
-                current = None
-            end = {"id": rid, "stats": _merged_stats(done, started)}
-            if want_codes:
-                end["codes"] = [row for s in done for row in s.codes.tolist()]
-            await self.send_text(protocol.message("end", **end))
-        except asyncio.CancelledError:
-            if rid in self.cancelled:  # the client's cancel: tell it the id is free
-                outcome = "cancelled"
-                stats = _merged_stats([*done, current] if current is not None else done, started)
-                stats["stop_reason"] = "cancelled"
-                with contextlib.suppress(Exception):
-                    await self.send_text(protocol.message("end", id=rid, stats=stats))
-            else:
-                outcome = "disconnected"
-        except _ClientGone as exc:  # the client went away mid-send (engine errors, RuntimeError too, go below)
-            outcome = "disconnected"
-            log.debug("stream %s: client gone: %s", rid, exc)
-        except Exception as exc:
-            outcome = "error"
-            with contextlib.suppress(Exception):
-                await self.send_text(protocol.exception_message(exc, rid))
-        finally:
-            if current is not None:
-                current.cancel()
-            with contextlib.suppress(Exception):
-                await parts.aclose()
-            self.tasks.pop(rid, None)
-            self.feeds.pop(rid, None)
-            self.cancelled.discard(rid)
-            self.metrics.active.dec()
-            first = (done or [current])[0]
-            self.metrics.finished("websocket", outcome, first.stats if first is not None else None)
-
-    async def shutdown(self) -> None:
-        """The client is gone: cancel every request it still had, freeing their slots now."""
-        self.open = False
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _one(stream: Any) -> AsyncIterator[tuple[Any, bool]]:
-    yield stream, True
-
-
-def _merged_stats(streams: list[Any], started: float) -> dict[str, Any]:
-    """One request's end stats; for text spoken in parts, the parts' figures combined."""
-    if not streams:
-        return {"frames": 0, "stop_reason": "empty", "parts": 0, "elapsed_s": time.perf_counter() - started}
-    stats = protocol.stats_dict(streams[0].stats)
-    if len(streams) > 1:
-        frames = sum(s.stats.frames for s in streams)
-        elapsed = time.perf_counter() - started
-        stats |= {
-            "frames": frames,
-            "stop_reason": streams[-1].stats.stop_reason,
-            "prompt_frames": streams[-1].stats.prompt_frames,
-            "elapsed_s": elapsed,
-            "real_time_factor": elapsed / (frames * FRAME_MS / 1000) if frames else None,
-        }
-    stats["parts"] = len(streams)
-    return stats
-
-
-class _ClientGone(Exception):
-    """A send failed: the client is gone."""
-
-
-def _maybe_id(msg: dict[str, Any]) -> str | None:
-    rid = msg.get("id")
-    return rid if isinstance(rid, str) else None
+            self._done()

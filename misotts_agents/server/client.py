@@ -25,7 +25,8 @@ from websockets.exceptions import ConnectionClosed
 
 from misotts_agents.audio import from_int16
 from misotts_agents.engine.request import AudioChunk, StreamStats, Synthesis, SynthesisRequest, join_stream
-from misotts_agents.errors import EngineClosed, RemoteError, from_wire
+from misotts_agents.engine.words import WordTiming
+from misotts_agents.errors import EngineClosed, MisoError, RemoteError, from_wire
 from misotts_agents.server import protocol
 
 
@@ -182,20 +183,29 @@ class RemoteEngine:
             return self._ws
 
     async def _read(self, ws: ClientConnection) -> None:
-        lost: RemoteError = RemoteConnectionError("connection closed", "connection")
+        lost: MisoError = RemoteConnectionError("connection closed", "connection")
         try:
             async for data in ws:
                 if isinstance(data, bytes):
                     rid, start, frames, final, pcm = protocol.unpack_audio(data)
                     stream = self._streams.get(rid)
                     if stream is not None:
-                        stream._push(AudioChunk(from_int16(pcm), start, frames, final))
+                        words, stream._words = stream._words, ()  # from the words message just before
+                        stream.queued = False
+                        stream._push(AudioChunk(from_int16(pcm), start, frames, final, words=words))
                     continue
                 msg = json.loads(data)
                 stream = self._streams.get(msg.get("id") or "")
                 if stream is None:
                     continue
-                if msg.get("type") == "end":
+                if msg.get("type") in ("queued", "admitted"):
+                    stream.queued = msg["type"] == "queued"
+                elif msg.get("type") == "words":
+                    try:
+                        stream._words = protocol.parse_words(msg)
+                    except protocol.ProtocolError as exc:
+                        stream._push(RemoteError(f"bad words message from the server: {exc}"))
+                elif msg.get("type") == "end":
                     stream._finish(msg)
                 elif msg.get("type") == "error" and msg.get("code") == "unknown_audio" and not stream._resent:
                     stream._resent = True  # the server dropped audio we referred to: send it all again
@@ -218,10 +228,12 @@ class RemoteEngine:
         except ConnectionClosed as exc:
             raise self._closed_error(exc) from exc
 
-    def _closed_error(self, exc: ConnectionClosed) -> RemoteError:
+    def _closed_error(self, exc: ConnectionClosed) -> MisoError:
         """Why the connection closed, as the error for its requests: a refused token is not retryable."""
         if exc.rcvd is not None and exc.rcvd.code == 1008:
             return RemoteError(f"{self.url} refused the connection: {exc.rcvd.reason}", "unauthorized")
+        if exc.rcvd is not None and exc.rcvd.code == 1013:  # the server's connection limits: retry later
+            return from_wire("too_many", f"{self.url} refused the connection: {exc.rcvd.reason}")
         return RemoteConnectionError(f"connection to {self.url} lost: {exc}", "connection")
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -252,6 +264,8 @@ class WebSocketSpeechStream:
         self._codes: np.ndarray | None = None
         self._started = False
         self._resent = False
+        self._words: tuple[WordTiming, ...] = ()  # from a words message, for the next audio frame
+        self.queued: bool | None = None  # waiting for a slot on the server (None: the server has not said)
         self._ended = False
         self._cancelled = False
 
@@ -308,7 +322,9 @@ class WebSocketSpeechStream:
         if self._cancelled:
             return
         sent: set[str] = set() if full else self.engine._known_audio
-        text = protocol.start_message(self.id, self.request, codes=self.engine.want_codes, known=sent)
+        text = protocol.start_message(
+            self.id, self.request, codes=self.engine.want_codes, known=sent, words=True, queue=True
+        )
         if full:
             self.engine._known_audio |= sent
         assert self._conn is not None

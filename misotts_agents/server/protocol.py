@@ -12,23 +12,26 @@ Client -> server
     reported in the end stats), ``max_audio_ms`` (90000), ``max_ahead_s`` (pacing, default none),
     ``watermark`` (false opts out where the server allows it; default: the server's setting),
     ``chunks`` (``{"first_frames", "growth", "max_frames"}``), ``codes`` (true: the end message also
-    carries the sampled codes), ``context`` (earlier turns, oldest first:
-    ``[{"speaker": 1, "text": "...", "audio_b64": "..."}]``) and ``voice``
+    carries the sampled codes), ``words`` (true: audio frames come with ``words`` messages), ``queue``
+    (true: the server says when the request waits for an engine slot and when it gets one),
+    ``context`` (earlier turns, oldest first: ``[{"speaker": 1, "text": "...", "audio_b64": "..."}]``)
+    and ``voice``
     (``{"speaker": 0, "text": "...", "audio_b64": "..."}``, or the name of one of the server's voices).
     Audio is base64 of int16 little-endian PCM, 24 kHz mono.
 
-    Audio sent once need not be sent again on the same connection: a context item or voice object
-    with an ``audio_id`` (a string of at most 128 bytes) and its ``audio_b64`` is remembered under that
-    id; later ones may give the ``audio_id`` alone. The server keeps the most recently used audio up
-    to a size limit; an id it no longer has is answered with the error ``unknown_audio``, and the
-    client sends the start again with the audio.
+    Audio sent once need not be sent again: a context item or voice object with an ``audio_id`` (a
+    string of at most 128 bytes) and its ``audio_b64`` is remembered under that id for the token's
+    tenant (any of its connections may then give the ``audio_id`` alone). The server keeps the most
+    recently used audio within its memory budget; an id it no longer has is answered with the error
+    ``unknown_audio``, and the client sends the start again with the audio.
 
     ``session`` (a string of at most 128 bytes) names the conversation: the server keeps its voice
-    and turn memory (see ``session`` below). A start with a session and no ``context`` is conditioned
-    on the session's last turns, uses the session's voice unless it names its own, and its audio
-    becomes the session's next agent turn (cut where it was cancelled). ``"continue": true`` makes
-    it a later part of the session's agent turn in progress (conditioned on the parts before it);
-    ``"more": true`` leaves that turn open for further parts (close it with ``end_turn``).
+    and turn memory (see ``session`` below), for the token's tenant only. A start with a session
+    and no ``context`` is conditioned on the session's last turns, uses the session's voice unless
+    it names its own, and its audio becomes the session's next agent turn (cut where it was
+    cancelled). ``"continue": true`` makes it a later part of the session's agent turn in progress
+    (conditioned on the parts before it); ``"more": true`` leaves that turn open for further parts
+    (close it with ``end_turn``).
 
     ``"incremental": true``: the text arrives in pieces (``text`` may be empty); the server speaks it
     sentence by sentence as sentences complete, one audio stream under the one id.
@@ -64,6 +67,15 @@ interleave)::
     uint8      flags        bit 0: final (the utterance ended by itself with this chunk)
     rest       PCM          int16 little-endian, 24 kHz mono
 
+``{"type": "words", "id": "r1", "words": [["Sure", 0.0, 0.31], ["thing.", 0.31, 0.72]]}``
+    Only when the start asked for ``words``: the words of the text whose estimated start falls in the
+    next audio frame of this id (sent just before it), each ``[word, start_s, end_s]`` in seconds from
+    the request's first sample (for incremental text, from the first part's). Estimates: see
+    ``misotts_agents.engine.words``. A frame with ``frames == 0`` may follow, carrying only words
+    (end of speech came right after the previous frame).
+``{"type": "queued", "id": "r1"}`` then ``{"type": "admitted", "id": "r1"}``
+    Only when the start asked for ``queue``, and only when the request had to wait: it is waiting for
+    an engine slot (busy engine, or its prompt being prepared), then it has one (generation starts).
 ``{"type": "end", "id": "r1", "stats": {...}}``
     The request is over (finished, hit a limit, or cancelled): ``stats`` holds ``seed``, ``frames``,
     ``stop_reason`` (eos | max_frames | context_full | cancelled; ``empty`` for an incremental request
@@ -74,39 +86,43 @@ interleave)::
     the ``end`` message is what says a request is over.
 ``{"type": "error", "id": "r1" | null, "code": "...", "message": "...", "retryable": false}``
     The request failed (or, with ``id`` null, a message could not be understood). After an error for
-    an id, nothing more comes for it. Codes: ``bad_json``, ``bad_message``, ``unknown_type``,
-    ``too_large``, ``invalid_request``, ``unknown_audio``, ``duplicate_id``, ``too_many`` (per
-    connection limit: requests or sessions), ``busy`` (engine queue full), ``closed`` (engine closed),
+    an id, nothing more comes for it. Codes: ``bad_json`` (not JSON, or nested deeper than 200),
+    ``bad_message`` (not an object with a ``type``; binary; text for no incremental request),
+    ``unknown_type``, ``too_large`` (a size limit), ``invalid_request`` (any field of the wrong type,
+    out of range, unknown or missing: the message names it), ``unknown_audio``, ``duplicate_id``,
+    ``too_many`` (a limit of the connection or the tenant: requests, sessions, streams), ``busy``
+    (engine queue full), ``closed`` (engine closed, or the server shutting down),
     ``unavailable`` (the engine lacks what the request needs, e.g. a watermark), ``internal``.
     ``retryable``: whether the same message may succeed if sent again (busy, too_many, unknown_audio
     with the audio, internal). The codes, their exceptions and HTTP statuses are one table:
     ``misotts_agents.errors.WIRE_CODES``. The connection stays open after every error.
 
-Authentication: with a server token, the WebSocket handshake must carry ``Authorization: Bearer
-<token>``; otherwise the server accepts and at once closes with code 1008 (policy violation).
-A message larger than the server's WebSocket ``max_size`` closes that connection (code 1009);
-smaller but still over the request limits is answered with an ``error`` (``too_large``).
+Authentication: with server tokens, the WebSocket handshake must carry ``Authorization: Bearer
+<token>`` (the token names the tenant); otherwise the server accepts and at once closes with code
+1008 (policy violation). A browser page from an origin the server does not allow is refused
+before the handshake (HTTP 403). Other closes: 1013 (try again later: too many connections, for
+the server or the tenant), 1001 (idle too long, or the server shutting down: each running request
+first gets an ``error`` ``closed``), 4008 (the client read nothing for ``send_timeout_s`` while
+audio waited: its requests are cancelled), 1009 (a frame over the transport's ``max_size``). A
+message under that but still over the request limits is answered with an ``error`` (``too_large``).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
-import math
 import struct
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from misotts_agents.audio import from_int16, to_int16, to_mono
-from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
-from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import WIRE_CODES, InvalidRequest, to_wire
+from misotts_agents.audio import to_int16, to_mono
+from misotts_agents.engine.request import SynthesisRequest
+from misotts_agents.engine.words import WordTiming
+from misotts_agents.errors import WIRE_CODES, to_wire
 from misotts_agents.model.config import NUM_CODEBOOKS
 
 MAX_ID_BYTES = 128
@@ -117,18 +133,38 @@ FLAG_FINAL = 1
 
 @dataclass(frozen=True)
 class Limits:
-    """What one client may ask of the server."""
+    """Every bound the server keeps, with its default (README "Exposing the server" says what a
+    client sees at each)."""
 
-    max_text_chars: int = 4_000  # one utterance
+    # One request.
+    max_text_chars: int = 4_000  # one utterance, one appended piece, one transcript
     # base64 audio one start may use (context + voice, including audio referenced by id): about what
     # the model's 2048-frame context can hold (2048 * 1920 samples of int16), ~160 s.
     max_audio_b64_bytes: int = 11 * 1024 * 1024
-    max_cached_audio_bytes: int = 16 * 1024 * 1024  # audio a connection may refer to by id (LRU)
-    max_message_bytes: int = 6 * 1024 * 1024  # one JSON message (checked by the app)
+    max_message_bytes: int = 6 * 1024 * 1024  # one JSON message or HTTP body, checked before parsing
     ws_max_size: int = 8 * 1024 * 1024  # the transport limit: larger frames close the connection
+    max_context_segments: int = 16
+    # Per connection.
     max_concurrent_per_connection: int = 8
     max_sessions_per_connection: int = 16
-    max_context_segments: int = 16
+    send_buffer_bytes: int = 4 * 1024 * 1024  # audio and messages queued for a client
+    socket_send_buffer_bytes: int = 256 * 1024  # the kernel's, per connection (not autotuned up to 4 MB)
+    send_timeout_s: float = 10.0  # a full send queue for this long: the client is not reading, cut off
+    ws_idle_timeout_s: float = 600.0  # no message and nothing running for this long: closed
+    # Per tenant (one token), and for the whole server.
+    max_connections: int = 256
+    max_connections_per_tenant: int = 64
+    max_streams_per_tenant: int = 32
+    max_sessions_per_tenant: int = 256
+    session_ttl_s: float = 1800.0
+    max_memory_bytes: int = 1024 * 1024 * 1024  # sessions + cached audio of every tenant together
+    max_cached_audio_bytes: int = 64 * 1024 * 1024  # one tenant's audio kept by audio_id
+    # HTTP.
+    header_timeout_s: float = 10.0  # a request's line and headers must arrive within this
+    body_timeout_s: float = 30.0  # and its body within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024
+    drain_timeout_s: float = 10.0  # on SIGTERM / SIGINT: running streams get this long to finish
 
 
 class ProtocolError(Exception):
@@ -161,47 +197,6 @@ def audio_to_b64(audio: np.ndarray) -> str:
     return base64.b64encode(to_int16(np.asarray(audio, dtype=np.float32))).decode()
 
 
-class AudioStore:
-    """One connection's audio by ``audio_id`` (see the start message), least recently used out first."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._items: OrderedDict[str, str] = OrderedDict()
-
-    def resolve(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """``msg`` with every referenced audio filled in; newly sent audio with an id is remembered."""
-        if not isinstance(msg.get("context"), list) and not isinstance(msg.get("voice"), dict):
-            return msg
-        msg = dict(msg)
-        if isinstance(msg.get("context"), list):
-            msg["context"] = [self._item(item) for item in msg["context"]]
-        if isinstance(msg.get("voice"), dict):
-            msg["voice"] = self._item(msg["voice"])
-        return msg
-
-    def _item(self, item: Any) -> Any:
-        if not isinstance(item, dict) or "audio_id" not in item:
-            return item
-        aid = name_field(item, "audio_id")
-        if aid is None:
-            raise ProtocolError("bad_message", "'audio_id' must be a non-empty string")
-        data = item.get("audio_b64")
-        if isinstance(data, str) and data:
-            if aid in self._items:
-                self.size -= len(self._items.pop(aid))
-            self._items[aid] = data
-            self.size += len(data)
-            while self.size > self.max_bytes and len(self._items) > 1:
-                self.size -= len(self._items.popitem(last=False)[1])
-            return item
-        data = self._items.get(aid)
-        if data is None:
-            raise ProtocolError("unknown_audio", f"no audio {aid!r} on this connection (any more): send it again")
-        self._items.move_to_end(aid)
-        return {**item, "audio_b64": data}
-
-
 # -- messages ---------------------------------------------------------------------------------
 
 
@@ -220,18 +215,6 @@ def exception_message(exc: BaseException, rid: str | None = None) -> str:
     return error_message(code, text, rid)
 
 
-def parse_json(text: str, limits: Limits) -> dict[str, Any]:
-    if len(text) > limits.max_message_bytes:
-        raise ProtocolError("too_large", f"message too large: {len(text)} bytes (at most {limits.max_message_bytes})")
-    try:
-        msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("bad_json", f"message is not valid JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError("bad_message", "a message is a JSON object with a 'type'")
-    return msg
-
-
 def name_field(msg: dict[str, Any], key: str) -> str | None:
     """A client-chosen name (request ``id``, ``session``, ``audio_id``): absent, or a non-empty
     string of at most MAX_ID_BYTES UTF-8 bytes."""
@@ -248,121 +231,35 @@ def request_id(msg: dict[str, Any]) -> str:
     return rid
 
 
-def _audio(item: dict[str, Any], what: str, budget: list[int]) -> np.ndarray:
-    data = item.get("audio_b64")
-    if not isinstance(data, str) or not data:
-        raise InvalidRequest(f"{what}: 'audio_b64' (base64 int16 LE 24 kHz mono PCM) is required")
-    budget[0] -= len(data)
-    if budget[0] < 0:
-        raise ProtocolError("too_large", "audio too large for one request")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{what}: 'audio_b64' is not valid base64") from None
-    if len(raw) % 2 or not raw:
-        raise InvalidRequest(f"{what}: audio must be whole int16 samples")
-    return from_int16(raw)
-
-
-def int_field(msg: dict[str, Any], key: str, default: int | None) -> int | None:
-    value = msg.get(key, default)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise InvalidRequest(f"'{key}' must be an integer, got {value!r}")
-
-
-def _num(msg: dict[str, Any], key: str, default: float | None) -> float | None:
-    value = msg.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequest(f"'{key}' must be a number, got {value!r}")
-    return float(value)
-
-
 def session_id(msg: dict[str, Any]) -> str | None:
     """The message's ``session`` (None when absent); the same rules as request ids."""
     return name_field(msg, "session")
 
 
-def parse_voice(
-    item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | None = None, budget: list[int] | None = None
-) -> VoicePrompt | None:
-    """A ``voice`` field: absent, the name of one of the server's voices, or {speaker, text, audio_b64}."""
-    if item is None:
-        return None
-    if isinstance(item, str):
-        voices = voices or {}
-        if item not in voices:
-            known = ", ".join(sorted(voices)) or "none (start the server with --voice NAME=CLIP.wav)"
-            raise InvalidRequest(f"unknown voice {item!r}; this server's voices: {known}")
-        return voices[item]
-    if not isinstance(item, dict):
-        raise InvalidRequest("'voice' must be a voice name or a {speaker, text, audio_b64} object")
-    budget = budget if budget is not None else [limits.max_audio_b64_bytes]
-    return VoicePrompt(int_field(item, "speaker", 0), item.get("text"), _audio(item, "voice", budget))
+def words_message(rid: str, words: Sequence[WordTiming], offset_s: float = 0.0) -> str:
+    """The ``words`` message for the next audio frame of ``rid`` (times shifted by ``offset_s``)."""
+    return message("words", id=rid, words=[[w.word, w.start_s + offset_s, w.end_s + offset_s] for w in words])
 
 
-def parse_turn(msg: dict[str, Any], limits: Limits) -> tuple[str, np.ndarray]:
-    """The transcript and 24 kHz audio of a ``user_turn``."""
-    text = msg.get("text")
-    if not isinstance(text, str) or not text.strip() or len(text) > limits.max_text_chars:
-        raise InvalidRequest(f"'text' (the turn's transcript) must be 1 to {limits.max_text_chars} characters")
-    return text, _audio(msg, "user_turn", [limits.max_audio_b64_bytes])
+def parse_words(msg: dict[str, Any]) -> tuple[WordTiming, ...]:
+    """The word timings of a ``words`` message (what the client attaches to the next chunk)."""
+    words = msg.get("words")
+    if not isinstance(words, list):
+        raise ProtocolError("bad_message", "'words' must be a list of [word, start_s, end_s]")
+    try:
+        return tuple(WordTiming(str(w), float(a), float(b)) for w, a, b in words)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("bad_message", f"'words' must be a list of [word, start_s, end_s]: {exc}") from exc
 
 
-def parse_start(
-    msg: dict[str, Any], limits: Limits, voices: Mapping[str, VoicePrompt] | None = None
-) -> SynthesisRequest:
-    """The engine request a ``start`` message asks for (raises ProtocolError / InvalidRequest)."""
-    text = msg.get("text")
-    if not isinstance(text, str):
-        raise InvalidRequest("'text' (the words to speak) is required")
-    if len(text) > limits.max_text_chars:
-        raise ProtocolError("too_large", f"text too long: {len(text)} characters (at most {limits.max_text_chars})")
-    budget = [limits.max_audio_b64_bytes]
-    context = msg.get("context") or []
-    if not isinstance(context, list) or not all(isinstance(s, dict) for s in context):
-        raise InvalidRequest("'context' must be a list of {speaker, text, audio_b64} objects")
-    if len(context) > limits.max_context_segments:
-        raise ProtocolError("too_large", f"too many context segments (at most {limits.max_context_segments})")
-    segments = []
-    for i, item in enumerate(context):
-        speaker = int_field(item, "speaker", 1)
-        seg_text = item.get("text")
-        if not isinstance(seg_text, str) or len(seg_text) > limits.max_text_chars:
-            raise InvalidRequest(f"context[{i}]: 'text' must be a string of at most {limits.max_text_chars} characters")
-        segments.append(Segment(speaker, seg_text, _audio(item, f"context[{i}]", budget)))
-    voice = parse_voice(msg.get("voice"), limits, voices, budget)
-    chunks = ChunkSchedule()
-    if msg.get("chunks") is not None:
-        c = msg["chunks"]
-        if not isinstance(c, dict):
-            raise InvalidRequest("'chunks' must be {first_frames, growth, max_frames}")
-        chunks = ChunkSchedule(
-            first_frames=int_field(c, "first_frames", 1),
-            growth=_num(c, "growth", 2.0),
-            max_frames=int_field(c, "max_frames", 25),
-        )
-    watermark = msg.get("watermark")
-    if watermark is not None and not isinstance(watermark, bool):
-        raise InvalidRequest("'watermark' must be true, false or absent")
-    return SynthesisRequest(
-        text=text,
-        speaker=int_field(msg, "speaker", 0),
-        context=tuple(segments),
-        voice=voice,
-        temperature=_num(msg, "temperature", 0.9),
-        topk=int_field(msg, "topk", 50),
-        seed=int_field(msg, "seed", None),
-        max_audio_ms=_num(msg, "max_audio_ms", 90_000),
-        chunks=chunks,
-        watermark=watermark,
-        max_ahead_s=_num(msg, "max_ahead_s", None),
-    )
-
-
-def start_message(rid: str, request: SynthesisRequest, codes: bool = False, known: set[str] | None = None) -> str:
+def start_message(
+    rid: str,
+    request: SynthesisRequest,
+    codes: bool = False,
+    known: set[str] | None = None,
+    words: bool = False,
+    queue: bool = False,
+) -> str:
     """The ``start`` message for an engine request (what :class:`RemoteEngine` sends).
 
     Each audio goes with an ``audio_id`` (a hash of its samples); audio whose id is in ``known`` (sent
@@ -393,6 +290,8 @@ def start_message(rid: str, request: SynthesisRequest, codes: bool = False, know
             "max_frames": request.chunks.max_frames,
         },
         "codes": codes,
+        "words": words,
+        "queue": queue,
         "context": [
             {"speaker": s.speaker, "text": s.text, **audio_fields(to_mono(s.audio, s.sample_rate, "context audio"))}
             for s in request.context

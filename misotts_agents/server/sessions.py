@@ -4,31 +4,40 @@ A session (a conversation, named by the client) keeps its voice prompt and its t
 server, next to the engine whose caches they warm: a client tells the session each user turn once,
 and every reply of the session is conditioned on the turns so far without the client resending
 audio. The agent's own replies enter the memory as they are generated, cut where they were
-cancelled (what the listener heard). Sessions idle longer than ``session_ttl_s`` are forgotten, and
-the least recently used go first when there are more than ``max_sessions``.
+cancelled (what the listener heard).
+
+Sessions live in the server's one memory budget (budget.py), under their tenant: a session id
+arrives scoped (``tenant/name``, tenants.py), sessions idle longer than ``ttl_s`` are forgotten, a
+tenant's least recently used go first beyond ``max_sessions``, and the budget's bytes cover all
+tenants' sessions and cached audio together. Turn audio is kept as owned copies, cut to the
+memory's ``max_turn_s``: never a view that pins the whole clip a client sent.
 
 The app (app.py) talks to this class only through ``start``/``session`` and a few figures, so a
-proxy with the same methods (the Ray Serve ingress, ray_serve.py) can serve the same protocol.
+proxy with the same methods (the Ray Serve ingress, ray/ingress.py) can serve the same protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.scheduler import EngineStats
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
-from misotts_agents.server import protocol
-from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server import schema
+from misotts_agents.server.budget import MemoryBudget
+from misotts_agents.server.protocol import Limits
+from misotts_agents.server.tenants import unscope
+
+SESSION_OVERHEAD_BYTES = 16 * 1024  # what an empty session costs (objects, its memory's buffers)
 
 
 @dataclass
@@ -37,56 +46,57 @@ class Session:
 
     memory: ConversationMemory
     voice: VoicePrompt | None = None
-    used_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes it holds: turn audio, its voice prompt's audio, and a fixed overhead."""
+        turns = sum(np.asarray(seg.audio).nbytes for seg in self.memory.context())
+        voice = np.asarray(self.voice.audio).nbytes if self.voice is not None else 0
+        return SESSION_OVERHEAD_BYTES + turns + voice
 
 
 class SessionStore:
-    """Sessions by id: LRU with an idle timeout. Used from the server's event loop only."""
+    """Sessions by scoped id (``tenant/name``) in a :class:`MemoryBudget` (its own unless given)."""
 
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = 1800.0, max_turns: int = 4) -> None:
-        self.max_sessions = max_sessions
-        self.ttl_s = ttl_s
+    def __init__(
+        self,
+        max_sessions: int = 256,
+        ttl_s: float = 1800.0,
+        max_turns: int = 4,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.max_turns = max_turns
-        self._items: OrderedDict[str, Session] = OrderedDict()
+        self.budget = budget or MemoryBudget(Limits().max_memory_bytes, max_sessions=max_sessions, session_ttl_s=ttl_s)
 
     def get(self, sid: str) -> Session:
         """The session ``sid``, created on first use."""
-        self._expire()
-        session = self._items.get(sid)
-        if session is None:
-            session = Session(ConversationMemory(max_turns=self.max_turns))
-            self._items[sid] = session
-            while len(self._items) > self.max_sessions:
-                self._items.popitem(last=False)
-        self._items.move_to_end(sid)
-        session.used_at = time.monotonic()
-        return session
+        tenant, name = unscope(sid)
+        return self.budget.get_session(tenant, name, lambda: Session(ConversationMemory(max_turns=self.max_turns)))
+
+    def changed(self, sid: str) -> None:
+        """The session's state changed (a turn, a voice, a reply's end): count its size again."""
+        self.budget.update_session(*unscope(sid))
 
     def close(self, sid: str) -> bool:
-        return self._items.pop(sid, None) is not None
+        return self.budget.close_session(*unscope(sid))
 
     def __contains__(self, sid: str) -> bool:
-        return sid in self._items
+        return self.budget.has_session(*unscope(sid))
 
     def __len__(self) -> int:
-        return len(self._items)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._items:
-            sid, oldest = next(iter(self._items.items()))
-            if now - oldest.used_at <= self.ttl_s:
-                break
-            del self._items[sid]
+        return self.budget.sessions
 
 
 class SessionStream:
     """An engine stream whose audio also goes into the session's memory as the agent's turn."""
 
-    def __init__(self, stream: Any, memory: ConversationMemory, more: bool) -> None:
+    def __init__(
+        self, stream: Any, memory: ConversationMemory, more: bool, on_end: Callable[[], None] | None = None
+    ) -> None:
         self._stream = stream
         self._memory = memory
         self._more = more  # more parts of this utterance follow: leave the agent turn open
+        self._on_end = on_end
         self._done = False
 
     @property
@@ -96,6 +106,11 @@ class SessionStream:
     @property
     def codes(self) -> np.ndarray:
         return self._stream.codes
+
+    @property
+    def queued(self) -> bool | None:
+        """Waiting for an engine slot (None: the engine does not say)."""
+        return getattr(self._stream, "queued", None)
 
     def __aiter__(self) -> SessionStream:
         return self
@@ -109,7 +124,7 @@ class SessionStream:
         except BaseException:
             self._end(interrupted=True)
             raise
-        self._memory.push_agent_audio(chunk.pcm)
+        self._memory.push_agent_audio(chunk.pcm, chunk.words)
         return chunk
 
     def cancel(self) -> None:
@@ -121,6 +136,8 @@ class SessionStream:
             self._done = True
             if interrupted or not self._more:
                 self._memory.agent_finished(interrupted=interrupted)
+            if self._on_end is not None:
+                self._on_end()
 
 
 class EngineBackend:
@@ -138,9 +155,16 @@ class EngineBackend:
         sessions: SessionStore | None = None,
     ) -> None:
         self.engine = engine
-        self.limits = limits or Limits()
+        self.limits = limits = limits or Limits()
         self.voices = dict(voices or {})
-        self.sessions = sessions or SessionStore()
+        self.sessions = sessions or SessionStore(
+            limits.max_sessions_per_tenant, limits.session_ttl_s, budget=MemoryBudget.for_limits(limits)
+        )
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of its sessions, which the app shares for cached audio."""
+        return self.sessions.budget
 
     # -- figures for /health and /metrics -----------------------------------------------------
 
@@ -161,48 +185,49 @@ class EngineBackend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def start(self, msg: dict[str, Any]) -> Any:
-        """The stream for a protocol ``start`` message; raises at once for a bad one."""
-        request = protocol.parse_start(msg, self.limits, self.voices)
-        sid = protocol.session_id(msg)
+    def start(self, msg: dict[str, Any], client: Hashable | None = None) -> Any:
+        """The stream for a protocol ``start`` message; raises at once for a bad one. ``client``
+        (the connection) shares the engine's preparation fairly between clients."""
+        start = schema.validate_start(msg, self.limits)
+        request = schema.parse_start(start, self.limits, self.voices)
+        sid = start.session
         if sid is None:
-            if msg.get("continue") or msg.get("more"):
+            if start.continue_ or start.more:
                 raise InvalidRequest("'continue' and 'more' need a 'session'")
-            return self.engine.stream(request)
+            return self.engine.stream(request, client=client)
         session = self.sessions.get(sid)
         memory = session.memory
-        continuing = bool(msg.get("continue")) and memory.agent_speaking
-        context = request.context if "context" in msg else memory.context()
+        continuing = start.continue_ and memory.agent_speaking
+        context = request.context if "context" in start.model_fields_set else memory.context()
         if continuing:  # a later part of an utterance: condition it on the parts already spoken
             current = memory.current_agent_segment()
             context = (*context, current) if current is not None else context
         request = dataclasses.replace(request, context=context, voice=request.voice or session.voice)
-        stream = self.engine.stream(request)
+        stream = self.engine.stream(request, client=client)
         if continuing:
             memory.agent_add_text(request.text)
         else:
             memory.agent_speaker = request.speaker
             memory.agent_started(request.text)
-        return SessionStream(stream, memory, more=bool(msg.get("more")))
+        return SessionStream(stream, memory, more=start.more, on_end=lambda: self.sessions.changed(sid))
 
     async def session(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Apply a protocol ``session`` message; returns the fields of the reply."""
-        sid = protocol.session_id(msg)
-        if sid is None:
-            raise ProtocolError("bad_message", "a session message needs 'session' (the conversation's id)")
-        op = msg.get("op")
+        m = schema.parse_session(msg, self.limits)
+        sid, op = m.session, m.op
         if op == "close":
             return {"session": sid, "op": op, "closed": self.sessions.close(sid)}
         session = self.sessions.get(sid)
+        memory = session.memory
         if op == "voice":
-            session.voice = protocol.parse_voice(msg.get("voice"), self.limits, self.voices)
+            session.voice = schema.parse_voice(m.voice, self.limits, self.voices)
         elif op == "user_turn":
-            text, audio = protocol.parse_turn(msg, self.limits)
-            session.memory.add_turn(protocol.int_field(msg, "speaker", 1), text, audio)
+            speaker, text, audio = schema.parse_turn(m)
+            # An owned copy of what the memory keeps, never a view pinning the whole clip sent.
+            memory.add_turn(speaker, text, audio[-int(memory.max_turn_s * SAMPLE_RATE) :].copy())
         elif op == "end_turn":  # the last part of an utterance sent with "more": it is complete
-            session.memory.agent_finished(interrupted=False)
+            memory.agent_finished(interrupted=m.interrupted)
         elif op == "clear":
-            session.memory.clear()
-        else:
-            raise ProtocolError("bad_message", f"unknown session op {op!r}: voice, user_turn, end_turn, clear or close")
-        return {"session": sid, "op": op, "turns": len(session.memory.context()), "voice": session.voice is not None}
+            memory.clear()
+        self.sessions.changed(sid)
+        return {"session": sid, "op": op, "turns": len(memory.context()), "voice": session.voice is not None}

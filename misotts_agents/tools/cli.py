@@ -83,25 +83,58 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--phase-shift", action="store_true", help="search phase shifts like the reference (slow)")
     _add_watermark_args(check, "sony/silentcipher")
 
-    serve = sub.add_parser("serve", help="serve one shared engine: WebSocket stream + OpenAI-compatible speech")
+    serve = sub.add_parser(
+        "serve",
+        help="serve one shared engine: WebSocket stream + OpenAI-compatible speech (README: Exposing the server)",
+    )
     serve.add_argument("--model", default=DEFAULT_MODEL, help="local directory or Hub repo id (default: %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s; others need --token)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: %(default)s; others need a token of 16+ characters)"
+    )
     serve.add_argument("--port", type=int, default=8700)
     serve.add_argument(
-        "--token", default=None, help="require 'Authorization: Bearer TOKEN' on every endpoint but /health"
+        "--token-file",
+        type=Path,
+        default=None,
+        help="bearer tokens: NAME:TOKEN lines, one tenant each (or a single token); default: $MISOTTS_TOKENS "
+        "(NAME:TOKEN,...) or $MISOTTS_TOKEN; none: no token asked (loopback only)",
+    )
+    serve.add_argument(
+        "--token", default=None, help="one bearer token (visible to other users in `ps`: prefer $MISOTTS_TOKEN)"
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to use the server, with CORS (repeatable; '*' for any); default: none",
     )
     serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     serve.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
     serve.add_argument("--max-text", type=int, default=4000, help="longest text per request in characters")
     serve.add_argument("--max-per-connection", type=int, default=8, help="concurrent requests per WebSocket")
+    serve.add_argument("--max-connections", type=int, default=256, help="open connections (default: %(default)s)")
+    serve.add_argument(
+        "--max-streams-per-tenant", type=int, default=32, help="concurrent requests per tenant (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--memory-mb",
+        type=int,
+        default=1024,
+        help="sessions and cached audio of all tenants together, in MiB (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="on SIGTERM: seconds running streams get to finish"
+    )
     serve.add_argument(
         "--voice",
         action="append",
         default=[],
         metavar="NAME=CLIP",
         help="a named voice (repeatable): a ~10 s clip, its transcript in the file beside it with .txt "
-        "(anna=voices/anna.wav reads voices/anna.txt); requests and the OpenAI 'voice' pick it by name",
+        "(anna=voices/anna.wav reads voices/anna.txt); requests and the OpenAI 'voice' pick it by name; "
+        "TENANT/NAME=CLIP: that tenant's only",
     )
     serve.add_argument("--session-ttl", type=float, default=1800, help="forget sessions idle this many seconds")
 
@@ -234,25 +267,51 @@ def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from misotts_agents.engine.facade import MisoEngine
-    from misotts_agents.server.app import check_bind, create_app
+    from misotts_agents.server.app import create_app
     from misotts_agents.server.protocol import Limits
-    from misotts_agents.server.sessions import EngineBackend, SessionStore
+    from misotts_agents.server.runner import GracefulServer, uvicorn_config
+    from misotts_agents.server.sessions import EngineBackend
+    from misotts_agents.server.tenants import Tenants, check_bind
 
-    check_bind(args.host, args.token)
+    try:
+        tenants = Tenants.load(args.token_file, args.token)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: tokens: {exc}") from None
+    check_bind(args.host, tenants)
+    if args.token:
+        logging.getLogger("misotts_agents.serve").warning(
+            "--token is visible to other users of this machine (ps); prefer $MISOTTS_TOKEN or --token-file"
+        )
     voices = named_voices(args.voice)
-    limits = Limits(max_text_chars=args.max_text, max_concurrent_per_connection=args.max_per_connection)
+    for name in voices:
+        owner, sep, _ = name.rpartition("/")
+        if sep and owner not in tenants.names:
+            raise SystemExit(f"error: --voice {name}: no tenant {owner!r} (tenants: {', '.join(tenants.names)})")
+    limits = Limits(
+        max_text_chars=args.max_text,
+        max_concurrent_per_connection=args.max_per_connection,
+        max_connections=args.max_connections,
+        max_streams_per_tenant=args.max_streams_per_tenant,
+        max_memory_bytes=args.memory_mb * 1024 * 1024,
+        session_ttl_s=args.session_ttl,
+        drain_timeout_s=args.drain_timeout,
+    )
     engine = MisoEngine.load(
         args.model, device=args.device, watermark=False if args.no_watermark else True, max_batch=args.max_batch
     )
     try:
-        backend = EngineBackend(engine, limits, voices, SessionStore(ttl_s=args.session_ttl))
-        app = create_app(backend, token=args.token, limits=limits, model_name=str(args.model))
-        uvicorn.run(app, host=args.host, port=args.port, ws_max_size=limits.ws_max_size, log_level="info")
+        backend = EngineBackend(engine, limits, voices)
+        app = create_app(
+            backend, tenants=tenants, limits=limits, model_name=str(args.model), allow_origins=args.allow_origin
+        )
+        server = GracefulServer(
+            uvicorn_config(app, args.host, args.port, limits), app.state.lifecycle, args.drain_timeout
+        )
+        server.run()
     finally:
         engine.close()
+    logging.getLogger("misotts_agents.serve").info("stopped; the engine is closed")
     return 0
 
 

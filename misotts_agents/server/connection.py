@@ -1,0 +1,496 @@
+"""One WebSocket client of ``/v1/stream``: its messages, its running requests, its bounded send queue.
+
+Everything a client sends is validated by the schema (schema.py) and answered: a bad message gets
+an ``error`` (logged as one line, no stack trace) and the connection goes on. Requests run as tasks
+(one per id) that pump engine audio into the connection's :class:`Outbox`, a send queue bounded in
+bytes with one writer. A client that stops reading fills it; when a request has waited
+``send_timeout_s`` for room, the client is cut off: its requests are cancelled (their engine slots
+freed at the next step) and the connection is closed, so a client that never reads holds neither
+memory nor engine slots for longer than that.
+
+Names the client chooses are its tenant's (tenants.py): sessions are passed to the backend scoped
+(``tenant/name``), audio ids are kept in the tenant's part of the memory budget (budget.py), and a
+voice name finds the tenant's own voice before the server's shared ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import BaseModel
+
+from misotts_agents.audio import FRAME_MS, to_int16
+from misotts_agents.errors import EngineClosed, MisoError
+from misotts_agents.server import protocol, schema
+from misotts_agents.server.budget import MemoryBudget
+from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.runner import Lifecycle
+from misotts_agents.server.tenants import Quotas, private_session, scope, scoped_voice
+from misotts_agents.server.textfeed import TextFeed
+
+log = logging.getLogger(__name__)
+
+CLOSE_NOT_READING = 4008  # the close code of a client cut off for not reading (protocol.py)
+TRANSPORT_KEY = "misotts.transport"  # in a WebSocket's scope: uvicorn's transport of the connection
+QUEUE_POLL_S = 0.02  # how often a request waiting for an engine slot is checked (start option "queue")
+
+
+class ClientGone(Exception):
+    """The client is gone (a send failed), or was cut off for not reading."""
+
+
+class Outbox:
+    """A connection's send queue: bounded in bytes, drained in order by one writer task.
+
+    ``put`` waits while the queue is full; after ``timeout_s`` of waiting it gives up (the client
+    is not reading) and calls ``on_stuck``.
+    """
+
+    def __init__(self, ws: WebSocket, max_bytes: int, timeout_s: float, on_stuck: Any) -> None:
+        self.ws = ws
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self._on_stuck = on_stuck
+        self._items: deque[str | bytes] = deque()
+        self._size = 0
+        self._changed = asyncio.Condition()
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def put(self, data: str | bytes) -> None:
+        async with self._changed:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._changed.wait_for(
+                        lambda: self.closed or self._size + len(data) <= self.max_bytes or not self._items
+                    )
+            except TimeoutError:
+                self._on_stuck()
+                raise ClientGone(f"the client read nothing for {self.timeout_s:g} s") from None
+            if self.closed:
+                raise ClientGone("connection closed")
+            self._items.append(data)
+            self._size += len(data)
+            self._changed.notify_all()
+
+    async def flushed(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until everything queued is sent."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self.closed or not self._items)
+
+    async def run(self) -> None:
+        """The writer: sends queued items in order until the connection closes."""
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self.closed or bool(self._items))
+                    if self.closed:
+                        return
+                    data = self._items[0]
+                if isinstance(data, bytes):
+                    await self.ws.send_bytes(data)
+                else:
+                    await self.ws.send_text(data)
+                async with self._changed:
+                    self._items.popleft()
+                    self._size -= len(data)
+                    self._changed.notify_all()
+        except (WebSocketDisconnect, RuntimeError, OSError):  # Starlette: RuntimeError once closed
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._items.clear()
+            self._size = 0
+            self._changed.notify_all()
+
+
+class Connection:
+    """One WebSocket client of tenant ``tenant``: handles its messages until it goes away."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        backend: Any,
+        limits: Limits,
+        metrics: Any,
+        tenant: str,
+        quotas: Quotas,
+        budget: MemoryBudget,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.ws = ws
+        self.backend = backend
+        self.limits = limits
+        self.metrics = metrics
+        self.tenant = tenant
+        self.quotas = quotas
+        self.budget = budget
+        self.lifecycle = lifecycle
+        self.peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.feeds: dict[str, TextFeed] = {}  # the incremental requests' text
+        self.cancelled: set[str] = set()
+        self.sessions: set[str] = set()  # the session names this client used
+        self.outbox = Outbox(ws, limits.send_buffer_bytes, limits.send_timeout_s, self._stuck)
+        self.stopping: str | None = None  # why the server ends this connection (shutdown, not reading)
+        self._stop = asyncio.Event()
+        self._close_with = (1000, "")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tasks)
+
+    async def send(self, data: str | bytes) -> None:
+        await self.outbox.put(data)
+
+    # -- the connection's life ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Handle the client's messages until it goes away, is idle too long or is cut off."""
+        writer = asyncio.create_task(self.outbox.run())
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                receive = asyncio.create_task(self.ws.receive())
+                done, _ = await asyncio.wait(
+                    {receive, stop}, timeout=self.limits.ws_idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if receive not in done:
+                    receive.cancel()
+                    if stop in done:
+                        await self._close(*self._close_with)
+                        if self.stopping == "not reading":
+                            self._abort()
+                        return
+                    if self.tasks:  # quiet, but its requests are running: not idle
+                        continue
+                    log.info("closing idle connection from %s (tenant %s)", self.peer, self.tenant)
+                    await self._close(1001, "idle")
+                    return
+                try:
+                    event = receive.result()
+                except (RuntimeError, WebSocketDisconnect):  # Starlette, once the socket is closed
+                    return
+                if event["type"] == "websocket.disconnect":
+                    return
+                if event.get("text") is None:
+                    await self.refuse(ProtocolError("bad_message", "send JSON text messages, not binary"))
+                else:
+                    await self.on_message(event["text"])
+        except ClientGone:
+            return
+        finally:
+            stop.cancel()
+            await self.end_requests()
+            await self.outbox.close()
+            writer.cancel()
+            with contextlib.suppress(BaseException):
+                await writer
+
+    def _stuck(self) -> None:
+        """A send waited too long: the client does not read. Cut it off (see the module)."""
+        if self.stopping is None:
+            self.stopping = "not reading"
+            self._close_with = (CLOSE_NOT_READING, "not reading")
+            log.warning(
+                "cutting off %s (tenant %s): it read nothing for %g s", self.peer, self.tenant, self.outbox.timeout_s
+            )
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """The server is stopping: every running request ends with an ``error`` (``closed``), then
+        the connection closes (1001)."""
+        self.stopping = "server shutting down"
+        await self.end_requests()
+        await self.outbox.flushed(2.0)
+        self._close_with = (1001, "server shutting down")
+        self._stop.set()
+
+    async def end_requests(self) -> None:
+        """Cancel every request still running (their slots are freed at the next engine step)."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _abort(self) -> None:
+        """Drop the TCP connection without flushing: a client that does not read would otherwise
+        keep it, and what is buffered for it, open (app.py records the server's transport)."""
+        transport = self.ws.scope.get(TRANSPORT_KEY)
+        if transport is not None:
+            transport.abort()
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # a client that does not read may never take the close frame
+            async with asyncio.timeout(2.0):
+                await self.ws.close(code=code, reason=reason)
+
+    # -- messages -------------------------------------------------------------------------------
+
+    async def on_message(self, text: str) -> None:
+        """Handle one message; whatever goes wrong becomes an error message, and the connection stays."""
+        try:
+            await self.handle(schema.parse_message(text, self.limits))
+        except ClientGone:
+            raise
+        except (ProtocolError, MisoError) as exc:
+            await self.refuse(exc, getattr(exc, "rid", None))
+        except Exception as exc:  # a bug here must not take the connection down with it
+            log.exception("handling a message failed")
+            await self.send(protocol.exception_message(exc))
+
+    async def refuse(self, exc: BaseException, rid: str | None = None) -> None:
+        """Answer bad input with an ``error``; one log line, no stack trace (it is not our fault)."""
+        message = protocol.exception_message(exc, rid)
+        log.info("refused a message from %s (tenant %s): %s", self.peer, self.tenant, _short(str(exc)))
+        await self.send(message)
+
+    def use_session(self, name: str | None) -> str | None:
+        """The backend's id of session ``name`` (scoped to the tenant), counted for this connection."""
+        if name is None:
+            return None
+        if name not in self.sessions:
+            if len(self.sessions) >= self.limits.max_sessions_per_connection:
+                raise ProtocolError(
+                    "too_many", f"at most {self.limits.max_sessions_per_connection} sessions per connection"
+                )
+            self.sessions.add(name)
+        return scope(self.tenant, name)
+
+    async def handle(self, msg: BaseModel) -> None:
+        if isinstance(msg, schema.Start):
+            await self.start(msg)
+        elif isinstance(msg, schema.Append | schema.End):
+            feed = self.feeds.get(msg.id)
+            if feed is None:
+                raise ProtocolError("bad_message", f"no incremental request {msg.id!r} is waiting for text", msg.id)
+            if isinstance(msg, schema.Append):
+                feed.append(msg.text, flush=msg.flush)
+            else:
+                feed.end()
+        elif isinstance(msg, schema.Cancel):
+            task = self.tasks.get(msg.id)
+            if task is not None and msg.id not in self.cancelled:
+                self.cancelled.add(msg.id)
+                task.cancel()
+        elif isinstance(msg, schema.Session):
+            data = msg.model_dump(exclude_unset=True) | {"session": self.use_session(msg.session)}
+            if isinstance(msg.voice, schema.VoiceItem):
+                data["voice"] = self.resolve(msg.voice.model_dump(exclude_unset=True))
+            elif isinstance(msg.voice, str):
+                data["voice"] = scoped_voice(getattr(self.backend, "voices", None), self.tenant, msg.voice)
+            reply = await self.backend.session(data)
+            await self.send(protocol.message("session", **(reply | {"session": msg.session})))
+        elif isinstance(msg, schema.Ping):
+            await self.send(protocol.message("pong"))
+
+    async def start(self, msg: schema.Start) -> None:
+        rid = msg.id
+        streams_counted = False
+        try:
+            if self.stopping is not None or self.lifecycle.draining:
+                raise EngineClosed("the server is shutting down: it takes no more requests")
+            if rid in self.tasks:
+                raise ProtocolError("duplicate_id", f"request {rid!r} is already running")
+            if len(self.tasks) >= self.limits.max_concurrent_per_connection:
+                raise ProtocolError(
+                    "too_many",
+                    f"at most {self.limits.max_concurrent_per_connection} concurrent requests per connection",
+                )
+            data = self.backend_start(msg)
+            self.quotas.start_stream(self.tenant)
+            streams_counted = True
+            if msg.incremental:
+                # The options are checked now, not when the first sentence is complete.
+                schema.parse_start(data | {"text": "Check."}, self.limits, getattr(self.backend, "voices", None))
+                feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
+                feed.append(msg.text)
+                parts = self.incremental_parts(data, feed)
+            else:
+                parts = _one(self.backend.start(data, client=self))
+        except Exception as exc:
+            if streams_counted:
+                self.quotas.end_stream(self.tenant)
+            self.feeds.pop(rid, None)
+            self.metrics.finished("websocket", "rejected")
+            if isinstance(exc, (ProtocolError, MisoError)):
+                await self.refuse(exc, rid)
+            else:
+                log.exception("starting a request failed")
+                await self.send(protocol.exception_message(exc, rid))
+            return
+        self.tasks[rid] = asyncio.create_task(self.pump(rid, parts, msg.codes, msg.words, msg.queue))
+
+    def backend_start(self, msg: schema.Start) -> dict[str, Any]:
+        """The start as the backend takes it: the session scoped, audio ids resolved, voice names
+        the tenant's."""
+        data = msg.model_dump(by_alias=True, exclude_unset=True)
+        if msg.session is not None:
+            data["session"] = self.use_session(msg.session)
+        if "context" in data:
+            data["context"] = [self.resolve(item) for item in data["context"]]
+        if isinstance(msg.voice, schema.VoiceItem):
+            data["voice"] = self.resolve(data["voice"])
+        elif isinstance(msg.voice, str):
+            data["voice"] = scoped_voice(getattr(self.backend, "voices", None), self.tenant, msg.voice)
+        return data
+
+    def resolve(self, item: dict[str, Any]) -> dict[str, Any]:
+        """An audio item with its audio: sent now (and kept under its ``audio_id``), or kept before."""
+        aid = item.get("audio_id")
+        if aid is None:
+            return item
+        if item.get("audio_b64"):
+            self.budget.keep_audio(self.tenant, aid, item["audio_b64"])
+            return item
+        return item | {"audio_b64": self.budget.audio(self.tenant, aid)}
+
+    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncIterator[tuple[Any, bool]]:
+        """One backend request per sentence, all in one session so each is conditioned on the parts
+        already spoken; a request without a session gets a private one for its lifetime."""
+        own = msg.get("session")
+        sid = own or private_session(self.tenant)
+        base = {k: v for k, v in msg.items() if k not in ("text", "incremental")} | {"session": sid}
+        first, last = True, False
+        try:
+            async for text, last in feed.parts():
+                yield (
+                    self.backend.start(base | {"text": text, "continue": not first, "more": not last}, client=self),
+                    last,
+                )
+                first = False
+        finally:
+            if own is None:
+                await self.backend.session({"type": "session", "session": sid, "op": "close"})
+            elif not first and not last:  # the end came after the last part started: close the turn
+                interrupted = not feed.ended
+                await self.backend.session(
+                    {"type": "session", "session": sid, "op": "end_turn", "interrupted": interrupted}
+                )
+
+    # -- a request's audio ----------------------------------------------------------------------
+
+    async def pump(
+        self, rid: str, parts: AsyncIterator[tuple[Any, bool]], want_codes: bool, want_words: bool, want_queue: bool
+    ) -> None:
+        """Stream a request's audio (its backend streams, one after the other, each with whether it is
+        the last) to the client, then its end (or error) message."""
+        self.metrics.active.inc()
+        outcome = "completed"
+        started = time.perf_counter()
+        current, done = None, []
+        watch: asyncio.Task[None] | None = None
+        try:
+            async for stream, last in parts:
+                current, offset = stream, sum(s.stats.frames for s in done)
+                if want_queue and not done:
+                    watch = asyncio.create_task(self.report_queue(rid, stream))
+                async for chunk in stream:
+                    if want_words and chunk.words:  # the words of the audio frame that follows
+                        await self.send(protocol.words_message(rid, chunk.words, offset * FRAME_MS / 1000))
+                    elif not chunk.frames:  # an empty final chunk only carries words
+                        continue
+                    pcm = to_int16(chunk.pcm)
+                    final = chunk.final and last
+                    await self.send(protocol.pack_audio(rid, offset + chunk.start_frame, chunk.frames, final, pcm))
+                    self.metrics.audio_seconds.inc(chunk.duration_s)
+                done.append(stream)
+                current = None
+            end = {"id": rid, "stats": _merged_stats(done, started)}
+            if want_codes:
+                end["codes"] = [row for s in done for row in s.codes.tolist()]
+            await self.send(protocol.message("end", **end))
+        except asyncio.CancelledError:
+            if rid in self.cancelled or self.stopping == "server shutting down":
+                # The client's cancel (tell it the id is free), or the server's shutdown (say why).
+                outcome = "cancelled"
+                stats = _merged_stats([*done, current] if current is not None else done, started)
+                stats["stop_reason"] = "cancelled"
+                reply = (
+                    protocol.message("end", id=rid, stats=stats)
+                    if rid in self.cancelled
+                    else protocol.exception_message(EngineClosed("the server is shutting down"), rid)
+                )
+                with contextlib.suppress(Exception):
+                    await self.send(reply)
+            else:
+                outcome = "disconnected"
+        except ClientGone as exc:  # the client went away mid-send (engine errors, RuntimeError too, go below)
+            outcome = "disconnected"
+            log.debug("stream %s: client gone: %s", rid, exc)
+        except Exception as exc:
+            outcome = "error"
+            if not isinstance(exc, MisoError):
+                log.error("request %s of %s failed: %s: %s", rid, self.peer, type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await self.send(protocol.exception_message(exc, rid))
+        finally:
+            if watch is not None:
+                watch.cancel()
+            if current is not None:
+                current.cancel()
+            with contextlib.suppress(Exception):
+                await parts.aclose()
+            self.tasks.pop(rid, None)
+            self.feeds.pop(rid, None)
+            self.cancelled.discard(rid)
+            self.quotas.end_stream(self.tenant)
+            self.metrics.active.dec()
+            first = (done or [current])[0]
+            self.metrics.finished("websocket", outcome, first.stats if first is not None else None)
+
+    async def report_queue(self, rid: str, stream: Any) -> None:
+        """Tell the client when its request waits for an engine slot and when it gets one (so its
+        timeout for the first audio can start there). Only streams that say so (``queued``)."""
+        if getattr(stream, "queued", None) is not True:
+            return
+        try:
+            await self.send(protocol.message("queued", id=rid))
+            while stream.queued:
+                await asyncio.sleep(QUEUE_POLL_S)
+            await self.send(protocol.message("admitted", id=rid))
+        except ClientGone:  # the pump sees it too, and ends the request
+            return
+
+
+async def _one(stream: Any) -> AsyncIterator[tuple[Any, bool]]:
+    yield stream, True
+
+
+def _merged_stats(streams: list[Any], started: float) -> dict[str, Any]:
+    """One request's end stats; for text spoken in parts, the parts' figures combined."""
+    if not streams:
+        return {"frames": 0, "stop_reason": "empty", "parts": 0, "elapsed_s": time.perf_counter() - started}
+    stats = protocol.stats_dict(streams[0].stats)
+    if len(streams) > 1:
+        frames = sum(s.stats.frames for s in streams)
+        elapsed = time.perf_counter() - started
+        stats |= {
+            "frames": frames,
+            "stop_reason": streams[-1].stats.stop_reason,
+            "prompt_frames": streams[-1].stats.prompt_frames,
+            "elapsed_s": elapsed,
+            "real_time_factor": elapsed / (frames * FRAME_MS / 1000) if frames else None,
+        }
+    stats["parts"] = len(streams)
+    return stats
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -1,0 +1,85 @@
+"""Bad client input, one value at a time: what the schema tests and the load test send."""
+
+from __future__ import annotations
+
+OK = {"type": "start", "id": "bad", "text": "Hello."}
+
+# (what is wrong, the message as sent) -> the code it must get
+BAD_WS: list[tuple[str, str, str]] = [
+    ("not json", "{nope", "bad_json"),
+    ("nested 50k deep", "[" * 50_000 + "]" * 50_000, "bad_json"),
+    ("a lone surrogate in the id", '{"type": "start", "id": "\\ud800", "text": "hi"}', "bad_json"),
+    ("a lone surrogate in the text", '{"type": "start", "id": "a", "text": "\\udc80"}', "bad_json"),
+    ("a number of 5000 digits", '{"type": "start", "id": "a", "text": "hi", "seed": ' + "9" * 5000 + "}", "bad_json"),
+    ("an array", "[1, 2]", "bad_message"),
+    ("no type", '{"id": "a"}', "bad_message"),
+    ("an unknown type", '{"type": "dance"}', "unknown_type"),
+]
+BAD_START_FIELDS: list[dict] = [
+    {"temperature": 1e308},
+    {"temperature": None},
+    {"temperature": "0.5"},
+    {"temperature": True},
+    {"topk": 2**63},
+    {"topk": 0},
+    {"topk": 5.0},
+    {"seed": 10**100},
+    {"seed": int("9" * 400)},
+    {"seed": -1},
+    {"speaker": None},
+    {"speaker": 10**9},
+    {"max_audio_ms": None},
+    {"max_audio_ms": 1e308},
+    {"max_audio_ms": 0},
+    {"max_ahead_s": -1},
+    {"max_ahead_s": "soon"},
+    {"watermark": "no"},
+    {"chunks": {"growth": 1e308}},
+    {"chunks": {"max_frames": 10**6}},
+    {"chunks": {"first_frames": 0}},
+    {"chunks": {"first_frames": 2.0}},
+    {"chunks": [1, 2, 3]},
+    {"context": {"text": "not a list"}},
+    {"context": [{"text": "no audio"}]},
+    {"context": [{"text": "bad audio", "audio_b64": "!!!"}]},
+    {"context": [{"text": "odd bytes", "audio_b64": "AA=="}]},
+    {"context": [{"speaker": None, "text": "x", "audio_b64": "AAAA"}]},
+    {"voice": "²"},
+    {"voice": 5},
+    {"voice": {"text": "no audio"}},
+    {"voice": {"speaker": -1, "text": "v", "audio_b64": "AAAA"}},
+    {"id": ""},
+    {"id": "x" * 200},
+    {"id": 7},
+    {"session": ["a"]},
+    {"text": None},
+    {"text": ""},
+    {"codes": "yes"},
+    {"unknown_option": 1},
+    {"continue": True},  # needs a session
+]
+
+
+BAD_BODIES: list[tuple[str, bytes | dict]] = [
+    ("not json", b"nope"),
+    ("nested", b"[" * 50_000 + b"]" * 50_000),
+    ("an array", b"[1]"),
+    ("no input", {"model": "misotts"}),
+    ("empty input", {"input": "  "}),
+    ("input too long", {"input": "x" * 501}),
+    ("input not a string", {"input": 5}),
+    ("lone surrogate", b'{"input": "\\ud800"}'),
+    ("format", {"input": "Hi", "response_format": "midi"}),
+    ("speed", {"input": "Hi", "speed": 2}),
+    ("speed null", {"input": "Hi", "speed": None}),
+    ("voice out of range", {"input": "Hi", "voice": 10**9}),
+    ("temperature 1e308", {"input": "Hi", "temperature": 1e308}),
+    ("temperature null", {"input": "Hi", "temperature": None}),
+    ("topk huge", {"input": "Hi", "topk": 2**63}),
+    ("seed huge", {"input": "Hi", "seed": 10**100}),
+    ("max_audio_ms inf", b'{"input": "Hi", "max_audio_ms": 1e400}'),
+    ("max_audio_ms string", {"input": "Hi", "max_audio_ms": "long"}),
+    ("session", {"input": "Hi", "session": ""}),
+    ("stream_format", {"input": "Hi", "stream_format": "sse"}),
+    ("unknown field", {"input": "Hi", "volume": 11}),
+]
