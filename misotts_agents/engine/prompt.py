@@ -16,12 +16,12 @@ import logging
 import math
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
 from misotts_agents.audio import FRAME_SAMPLES, to_mono
 from misotts_agents.engine.request import Segment
@@ -81,8 +81,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.encode_audio = encode_audio
         self.num_codebooks = num_codebooks
-        self._codes: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._codes_cache_size = codes_cache_size
+        self._codes: LRUCache[str, torch.Tensor] = LRUCache(codes_cache_size)
         self._lock = threading.Lock()
 
     def audio_codes(self, audio: np.ndarray) -> torch.Tensor:
@@ -90,13 +89,10 @@ class PromptBuilder:
         with self._lock:
             codes = self._codes.get(key)
             if codes is not None:
-                self._codes.move_to_end(key)
                 return codes
         codes = self.encode_audio(torch.from_numpy(audio))  # outside the lock: other threads go on
         with self._lock:
             self._codes[key] = codes
-            while len(self._codes) > self._codes_cache_size:
-                self._codes.popitem(last=False)
         return codes
 
     def segment_frames(self, speaker: int, text: str, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
