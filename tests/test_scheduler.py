@@ -5,6 +5,7 @@ import asyncio
 import gc
 import random
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -225,6 +226,64 @@ def test_full_queue_is_a_clear_error_not_a_hang(small_engine):
     running.cancel()
     assert sum(c.frames for c in waiting) == 2  # the queued one runs once the slot frees
     assert sum(c.frames for c in small_engine.stream(SynthesisRequest("Room again.", max_audio_ms=160))) == 2
+
+
+def test_concurrent_submissions_never_exceed_the_queue(small_engine, monkeypatch):
+    """The capacity check and the submission are one step: six callers at once (each slowed down
+    between the two, where the old code let them all through) get one slot and one queue place."""
+    import misotts_agents.engine.facade as facade
+
+    class SlowStream(facade.SpeechStream):
+        def __init__(self, *args, **kwargs) -> None:
+            time.sleep(0.2)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(facade, "SpeechStream", SlowStream)
+    start = threading.Barrier(6)
+    accepted, refused = [], []
+
+    def submit() -> None:
+        start.wait()
+        try:
+            accepted.append(small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500)))
+        except EngineBusy:
+            refused.append(1)
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert (len(accepted), len(refused)) == (2, 4)
+    for stream in accepted:
+        stream.cancel()
+
+
+def test_stream_racing_close_is_refused_or_ended(small_engine):
+    """A stream() racing close() either is refused with EngineClosed or ends with it: never a hang or
+    a submission after shutdown."""
+    outcomes = []
+
+    def submit() -> None:
+        try:
+            stream = small_engine.stream(SynthesisRequest("Racing.", max_audio_ms=80 * 500))
+        except (EngineClosed, EngineBusy) as exc:
+            outcomes.append(type(exc))
+            return
+        try:
+            list(stream)
+            outcomes.append("finished")
+        except EngineClosed:
+            outcomes.append(EngineClosed)
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    small_engine.close()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(outcomes) == 4 and set(outcomes) <= {EngineClosed, EngineBusy}
 
 
 def test_close_ends_running_and_waiting_requests(small_engine):

@@ -170,17 +170,8 @@ class MisoEngine:
         ``client`` (any hashable, e.g. a server connection) shares preparation fairly: each client's
         requests wait their turn, so one client's long context never delays the others' first audio.
         """
-        if self._closed:
-            raise EngineClosed("the engine is closed")
         if request.watermark and self.watermarker is None:
             raise ModelSourceError("this request asks for a watermark but the engine was loaded without one")
-        with self._lock:
-            active, waiting = len(self._scheduler.jobs), len(self._unprepared) + len(self._scheduler.ready)
-            if active + waiting >= self.max_batch + self.max_queue:
-                raise EngineBusy(
-                    f"engine busy: {active} generating and {waiting} waiting "
-                    f"(max_batch={self.max_batch}, max_queue={self.max_queue}); retry later or add capacity"
-                )
         use_wm = self.watermarker is not None and request.watermark is not False
         seed = request.seed if request.seed is not None else secrets.randbits(62)
         stream = SpeechStream(
@@ -191,14 +182,20 @@ class MisoEngine:
             self._scheduler.wake.set,
         )
         job = Job(stream)
+        # Check and submit under one lock: concurrent calls cannot all pass the capacity check (and
+        # exceed max_queue), and close() (which closes under this lock) sees every submitted job.
         with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            active, waiting = self._scheduler.load()
+            waiting += len(self._unprepared)
+            if active + waiting >= self.max_batch + self.max_queue:
+                raise EngineBusy(
+                    f"engine busy: {active} generating and {waiting} waiting "
+                    f"(max_batch={self.max_batch}, max_queue={self.max_queue}); retry later or add capacity"
+                )
             self._unprepared.add(job)
-        try:
             self._prep.submit(client, job)
-        except RuntimeError:  # closed since the check above
-            with self._lock:
-                self._unprepared.discard(job)
-            raise EngineClosed("the engine is closed") from None
         return stream
 
     def synthesize(self, request: SynthesisRequest) -> Synthesis:
@@ -221,9 +218,10 @@ class MisoEngine:
 
     def close(self) -> None:
         """Stop the scheduler; requests still running or waiting end with :class:`EngineClosed`."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:  # from here on stream() refuses; every job it submitted is seen below
+            if self._closed:
+                return
+            self._closed = True
         self._prep.shutdown()
         with self._lock:
             never_prepared, self._unprepared = self._unprepared, set()

@@ -129,6 +129,11 @@ class Scheduler:
             self.ready.append(job)
         self.wake.set()
 
+    def load(self) -> tuple[int, int]:
+        """Requests in a slot and requests prepared and waiting for one (the engine's admission check)."""
+        with self._lock:
+            return len(self.jobs), len(self.ready)
+
     def reject(self, job: Job, error: BaseException) -> None:
         """End a request that failed before it reached the scheduler (bad input found in preparation)."""
         with self._lock:
