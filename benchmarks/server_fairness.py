@@ -67,7 +67,9 @@ async def first_audio(remote: RemoteEngine, request: SynthesisRequest) -> float:
     return took
 
 
-async def trial(url: str, attack: bool, context_s: float, frames: int, n: int) -> tuple[list[float], list[float]]:
+async def trial(
+    url: str, attack: bool, context_s: float, frames: int, n: int, salt: int = 0
+) -> tuple[list[float], list[float]]:
     """Victim (and attacker) first-audio times over ``n`` trials."""
     victim_t, attacker_t = [], []
     async with RemoteEngine(url) as victim, RemoteEngine(url) as attacker:
@@ -76,9 +78,9 @@ async def trial(url: str, attack: bool, context_s: float, frames: int, n: int) -
         for i in range(n):
             tasks = []
             if attack:
-                # A different clip every trial: the engine caches the codes of audio it has encoded.
+                # A different clip every trial and configuration: the engine caches the codes it encoded.
                 segments = tuple(
-                    Segment(1, f"Part {k} of a long story.", clip(30.0, 140 + 7 * i + k))
+                    Segment(1, f"Part {k} of a long story.", clip(30.0, 140 + 7 * i + k + 300 * salt))
                     for k in range(int(context_s // 30))
                 )
                 big = SynthesisRequest("And so it ends.", context=segments, max_audio_ms=80 * frames, seed=i)
@@ -112,12 +114,12 @@ def main() -> None:
     url = f"ws://127.0.0.1:{port}"
     rows = []
     try:
-        for name, workers in (("one thread", 1), ("fair", PREP_WORKERS)):
+        for salt, (name, workers) in enumerate((("one thread", 1), ("fair", PREP_WORKERS))):
             engine._prep.shutdown()  # the benchmark's only reach inside: how preparation is shared
             engine._prep = FairPreparation(engine._prepare, workers=workers)
             asyncio.run(trial(url, False, 0, args.frames, 1))  # warm-up
             alone, _ = asyncio.run(trial(url, False, 0, args.frames, args.trials))
-            victim, attacker = asyncio.run(trial(url, True, args.context_s, args.frames, args.trials))
+            victim, attacker = asyncio.run(trial(url, True, args.context_s, args.frames, args.trials, salt))
             rows.append((name, alone, victim, attacker))
     finally:
         server.should_exit = True
