@@ -230,13 +230,13 @@ def create_app(
         if media_type != "application/json":
             return openai_error(415, "send the body as JSON, with 'Content-Type: application/json'", "invalid_request")
         try:
-            body = await read_body(request, limits)
+            raw = await read_body(request, limits)
         except ProtocolError as exc:
             status = 413 if exc.code == "too_large" else 408
             log.info("refused %s: %s", peer, exc.message)
             return openai_error(status, exc.message, exc.code, headers={"Connection": "close"})
         try:
-            speech = schema.parse_speech_body(body, limits)
+            speech = schema.parse_speech_body(raw, limits)
             start = speech.start(getattr(backend, "voices", None))
             if speech.session is not None:
                 start["session"] = scope(tenant, speech.session)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -361,7 +361,7 @@ class Connection:
             return item
         return item | {"audio_b64": self.budget.audio(self.tenant, aid)}
 
-    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncIterator[tuple[Any, bool]]:
+    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncGenerator[tuple[Any, bool], None]:
         """One backend request per sentence, all in one session so each is conditioned on the parts
         already spoken; a request without a session gets a private one for its lifetime."""
         own = msg.get("session")
@@ -387,7 +387,12 @@ class Connection:
     # -- a request's audio ----------------------------------------------------------------------
 
     async def pump(
-        self, rid: str, parts: AsyncIterator[tuple[Any, bool]], want_codes: bool, want_words: bool, want_queue: bool
+        self,
+        rid: str,
+        parts: AsyncGenerator[tuple[Any, bool], None],
+        want_codes: bool,
+        want_words: bool,
+        want_queue: bool,
     ) -> None:
         """Stream a request's audio (its backend streams, one after the other, each with whether it is
         the last) to the client, then its end (or error) message."""
@@ -469,7 +474,7 @@ class Connection:
             return
 
 
-async def _one(stream: Any) -> AsyncIterator[tuple[Any, bool]]:
+async def _one(stream: Any) -> AsyncGenerator[tuple[Any, bool], None]:
     yield stream, True
 
 

@@ -301,7 +301,7 @@ def start_message(
         fields["watermark"] = request.watermark
     if request.voice is not None:
         v = request.voice
-        fields["voice"] = {"speaker": v.speaker, "text": v.text, **audio_fields(v.audio)}
+        fields["voice"] = {"speaker": v.speaker, "text": v.text, **audio_fields(np.asarray(v.audio))}
     return message("start", **fields)
 
 
