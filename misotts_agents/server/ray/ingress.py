@@ -67,9 +67,9 @@ class RayEngineBackend:
         """The engine handle for a call of session ``sid`` (routed to its replica)."""
         return self.handle.options(multiplexed_model_id=sid or "", stream=stream)
 
-    def start(self, msg: dict[str, Any]) -> ReplicaStream:
+    def start(self, msg: dict[str, Any], client: Any = None) -> ReplicaStream:
         sid = protocol.session_id(msg)  # a malformed session id is refused at once
-        return ReplicaStream(self, msg, sid)
+        return ReplicaStream(self, msg, sid, None if client is None else f"{id(client):x}")
 
     async def session(self, msg: dict[str, Any]) -> dict[str, Any]:
         sid = protocol.session_id(msg)

@@ -99,14 +99,15 @@ class EngineReplica:
         self._lease = serve.multiplexed(max_num_models_per_replica=max_sessions)(lease)
         log.info("engine replica %s ready: %s, max_batch=%d", self.replica, model, max_batch)
 
-    async def start(self, msg: dict[str, Any]):
+    async def start(self, msg: dict[str, Any], client: str | None = None):
         """Run one ``start`` message: yields AudioChunks, then ``("end", stats, codes, figures)``,
         or an error item. Cancelling the call (the client cancelled or went away) raises
-        CancelledError in here, and the ``finally`` frees the engine slot at once."""
+        CancelledError in here, and the ``finally`` frees the engine slot at once. ``client`` (the
+        ingress connection) shares the engine's preparation fairly between clients."""
         stream = None
         try:
             await self._use(protocol.session_id(msg))
-            stream = self.backend.start(msg)
+            stream = self.backend.start(msg, client=client)
             async for chunk in stream:
                 yield chunk
             codes = stream.codes.tolist() if msg.get("codes") else None

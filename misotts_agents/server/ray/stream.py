@@ -30,9 +30,12 @@ class ReplicaStream:
     AudioChunks; ``stats`` and ``codes`` once it ended; ``cancel()`` cancels the replica's call,
     which stops the engine request and frees its slot there."""
 
-    def __init__(self, backend: RayEngineBackend, msg: dict[str, Any], sid: str | None) -> None:
+    def __init__(
+        self, backend: RayEngineBackend, msg: dict[str, Any], sid: str | None, client: str | None = None
+    ) -> None:
         self.backend = backend
         self.msg = msg
+        self.client = client
         self.sid = sid
         seed = msg.get("seed")
         self.stats = ReplicaStreamStats(seed=seed if isinstance(seed, int) else 0)
@@ -58,7 +61,7 @@ class ReplicaStream:
             raise StopAsyncIteration
         if self._call is None:
             self._submitted = time.perf_counter()
-            self._call = self.backend.call(self.sid, stream=True).start.remote(self.msg)
+            self._call = self.backend.call(self.sid, stream=True).start.remote(self.msg, self.client)
         try:
             item = await self._call.__anext__()
         except StopAsyncIteration:
