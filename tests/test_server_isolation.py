@@ -185,3 +185,33 @@ def test_every_request_option_is_checked_when_the_request_is_made(bad):
 def test_every_chunk_option_is_checked(chunks):
     with pytest.raises(InvalidRequest):
         ChunkSchedule(**chunks)
+
+
+def test_preparation_takes_clients_in_turn_and_keeps_a_thread_for_the_others():
+    """A client with three slow requests holds one of the two threads; another client's request,
+    submitted after them, starts at once on the other."""
+    from misotts_agents.engine.preparation import FairPreparation
+
+    started: list[str] = []
+    release = threading.Event()
+    lock = threading.Lock()
+
+    def work(item: str) -> None:
+        with lock:
+            started.append(item)
+        if item.startswith("slow"):
+            release.wait(10)
+
+    prep = FairPreparation(work, workers=2)
+    try:
+        for i in range(3):
+            prep.submit("attacker", f"slow{i}")
+        assert wait_until(lambda: started == ["slow0"], timeout=5)
+        prep.submit("victim", "quick")
+        assert wait_until(lambda: started == ["slow0", "quick"], timeout=5)  # not behind slow1 and slow2
+        release.set()
+        assert wait_until(lambda: len(started) == 4, timeout=5)
+        assert started[2:] == ["slow1", "slow2"]
+    finally:
+        release.set()
+        prep.shutdown()
