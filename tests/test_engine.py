@@ -173,9 +173,9 @@ def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
     decoder = engine._scheduler.decoder
     real_decode = decoder.decode
 
-    def spy(codes, active=None):
+    def spy(codes, active=None, **kw):
         seen.append(codes.clone())
-        return real_decode(codes, active)
+        return real_decode(codes, active, **kw)
 
     monkeypatch.setattr(engine.model, "decode_frame", with_reserved_ids)
     monkeypatch.setattr(decoder, "decode", spy)

@@ -319,7 +319,13 @@ def test_fused_projections_stay_one_copy_under_the_official_names(models, tmp_pa
 
     ours = models["ours"]
     _official_views_of_fused(ours)  # loaded in place by load_state_dict
-    _official_views_of_fused(copy.deepcopy(ours).to(torch.bfloat16))
+    half = copy.deepcopy(ours).to(torch.bfloat16)
+    _official_views_of_fused(half)
+    doubled = {k: v * 2 for k, v in half.state_dict().items()}
+    half.load_state_dict(doubled)  # in place: through the views, and the fp32 norm scales follow
+    _official_views_of_fused(half)
+    assert torch.equal(half.backbone.layers[0].sa_norm.scale_fp32, doubled["backbone.layers.0.sa_norm.scale"].float())
+    assert torch.equal(half.decoder.layers[0].attn.wqkv[0], doubled["decoder.layers.0.attn.q_proj.weight"][0])
     state = {k: v.clone() for k, v in ours.state_dict().items()}  # safetensors refuses shared storage
     save_file(state, str(tmp_path / "m.safetensors"))
     loaded = load_model(tmp_path / "m.safetensors", CONFIG, progress=False)

@@ -2,6 +2,7 @@
 padding, warm-up capture with one failing shape, and torch.compile == eager."""
 
 import logging
+import os
 import random
 
 import numpy as np
@@ -11,7 +12,10 @@ import torch
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.engine.step import FrameStepper, StepShape, _Captured, bucket_sizes
+from misotts_agents.model.config import ModelConfig
 from misotts_agents.model.sampling import SamplingState
+from misotts_agents.model.transformer import CacheWindow
+from misotts_agents.testing.random_weights import random_model_on
 from misotts_agents.testing.tiny import TINY_CONFIG, random_model
 
 TEXTS = ["Compiled or not.", "Same codes.", "Third one."]
@@ -203,3 +207,104 @@ def test_power_of_two_buckets(tiny_dir):
         assert [sum(c.frames for c in s) for s in streams] == [3, 3, 3]
     finally:
         bucketed.close()
+
+
+# ------------------------------------------------------------------- on a GPU (scripts/gpu_check.sh)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+MID_CONFIG = ModelConfig(  # big enough for bf16 rounding to show, small enough to build in a second
+    backbone_flavor={"num_layers": 4, "num_heads": 16, "num_kv_heads": 4, "embed_dim": 1024, "intermediate_dim": 2816},
+    decoder_flavor={"num_layers": 2, "num_heads": 8, "num_kv_heads": 2, "embed_dim": 512, "intermediate_dim": 1024},
+)
+
+
+def cuda_stepper(config: ModelConfig, dtype: torch.dtype, max_batch: int, **options) -> FrameStepper:
+    model = random_model_on(config, "cuda", dtype, seed=5, std=0.05)
+    model.setup_caches(max_batch)
+    return FrameStepper(model, max_batch, **options)
+
+
+def run_frames(step: FrameStepper, slots: list[int], start: int, frames: int) -> torch.Tensor:
+    """Greedy frames for ``slots`` from position ``start``: each frame's codes are the next input."""
+    n = len(slots)
+    rows, tokens, mask, _, sampling = (
+        t.cuda() if isinstance(t, torch.Tensor) else t for t in step_inputs(slots, [0] * n)
+    )
+    sampling = SamplingState(**{f: getattr(sampling, f).cuda() for f in ("temperature", "topk", "seed", "frame")})
+    out = []
+    with torch.inference_mode():
+        for i in range(frames):
+            positions = [start + i] * n
+            pos = torch.tensor(positions, device="cuda")[:, None]
+            codes = step(rows, tokens, mask, pos, sampling, slots=slots, positions=positions, topk=1)
+            out.append(codes)
+            tokens = tokens.clone()
+            tokens[:, 0, :K] = codes
+            sampling.frame += 1
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_every_shape_is_captured_at_start_up():
+    step = cuda_stepper(TINY_CONFIG, torch.float32, 4)
+    assert step.compiled and step.cuda_graphs
+    assert not step.eager_shapes
+    assert set(step.graphs) == set(step.shapes())
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_replay_gives_the_eager_codes():
+    """The captured graphs replay exactly what the same compiled step computes without them."""
+    step = cuda_stepper(TINY_CONFIG, torch.float32, 4)
+    replayed = run_frames(step, [0, 2], start=10, frames=6)
+    graphs, step.graphs = step.graphs, {}  # the same step, every shape run without its graph
+    try:
+        eager = run_frames(step, [0, 2], start=10, frames=6)
+    finally:
+        step.graphs = graphs
+    assert torch.equal(replayed, eager)
+    assert replayed.unique().numel() > 20  # real, varied codes
+
+
+@pytest.mark.cuda
+@needs_cuda
+@torch.inference_mode()
+def test_cuda_bf16_agrees_with_fp32():
+    """The same weights in bf16 and fp32 (eager, no compile): the backbone's states agree to bf16
+    precision after a prefill and a windowed step."""
+    fp32 = random_model_on(MID_CONFIG, "cuda", torch.float32, seed=5, std=0.05)
+    bf16 = random_model_on(MID_CONFIG, "cuda", torch.bfloat16, seed=5, std=0.05)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    states = []
+    for model in (fp32, bf16):
+        model.setup_caches(2)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        tokens = torch.randint(0, 2048, (2, 40, K + 1), device="cuda", generator=gen)
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        pos = torch.arange(40, device="cuda").expand(2, 40)
+        model.backbone_last_hidden(tokens, mask, pos, torch.tensor([0, 1], device="cuda"))
+        h = model.backbone_last_hidden(tokens[:, :1], mask[:, :1], pos[:, -1:] + 1, CacheWindow(128))
+        states.append(h.float())
+    a, b = states
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert (cosine > 0.995).all(), cosine
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_engine_speaks():
+    from misotts_agents.testing.random_weights import random_engine
+
+    tokenizer = os.environ.get("MISOTTS_TOKENIZER")
+    engine = random_engine("tiny", device="cuda", dtype=torch.bfloat16, tokenizer=tokenizer, max_batch=4)
+    try:
+        results = [engine.stream(SynthesisRequest(t, seed=i, max_audio_ms=400)) for i, t in enumerate(TEXTS)]
+        for stream in results:
+            pcm = np.concatenate([c.pcm for c in stream])
+            assert pcm.size == 5 * 1920 and np.isfinite(pcm).all()
+        assert not engine._scheduler.stepper.eager_shapes
+    finally:
+        engine.close()

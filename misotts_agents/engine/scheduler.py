@@ -326,7 +326,8 @@ class Scheduler:
         batch[rows] = audio_codes
         active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
         active[rows] = speaking
-        pcm = self.decoder.decode(batch, active).float().cpu().numpy()
+        # in range by construction: Mimi is queued right behind the step, the host waits once, here
+        pcm = self.decoder.decode(batch, active, validate=False).float().cpu().numpy()
         return codes, pcm
 
     def _commit(self, slots: list[int], codes: torch.Tensor, pcm: np.ndarray) -> None:

@@ -1,8 +1,12 @@
 """The memory-bandwidth floor of a frame step: what no implementation can beat on a given GPU.
 
-At small batch sizes every frame step reads all the weights it uses once: the backbone once, and
-the depth decoder (plus the projection and one audio-head slice) 31 times, once per codebook. So
-the step cannot take less than ``bytes_per_frame / memory_bandwidth``, however many streams share it.
+Every frame step reads all the weights it uses once: the backbone once, and the depth decoder
+(plus the projection and one audio-head slice) 31 times, once per codebook. It also reads every
+row's KV cache: the backbone's over the positions that row has used, the depth decoder's over the
+1..32 positions of each of its 31 steps. So a step of ``batch`` rows at ``context`` positions
+cannot take less than ``bytes_per_frame(config, ..., batch, context) / memory_bandwidth``; the
+weights dominate at low batch, the KV reads at long contexts times many rows (for the 8B model in
+bf16, 128 rows at 2,000 positions read about as much KV as weights).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def gpu_bandwidth_gbs(device: torch.device) -> tuple[float | None, str]:
     return None, name
 
 
-def bytes_per_frame(config: ModelConfig, bytes_per_param: int) -> int:
+def weight_bytes_per_frame(config: ModelConfig, bytes_per_param: int) -> int:
     """Weight bytes one frame step reads (batch-independent while memory-bound)."""
     b, d = config.backbone, config.decoder
     k, vocab = config.audio_num_codebooks, config.audio_vocab_size
@@ -61,8 +65,31 @@ def bytes_per_frame(config: ModelConfig, bytes_per_param: int) -> int:
     return (backbone + (k - 1) * per_depth_step) * bytes_per_param
 
 
-def floor_ms(config: ModelConfig, bytes_per_param: int, bandwidth_gbs: float) -> float:
-    return bytes_per_frame(config, bytes_per_param) / (bandwidth_gbs * 1e9) * 1e3
+def kv_bytes_per_frame(config: ModelConfig, bytes_per_param: int, batch: int, context: int) -> int:
+    """KV-cache bytes one frame step reads for ``batch`` rows, each ``context`` positions deep.
+
+    Backbone: keys and values of every layer over the ``context`` positions (the new one included).
+    Depth decoder: its step i (1..31) reads positions 0..i (the first step 0..1).
+    """
+    b, d = config.backbone, config.decoder
+
+    def per_position(f):  # keys + values, all layers
+        return 2 * f.num_layers * f.num_kv_heads * f.head_dim
+
+    depth_positions = sum(max(i, 1) + 1 for i in range(1, config.audio_num_codebooks))
+    return batch * (per_position(b) * context + per_position(d) * depth_positions) * bytes_per_param
+
+
+def bytes_per_frame(config: ModelConfig, bytes_per_param: int, batch: int = 1, context: int = 0) -> int:
+    """Bytes one frame step must read: the weights once, plus ``batch`` rows' KV at ``context`` positions."""
+    kv = kv_bytes_per_frame(config, bytes_per_param, batch, context) if context else 0
+    return weight_bytes_per_frame(config, bytes_per_param) + kv
+
+
+def floor_ms(
+    config: ModelConfig, bytes_per_param: int, bandwidth_gbs: float, batch: int = 1, context: int = 0
+) -> float:
+    return bytes_per_frame(config, bytes_per_param, batch, context) / (bandwidth_gbs * 1e9) * 1e3
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

@@ -365,7 +365,9 @@ class MimiStreamDecoder:
             )
         return mask
 
-    def decode(self, codes: torch.Tensor, active: torch.Tensor | Sequence[bool] | None = None) -> torch.Tensor:
+    def decode(
+        self, codes: torch.Tensor, active: torch.Tensor | Sequence[bool] | None = None, validate: bool = True
+    ) -> torch.Tensor:
         """Decode one frame for every row.
 
         ``codes``: integer (B, K), B == batch_size, K == num_codebooks, values in 0..2047 for active
@@ -374,6 +376,9 @@ class MimiStreamDecoder:
         and get zeros in the output. Returns float32 PCM (B, 1920) on the model's device.
         Raises ValueError on out-of-range codes: the engine must drop EOS/padding ids first; this is
         the last line of defence before an out-of-bounds embedding lookup (a hard crash on CUDA).
+        ``validate=False`` skips that check and the all-rows-inactive shortcut, both of which read
+        the device: for a caller that has just mapped its codes into range (the frame step, whose
+        host must not wait for the step before it queues Mimi).
         """
         self._require_open()
         if codes.dim() != 2 or codes.shape != (self.batch_size, self.num_codebooks):
@@ -385,8 +390,9 @@ class MimiStreamDecoder:
         codes = codes.to(self.device)
         if active is not None:
             codes = torch.where(mask[:, None], codes, torch.zeros_like(codes))
-        _check_codes(codes)
-        if active is not None and not bool(mask.any()):
+        if validate:
+            _check_codes(codes)
+        if validate and active is not None and not bool(mask.any()):
             # Nothing to run: skipping leaves every row's state untouched, same as an all-False mask.
             return torch.zeros(self.batch_size, FRAME_SAMPLES, dtype=torch.float32, device=self.device)
         with torch.inference_mode():

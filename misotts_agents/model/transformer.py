@@ -8,12 +8,12 @@ What makes it fast, and why each piece is shaped the way it is:
 
 - **Fused projections.** q/k/v and w1/w3 are each one matrix product. The official tensors stay
   under their own names as row views of the fused matrix (one copy in memory, strict loading and
-  ``state_dict()`` unchanged); :meth:`MisoModel.fuse_weights` rebuilds the fused matrices after
-  tensors are *replaced* (``load_state_dict(assign=True)``); in-place loads update them directly.
+  ``state_dict()`` unchanged); :meth:`MisoModel.fuse_weights` rebuilds what a load or conversion
+  separated (in-place loads write through the views).
 - **RMSNorm on its fused path**: fp32 input with an fp32 copy of the scale (a bf16 scale makes
   ``F.rms_norm`` fall back to six separate ops).
 - **RoPE once per forward**: the rotations for the batch's positions are gathered once and shared
-  by every layer; q and k are rotated together, as one complex product.
+  by every layer; q and k are rotated together (one complex product when eager).
 - **Attention proportional to what is used.** The KV caches are preallocated for ``max_batch``
   rows. A :class:`CacheWindow` says "batch row i *is* cache row i" and reads only positions
   ``[0, length)`` of the first ``attend`` rows: slices of the cache, no copies. Grouped KV heads are
@@ -94,11 +94,16 @@ class CacheWindow:
     masked: bool = True
 
 
+def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    module.fuse_weights()  # a load may have replaced (assign=True) or rewritten the official tensors
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
         self.fuse_weights()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
         # fp32 scale for F.rms_norm's fused path; for fp32 weights this is the parameter itself.
@@ -126,16 +131,29 @@ def llama3_rope_cache(head_dim: int, max_seq_len: int, device: torch.device) -> 
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (b, s, heads, head_dim) by ``rotation`` (b, s, 1, head_dim/2),
-    complex cos + i sin, in fp32: one complex product, (x0 cos - x1 sin, x1 cos + x0 sin) exactly."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    """Rotate interleaved pairs of x (b, s, heads, head_dim) by ``rotation`` (b, s, 1, head_dim/2, 2)
+    = (cos, sin), in fp32: (x0 cos - x1 sin, x1 cos + x0 sin), the reference's arithmetic.
+
+    Eagerly it is one complex product (one kernel instead of seven; the same roundings). Inductor
+    generates no code for complex operators, so under ``torch.compile`` the real form is traced
+    and fused instead.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        x0, x1, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
+        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
+    return out.flatten(-2).type_as(x)
 
 
-def fuse_linears(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: torch.Tensor | None) -> torch.Tensor:
     """One matrix of the bias-free Linear children ``names`` stacked by rows; each child's weight
-    becomes a view of its rows, so the module keeps one copy under the official names."""
+    becomes a view of its rows, so the module keeps one copy under the official names. ``fused``
+    is returned as it is while every weight is still a view of it (an in-place load kept them)."""
     parts = [getattr(owner, name).weight for name in names]
+    if fused is not None and all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts):
+        return fused
     fused = torch.cat([p.detach() for p in parts])
     for name, view in zip(names, fused.split([p.size(0) for p in parts]), strict=True):
         getattr(owner, name).weight = nn.Parameter(view, requires_grad=False)
@@ -145,7 +163,7 @@ def fuse_linears(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
 class _Pass(NamedTuple):
     """What every layer of one forward shares: rotation, cache addressing, window and mask."""
 
-    rotation: torch.Tensor  # (b, s, 1, head_dim/2) complex64: RoPE at each position
+    rotation: torch.Tensor  # (b, s, 1, head_dim/2, 2) fp32 (cos, sin): RoPE at each position
     input_pos: torch.Tensor  # (b, s)
     write_rows: torch.Tensor  # (b, 1) cache row of each batch row
     gather_rows: torch.Tensor | None  # (b,) rows to gather for reading, or None: rows [0, attend) in place
@@ -168,10 +186,12 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.register_buffer("wqkv", None, persistent=False)
         self.fuse_weights()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        self.register_buffer("wqkv", fuse_linears(self, ("q_proj", "k_proj", "v_proj")), persistent=False)
+        self.wqkv = fuse_linears(self, ("q_proj", "k_proj", "v_proj"), self.wqkv)
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (max_batch, self.num_kv_heads, max_len, self.head_dim)
@@ -209,10 +229,12 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
         self.w2 = nn.Linear(flavor.intermediate_dim, flavor.embed_dim, bias=False)
         self.w3 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
+        self.register_buffer("w13", None, persistent=False)
         self.fuse_weights()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        self.register_buffer("w13", fuse_linears(self, ("w1", "w3")), persistent=False)
+        self.w13 = fuse_linears(self, ("w1", "w3"), self.w13)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
@@ -317,7 +339,7 @@ class Transformer(nn.Module):
             # query rows are (position, head in group): repeat each position's mask per head
             bias = bias.unsqueeze(2).expand(attend, s, group, window.length).reshape(attend, 1, s * group, -1)
         p = _Pass(
-            rotation=torch.view_as_complex(self.rope[input_pos].float()).unsqueeze(2),
+            rotation=self.rope[input_pos].float().unsqueeze(2),
             input_pos=input_pos,
             write_rows=write_rows,
             gather_rows=gather_rows,
@@ -362,8 +384,9 @@ class MisoModel(nn.Module):
 
     def fuse_weights(self) -> None:
         """Rebuild the fused q/k/v and w1/w3 matrices and the fp32 norm scales from the official
-        tensors. Needed once after they are replaced (``load_state_dict(..., assign=True)``: see
-        weights.py); device and dtype conversions call it themselves."""
+        tensors where they no longer share them. ``load_state_dict`` (in place or ``assign=True``)
+        and device or dtype conversions do it themselves; call it after replacing tensors any
+        other way. Costs nothing when all is fused."""
         self.backbone.fuse_weights()
         self.decoder.fuse_weights()
 

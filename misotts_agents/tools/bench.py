@@ -21,18 +21,26 @@ One warm-up run (batched, at the highest level) comes first. Watermarking is off
 checkpoint a random-weight SilentCipher with the real one's compute). The table goes to stdout and a
 two-panel plot (aggregate frames/s and TTFA vs concurrency) to ``--plot``.
 
-On CUDA it also prints the memory-bandwidth floor of one frame step (bandwidth.py): the weights a
-step must read divided by the GPU's peak bandwidth, next to the measured time per step.
+It also prints the memory-bandwidth floor of one frame step (bandwidth.py): the weights and KV a
+step must read divided by the GPU's peak bandwidth (``--bandwidth-gbs`` elsewhere), next to the
+measured time per step; on CUDA the kernels one frame step launches (profiled). Everything also
+goes to ``--json`` (default: the plot's path with ``.json``).
+
+``--random-weights llama-8B`` needs no checkpoint: the 8B layout's weights are drawn on the device
+in seconds (testing/random_weights.py), with a full-size random Mimi and no watermark, for
+measuring a GPU the moment it is available; ``tiny`` or a JSON config does the same on a CPU.
 
     uv run misotts-agents bench                      # tiny random checkpoint, CPU
     uv run misotts-agents bench --levels 1,4,16 --frames 50 --watermark
     uv run misotts-agents bench --model MisoLabs/MisoTTS --levels 1,2,4,8,16,32     # on your GPU
+    misotts-agents bench --random-weights llama-8B --levels 1,8,32,64,128 --modes batched --batch-buckets
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import statistics
@@ -46,9 +54,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.facade import MisoEngine, default_device
 from misotts_agents.engine.request import SynthesisRequest
-from misotts_agents.model.bandwidth import bytes_per_frame, dtype_bytes, floor_ms, gpu_bandwidth_gbs
+from misotts_agents.model.bandwidth import (
+    dtype_bytes,
+    floor_ms,
+    gpu_bandwidth_gbs,
+    kv_bytes_per_frame,
+    weight_bytes_per_frame,
+)
+from misotts_agents.testing.random_weights import random_engine
 from misotts_agents.testing.tiny import make_tiny
 
 TEXT = "Thanks for calling. Let me look that up for you right away."
@@ -68,6 +83,7 @@ class StreamResult:
     first_audio_s: float  # from the moment all N requests were submitted
     rtf: float | None  # the stream's own stats.real_time_factor
     stop_reason: str
+    prompt_frames: int
 
 
 @dataclass
@@ -113,7 +129,8 @@ async def consume(stream, submitted: float, bar: tqdm | None = None) -> StreamRe
         if bar is not None:
             bar.update(chunk.frames)
     stats = stream.stats
-    return StreamResult(frames, first if first is not None else float("nan"), stats.real_time_factor, stats.stop_reason)
+    first_s = first if first is not None else float("nan")
+    return StreamResult(frames, first_s, stats.real_time_factor, stats.stop_reason, stats.prompt_frames or 0)
 
 
 async def run_batched(
@@ -180,21 +197,91 @@ def print_table(results: list[RunResult]) -> None:
         )
 
 
-def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: float | None) -> None:
-    """The bandwidth floor of one frame step next to the measured seconds per step."""
+def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: float | None) -> dict:
+    """The bandwidth floor of each batched run's steps (weights + its rows' KV at their mean
+    context) next to the measured ms per step (wall time / engine steps); returned for the JSON."""
     known, name = gpu_bandwidth_gbs(engine.device)
     gbs = bandwidth_gbs or known
-    per_frame = bytes_per_frame(engine.model.config, dtype_bytes(engine.model.dtype))
-    print(f"weights read per frame step: {per_frame / 1e9:.3f} GB ({engine.model.dtype}); device: {name}")
+    config, nbytes = engine.model.config, dtype_bytes(engine.model.dtype)
+    weights = weight_bytes_per_frame(config, nbytes)
+    print(f"weights read per frame step: {weights / 1e9:.3f} GB ({engine.model.dtype}); device: {name}")
+    out: dict = {"device": name, "bandwidth_gbs": gbs, "weight_bytes": weights, "levels": {}}
     if gbs is None:
         print("bandwidth floor: unknown memory bandwidth for this device (pass --bandwidth-gbs)")
-        return
-    floor = floor_ms(engine.model.config, dtype_bytes(engine.model.dtype), gbs)
-    print(f"bandwidth floor at {gbs:.0f} GB/s: {floor:.2f} ms per step = RTF {floor / 80:.3f} per stream")
+    else:
+        floor = floor_ms(config, nbytes, gbs)
+        print(
+            f"bandwidth floor at {gbs:.0f} GB/s, weights only: {floor:.2f} ms per step "
+            f"= RTF {floor / 80:.3f} per stream"
+        )
     for r in results:
-        if r.mode == "batched":
-            step_ms = r.wall_s / r.engine_steps * 1000 if r.engine_steps else float("nan")
-            print(f"  N={r.level:<3} measured {step_ms:7.2f} ms per step ({step_ms / floor:5.1f}x the floor)")
+        if r.mode != "batched":
+            continue
+        step_ms = r.wall_s / r.engine_steps * 1000 if r.engine_steps else float("nan")
+        context = round(statistics.mean(s.prompt_frames + s.frames / 2 for s in r.streams))
+        kv = kv_bytes_per_frame(config, nbytes, r.level, context)
+        level = {"ms_per_step": step_ms, "context": context, "kv_bytes": kv}
+        if gbs is not None:
+            floor = floor_ms(config, nbytes, gbs, r.level, context)
+            level.update(floor_ms=floor, x_floor=step_ms / floor)
+            print(
+                f"  N={r.level:<3} measured {step_ms:7.2f} ms per step; floor {floor:6.2f} ms "
+                f"(weights + KV of {r.level} rows at ~{context} positions): {step_ms / floor:5.2f}x"
+            )
+        out["levels"][r.level] = level
+    return out
+
+
+def count_kernels(engine: MisoEngine) -> dict | None:
+    """CUDA kernels (and copies) one frame step launches, profiled: the captured graph's replay and
+    the same step run without its graph. None off CUDA."""
+    if engine.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    stepper = engine._scheduler.stepper
+    shape = stepper.shape_for([0], [64], 50)
+
+    def kernels(fn) -> int:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    with torch.inference_mode():
+        out = {"shape": str(shape), "eager": kernels(lambda: stepper._run(shape))}
+        captured = stepper.graphs.get(shape)
+        if captured is not None:
+            out["graph_replay"] = kernels(captured.graph.replay)
+    print(f"kernels per frame step ({shape}): {out}")
+    return out
+
+
+def build_engine(args: argparse.Namespace, max_batch: int, tmp: Path) -> MisoEngine:
+    options = {
+        "max_batch": max_batch,
+        "batch_buckets": args.batch_buckets,
+        "compile": False if args.no_compile else None,
+    }
+    if args.random_weights:
+        device = torch.device(args.device) if args.device else default_device()
+        dtype = (
+            getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        )
+        if args.watermark:
+            raise SystemExit("--watermark needs a model directory (random weights come without SilentCipher)")
+        return random_engine(args.random_weights, device=device, dtype=dtype, tokenizer=args.tokenizer, **options)
+    model = args.model or make_tiny(tmp / "tiny")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return MisoEngine.load(
+        model,
+        device=args.device,
+        dtype=dtype,
+        watermark=args.watermark,
+        progress=True,  # the weights' loading bar (stderr)
+        **options,
+    )
 
 
 def plot(results: list[RunResult], path: Path, title: str) -> None:
@@ -269,28 +356,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bandwidth-gbs", type=float, default=None, help="GPU memory bandwidth for the floor (default: known GPUs)"
     )
+    parser.add_argument(
+        "--random-weights",
+        metavar="LAYOUT",
+        help="no checkpoint: random weights made on the device for llama-8B (MisoTTS 8B), llama-1B (CSM-1B), "
+        "tiny, a config.json path or a JSON config",
+    )
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for --random-weights (default: the bundled one)")
+    parser.add_argument("--modes", default="batched,sequential", help="batched, sequential or both (default both)")
+    parser.add_argument("--no-compile", action="store_true", help="do not torch.compile the step (default: on CUDA)")
+    parser.add_argument("--json", type=Path, default=None, help="figures as JSON (default: --plot with .json)")
     args = parser.parse_args(argv)
     levels = sorted({int(n) for n in args.levels.split(",")})
     if not levels or levels[0] < 1 or args.frames < 1:
         parser.error("levels and frames must be positive integers")
+    modes = [m for m in ("batched", "sequential") if m in args.modes.split(",")]
+    if not modes:
+        parser.error("--modes takes batched, sequential or both")
+    if args.model and args.random_weights:
+        parser.error("--model and --random-weights exclude each other")
 
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory()
-    model = args.model or make_tiny(Path(tmp.name) / "tiny")
     max_batch = args.max_batch or levels[-1]
-    engine = MisoEngine.load(
-        model,
-        device=args.device,
-        watermark=args.watermark,
-        max_batch=max_batch,
-        batch_buckets=args.batch_buckets,
-        progress=True,  # the weights' loading bar (stderr)
-    )
+    engine = build_engine(args, max_batch, Path(tmp.name))
+    load_s = time.perf_counter() - started
+    model_name = args.model or (f"random {args.random_weights}" if args.random_weights else "tiny random checkpoint")
     try:
         device, dtype = str(engine.device), str(engine.model.dtype).removeprefix("torch.")
         print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+        print(f"engine ready in {load_s:.1f} s (weights, Mimi, compile and CUDA graph capture where on)")
         print(
-            f"model={args.model or 'tiny random checkpoint'} device={device} dtype={dtype} "
+            f"model={model_name} device={device} dtype={dtype} "
             f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark} "
             f"batch_buckets={args.batch_buckets}"
         )
@@ -298,13 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
 
         # A progress bar of frames generated, on stderr when it is a terminal (the table stays on stdout).
-        total = args.frames * (levels[-1] + 2 * sum(levels))
+        total = args.frames * (levels[-1] + len(modes) * sum(levels))
         with tqdm(total=total, unit="frame", file=sys.stderr, disable=None, leave=False) as bar:
             print("warm-up (one-off allocations, CUDA graph capture)...", flush=True)
             run(engine, "batched", levels[-1], args.frames, args.seed, bar)
             results = []
             for level in levels:
-                for mode in ("batched", "sequential"):
+                for mode in modes:
                     result = run(engine, mode, level, args.frames, args.seed, bar)
                     results.append(result)
                     bar.write(f"  N={level:<3} {mode:<10} {result.wall_s:6.2f} s wall", file=sys.stdout)
@@ -312,11 +410,48 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results)
         print()
         print(NOTES)
-        print_floor(engine, results, args.bandwidth_gbs)
+        floor = print_floor(engine, results, args.bandwidth_gbs)
+        kernels = count_kernels(engine)
         metrics = engine.metrics()
         print(f"engine metrics at the end: {metrics}")
-        plot(results, args.plot, f"misotts-agents concurrency: {device} {dtype}, {args.frames} frames/stream")
+        plot(
+            results,
+            args.plot,
+            f"misotts-agents concurrency: {model_name}, {device} {dtype}, {args.frames} frames/stream",
+        )
         print(f"plot: {args.plot}")
+        record = {
+            "command": [sys.executable, *sys.argv],
+            "model": model_name,
+            "device": device,
+            "device_name": floor["device"],
+            "dtype": dtype,
+            "torch": torch.__version__,
+            "max_batch": max_batch,
+            "batch_buckets": args.batch_buckets,
+            "frames_per_stream": args.frames,
+            "engine_ready_s": load_s,
+            "results": [
+                {
+                    "level": r.level,
+                    "mode": r.mode,
+                    "wall_s": r.wall_s,
+                    "frames_per_s": r.frames_per_s,
+                    "rtf_p50": r.rtf_p50,
+                    "ttfa_p50_s": r.ttfa(50),
+                    "ttfa_p95_s": r.ttfa(95),
+                    "frames_per_step": r.frames_per_step,
+                    "engine_steps": r.engine_steps,
+                }
+                for r in results
+            ],
+            "floor": floor,
+            "kernels_per_frame": kernels,
+        }
+        json_path = args.json or args.plot.with_suffix(".json")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"json: {json_path}")
         print(f"load average at end (1/5/15 min): {format_load()}  (other work on the machine skews all figures)")
         print(f"total benchmark time: {time.perf_counter() - started:.0f} s")
     finally:
