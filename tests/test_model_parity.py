@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from misotts_agents.model.config import ModelConfig
-from misotts_agents.model.sampling import SamplingState, exponential_noise, sample_topk
+from misotts_agents.model.sampling import SamplingState, exponential_noise, open_unit_interval, sample_topk
 from misotts_agents.model.transformer import CacheWindow, MisoModel, length_buckets, llama3_rope_cache
 
 pytest.importorskip("torchtune", reason="the torchtune oracle needs the dev dependencies")
@@ -463,6 +463,13 @@ def test_frequencies_match_softmax(logits, topk, temperature):
     assert ((freq - expected.double()).abs() <= 5 * sd + 1e-12).all(), (freq, expected)
     chi2 = (((freq - expected.double()) ** 2 / expected.double().clamp_min(1e-12))[kept]).sum().item() * n
     assert chi2 < 30.0  # df <= 4: P(chi2 > 30) < 1e-5
+
+
+def test_noise_is_never_zero():
+    """Zero noise made 0/0 = NaN, which argmax picks: a token outside the top-k."""
+    extremes = open_unit_interval(torch.tensor([0, 1, 2**31, 2**32 - 1], dtype=torch.int64))
+    assert (extremes > 0).all() and (extremes < 1).all()
+    assert (-torch.log(extremes) > 0).all()
 
 
 def test_exponential_noise_is_well_formed():

@@ -37,10 +37,17 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
     key = key.view(-1, *([1] * (counter.dim() - 1)))
     key = _mix32(key ^ (counter & _MASK32))
     h = _mix32(key.unsqueeze(-1) ^ ((token * 0x9E3779B9) & _MASK32))
-    # 23 bits: the largest value, 1 - 2**-24, is still below 1.0 in float32 (24 bits would round up
-    # to 1.0, giving zero noise: 0/0 = NaN would win the race for a filtered-out token).
-    uniform = ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # in (0, 1)
-    return -torch.log(uniform)
+    return -torch.log(open_unit_interval(h))
+
+
+def open_unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1).
+
+    23 bits, so the largest value, 1 - 2**-24, is still below 1.0 in float32. (With 24 bits it
+    rounded up to 1.0 once in 2**24 draws: zero noise, and 0/0 = NaN won the race for a token the
+    top-k filter had removed -- about once every 250 frames of a stream at top-k 50.)
+    """
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
