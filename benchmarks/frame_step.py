@@ -44,9 +44,9 @@ from misotts_agents.model.sampling import SamplingState
 from misotts_agents.model.transformer import MisoModel
 
 K = 32
-ATTENTION_HEAVY = ModelConfig(
-    backbone_flavor={"num_layers": 4, "num_heads": 16, "num_kv_heads": 8, "embed_dim": 1024, "intermediate_dim": 1024},
-    decoder_flavor={"num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 256, "intermediate_dim": 512},
+ATTENTION_HEAVY = ModelConfig(  # 16 layers x 8 KV heads x 64: 16 KB of KV per position (weights: 200 MB)
+    backbone_flavor={"num_layers": 16, "num_heads": 16, "num_kv_heads": 8, "embed_dim": 1024, "intermediate_dim": 1024},
+    decoder_flavor={"num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 128, "intermediate_dim": 256},
 )
 NO_KERNEL = {"_unsafe_view", "empty", "empty_strided", "empty_like", "lift_fresh", "sym_size", "sym_stride"}
 
