@@ -3,6 +3,7 @@ failure isolation, queue limits and shutdown."""
 
 import asyncio
 import gc
+import logging
 import random
 import threading
 import time
@@ -284,6 +285,39 @@ def test_stream_racing_close_is_refused_or_ended(small_engine):
         t.join(30)
     assert not any(t.is_alive() for t in threads)
     assert len(outcomes) == 4 and set(outcomes) <= {EngineClosed, EngineBusy}
+
+
+def test_outcomes_are_counted_under_the_stats_lock(small_engine):
+    """The scheduler thread counts an ended request under the lock that stats() and the preparation
+    threads take (a count outside it could be lost): while the lock is held, a cancelled request
+    waits to be counted (and its slot with it); once it is free, both happen."""
+    paced = small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500, max_ahead_s=0.0))
+    next(paced)  # the scheduler now mostly waits for playback to catch up
+    scheduler = small_engine._scheduler
+    before = small_engine.metrics().cancelled
+    with scheduler._lock:
+        paced.cancel()
+        time.sleep(0.3)
+        assert scheduler.cancelled == before and small_engine.free_slots == 0
+    assert wait_until(lambda: small_engine.metrics().cancelled == before + 1, timeout=5)
+    assert wait_until(lambda: small_engine.free_slots == 1, timeout=5)
+
+
+def test_a_failed_prefill_is_logged_with_its_traceback(small_engine, caplog, monkeypatch):
+    model = small_engine.model
+    real = model.backbone_last_hidden
+
+    def failing(tokens, *args, **kwargs):
+        if tokens.shape[1] > 1:  # a prefill pass (a frame step feeds one position per row)
+            raise RuntimeError("prefill exploded")
+        return real(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "backbone_last_hidden", failing)
+    with caplog.at_level(logging.WARNING, logger="misotts_agents.engine.scheduler"):
+        with pytest.raises(RuntimeError, match="prefill exploded"):
+            list(small_engine.stream(SynthesisRequest("Hello there.", max_audio_ms=160)))
+    (record,) = [r for r in caplog.records if "prefill" in r.getMessage()]
+    assert record.exc_info is not None and str(record.exc_info[1]) == "prefill exploded"
 
 
 def test_close_ends_running_and_waiting_requests(small_engine):

@@ -136,9 +136,14 @@ class Scheduler:
 
     def reject(self, job: Job, error: BaseException) -> None:
         """End a request that failed before it reached the scheduler (bad input found in preparation)."""
-        with self._lock:
-            self.failed += 1
+        self._count("failed")
         job.stream.fail(error)
+
+    def _count(self, outcome: str) -> None:
+        """One more ``completed`` / ``cancelled`` / ``failed`` request, under the lock: the
+        preparation threads count too (``reject``), and ``stats`` reads them from any thread."""
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
     def stop(self) -> None:
         self._stopping = True
@@ -149,6 +154,8 @@ class Scheduler:
         with self._lock:
             times = list(self._step_times)
             queued = len(self.ready) + queued_elsewhere
+            steps, frames = self.steps, self.total_frames
+            completed, cancelled, failed = self.completed, self.cancelled, self.failed
         span = times[-1][0] - times[0][0] if len(times) > 1 else 0.0
         steps_per_s = (len(times) - 1) / span if span > 0 else 0.0
         frames_per_s = sum(n for _, n in times[1:]) / span if span > 0 else 0.0
@@ -156,15 +163,15 @@ class Scheduler:
             active=len(self.jobs),
             queued=queued,
             max_batch=self.max_batch,
-            steps=self.steps,
-            frames=self.total_frames,
+            steps=steps,
+            frames=frames,
             steps_per_s=steps_per_s,
             frames_per_s=frames_per_s,
             voices_cached=len(self.voices),
             voice_cache_hits=self.voices.hits,
-            completed=self.completed,
-            cancelled=self.cancelled,
-            failed=self.failed,
+            completed=completed,
+            cancelled=cancelled,
+            failed=failed,
         )
 
     # -- the loop -----------------------------------------------------------------------------
@@ -210,7 +217,7 @@ class Scheduler:
             dropped = [j for j in self.ready if j.stream.cancelled.is_set()]
             self.ready = keep
         for job in dropped:
-            self.cancelled += 1
+            self._count("cancelled")
             job.stream.end("cancelled")
 
     def _admit(self) -> None:
@@ -223,7 +230,7 @@ class Scheduler:
                     return
                 job = self.ready.popleft()
             if job.stream.cancelled.is_set():  # cancelled since the last sweep (maybe unprepared)
-                self.cancelled += 1
+                self._count("cancelled")
                 job.stream.end("cancelled")
                 continue
             budget -= 1
@@ -233,7 +240,7 @@ class Scheduler:
             try:
                 self._prefill(job)
             except Exception as exc:
-                log.warning("prefill failed: %s", exc)
+                log.exception("prefill failed; ending its request alone")
                 self._finish(job, error=exc)
 
     def _prefill(self, job: Job) -> None:
@@ -387,13 +394,13 @@ class Scheduler:
         if error is None and reason != "cancelled":
             self._flush(job, final=True)
         if error is not None:
-            self.failed += 1
+            self._count("failed")
             job.stream.fail(error)
         elif reason == "cancelled":
-            self.cancelled += 1
+            self._count("cancelled")
             job.stream.end(reason)
         else:
-            self.completed += 1
+            self._count("completed")
             job.stream.end(reason)
         job.pieces = []
         slot = job.slot
