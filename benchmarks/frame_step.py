@@ -149,7 +149,7 @@ def part_ops() -> dict:
 
 def read_bandwidth_gbs(gigabytes: float = 1.0) -> float:
     """The best streaming-read rate of this machine at the current thread count (GB/s)."""
-    n = int(gigabytes * 1e9 / 4)
+    n = int(gigabytes * 1e9 / 4) // 4096 * 4096
     buf = torch.randn(n)
     best = 0.0
     for _ in range(3):
