@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from misotts_agents.connect import TOKEN_ENV  # one token (tenant "default"): what the integrations' client sends
 from misotts_agents.server.protocol import Limits, ProtocolError
 
-TOKEN_ENV = "MISOTTS_TOKEN"  # one token (tenant "default"); the integrations' client reads the same variable
 TOKENS_ENV = "MISOTTS_TOKENS"  # several: "name:token,name:token"
 DEFAULT_TENANT = "default"
 MIN_TOKEN_CHARS = 16  # beyond loopback: a token someone could guess is no token

@@ -12,6 +12,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.tools.demo.options import DemoOptions
 from misotts_agents.tools.demo.pipeline import build_conversation, load_engine, run_pipeline
 from misotts_agents.tools.demo.services import describe, parts, prepare
@@ -67,7 +68,7 @@ def create_app(options: DemoOptions, engine: Any) -> Any:
             "model": options.model,
             "tone_conditioning": options.tone_conditioning,
             "watermark": options.watermark,
-            "sample_rate": 24000,
+            "sample_rate": SAMPLE_RATE,
         }
 
     @app.post("/api/voice")

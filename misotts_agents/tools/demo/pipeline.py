@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.tools.demo.options import DemoOptions
 from misotts_agents.tools.demo.services import describe, make_llm, make_stt, resolve_llm, resolve_stt
 
@@ -121,7 +122,7 @@ async def run_pipeline(
     options: DemoOptions,
     *,
     audio_in_sample_rate: int = 16000,
-    audio_out_sample_rate: int = 24000,
+    audio_out_sample_rate: int = SAMPLE_RATE,
     handle_sigint: bool = False,
 ) -> None:
     """Run one conversation until the client goes away: greet on connect, cancel on disconnect."""
