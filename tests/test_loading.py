@@ -2,12 +2,15 @@
 
 import json
 import math
+import struct
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from misotts_agents.errors import CheckpointError, ModelSourceError
+from misotts_agents.model import tensorfile
 from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
 from misotts_agents.model.sources import fetch_file
 from misotts_agents.model.weights import expected_shapes, load_model
@@ -151,3 +154,62 @@ def test_config_not_json(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.load(path)
+
+
+# ------------------------------------------------------------------- lean loading (tensorfile.py)
+
+
+def _state_dict_equal(model, state, dtype):
+    ours = model.state_dict()
+    for key, tensor in state.items():
+        assert ours[key].dtype == dtype
+        assert torch.equal(ours[key], tensor.to(dtype)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensors_read_in_small_pieces_convert_exactly(tiny_dir, state, monkeypatch, dtype):
+    """Pieces of 1000 bytes cut tensors mid-row: every value still lands where it belongs."""
+    monkeypatch.setattr(tensorfile, "PIECE_BYTES", 1000)
+    model = load_model(tiny_dir / "model.safetensors", TINY_CONFIG, dtype=dtype, progress=False)
+    _state_dict_equal(model, state, dtype)
+
+
+def test_a_half_precision_checkpoint_loads_as_fp32(tmp_path, state):
+    half = {k: v.half() for k, v in state.items()}
+    model = load_model(_write(tmp_path, half), TINY_CONFIG, progress=False)
+    _state_dict_equal(model, half, torch.float32)
+
+
+def test_a_non_float_tensor_is_named(tmp_path, state):
+    state["projection.weight"] = torch.zeros(48, 64, dtype=torch.int32)
+    with pytest.raises(CheckpointError, match=r"projection\.weight has dtype torch\.int32"):
+        load_model(_write(tmp_path, state), TINY_CONFIG, progress=False)
+
+
+def test_a_header_whose_offsets_lie_is_refused(tmp_path, tiny_dir):
+    data = bytearray((tiny_dir / "model.safetensors").read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    begin, end = header["audio_head"]["data_offsets"]
+    header["audio_head"]["data_offsets"] = [begin, end - 4]  # one float short of its shape
+    text = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data[8 + length :]))
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors file: audio_head: offsets"):
+        load_model(path, TINY_CONFIG, progress=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_the_checkpoint_is_never_mapped_while_loading(tiny_dir, monkeypatch):
+    """Pages of a mapped file count in the resident size until the map closes: the loader reads."""
+    path = tiny_dir / "model.safetensors"
+    seen = []
+    real = tensorfile.TensorFile.read_into
+
+    def spy(self, name, out):
+        real(self, name, out)
+        seen.append(str(path.resolve()) in Path("/proc/self/maps").read_text())
+
+    monkeypatch.setattr(tensorfile.TensorFile, "read_into", spy)
+    load_model(path, TINY_CONFIG, progress=False)
+    assert seen and not any(seen)

@@ -127,13 +127,13 @@ def test_cached_voice_builds_the_prompt_of_the_voice_as_plain_context(engine, mo
     test_model_parity.test_prefix_reuse_matches_one_prefill checks; greedy codes over a random tiny
     model are too close to ties to compare across the split on every CPU."""
     prompts = []
-    real = engine._scheduler._prefill
+    real = engine._scheduler._start_speaking
 
     def spy(job):
         prompts.append(job.prompt)
         return real(job)
 
-    monkeypatch.setattr(engine._scheduler, "_prefill", spy)
+    monkeypatch.setattr(engine._scheduler, "_start_speaking", spy)
     voice = VoicePrompt(0, "My voice.", tone(1.0, freq=200))
     engine.synthesize(SynthesisRequest("Okay.", voice=voice, topk=1, max_audio_ms=160))
     engine.synthesize(

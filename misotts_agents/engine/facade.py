@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
 from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
@@ -59,6 +60,9 @@ class MisoEngine:
     compiles its layers with ``torch.compile`` first.
     Every step runs ``max_batch`` rows (padded), so a request's audio does not depend on what
     shares its batch; ``batch_buckets=True`` trades that for smaller steps at low load (step.py).
+    ``prefill_chunk`` bounds how much of joiners' prompts is prefilled between two frame steps while
+    others speak (prefill.py): "auto" (sized from measured step and prefill times so an iteration
+    stays within max(two steps, 64 ms)), a number of positions per pass, or 0 for whole prompts.
     """
 
     def __init__(
@@ -73,7 +77,9 @@ class MisoEngine:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         batch_buckets: bool = False,
+        prefill_chunk: PrefillChunk = "auto",
     ) -> None:
+        prefill_chunk = parse_prefill_chunk(prefill_chunk)
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
@@ -101,6 +107,7 @@ class MisoEngine:
             cuda_graphs=cuda_graphs,
             compile=compile,
             batch_buckets=batch_buckets,
+            prefill_chunk=prefill_chunk,
         )
 
     @classmethod
@@ -119,6 +126,7 @@ class MisoEngine:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         batch_buckets: bool = False,
+        prefill_chunk: PrefillChunk = "auto",
         progress: bool = True,
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
@@ -129,6 +137,7 @@ class MisoEngine:
         directory's ``silentcipher/`` when present, else from the Hub), a directory or repo id, or
         False to disable it explicitly.
         """
+        prefill_chunk = parse_prefill_chunk(prefill_chunk)  # a bad setting fails before the weights load
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         config = _load_config(model)
@@ -160,6 +169,7 @@ class MisoEngine:
             cuda_graphs=cuda_graphs,
             compile=compile,
             batch_buckets=batch_buckets,
+            prefill_chunk=prefill_chunk,
         )
 
     # -- requests ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 
 from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.params import sampling_kwargs
+from misotts_agents.engine.prefill import Candidate, PrefillBudget, PrefillChunk, pass_inputs, plan_pass
 from misotts_agents.engine.prompt import Prompt
 from misotts_agents.engine.request import AudioChunk
 from misotts_agents.engine.step import FrameStepper
@@ -61,6 +62,21 @@ class Job:
     sizes: Iterator[int] | None = None
     want: int = 1
     first_audio_at: float | None = None
+    admitted: int = 0  # admission order (ties in prefill priority)
+    filled: int | None = None  # prompt positions in the slot's cache row; None: prefill not started
+    computes_voice: bool = False  # this request computes its voice prefix for the voice cache
+    prefilled: bool = False  # the whole prompt is in: the row takes part in frame steps
+
+    @property
+    def prefill_end(self) -> int:
+        """Prefill fills every prompt frame but the last; the last is the input of the first frame
+        step, so prefill never computes a hidden state nobody needs."""
+        return self.prompt.length - 1
+
+    @property
+    def prefill_stop(self) -> int:
+        """Where the next chunk must stop: the voice prefix's end while it is computed for the cache."""
+        return self.prompt.prefix_len if self.computes_voice else self.prefill_end
 
 
 @dataclass(frozen=True)
@@ -91,8 +107,13 @@ class Scheduler:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         batch_buckets: bool = False,
+        prefill_chunk: PrefillChunk = "auto",
     ):
-        """``model`` must have KV caches for ``max_batch`` rows: slot i is cache row i (step.py)."""
+        """``model`` must have KV caches for ``max_batch`` rows: slot i is cache row i (step.py).
+
+        ``prefill_chunk`` bounds each prefill pass while others speak (prefill.py): "auto", a number
+        of positions, or 0 / None for whole prompts.
+        """
         self.model = model
         self.decoder = decoder
         self.voices = voices
@@ -101,9 +122,7 @@ class Scheduler:
         k = model.num_codebooks
         self.k = k
         dev = self.device
-        self.stepper = FrameStepper(
-            model, max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets
-        )
+        self.stepper = FrameStepper(model, max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets)
         # Per slot: the next backbone input frame, its position (host ints: no sync), sampling settings.
         self.next_tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)
         self.next_mask = torch.zeros(max_batch, 1, k + 1, dtype=torch.bool, device=dev)
@@ -114,6 +133,8 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.free = list(range(max_batch))
         self.ready: deque[Job] = deque()
+        self.prefill_budget = PrefillBudget(prefill_chunk)
+        self._admissions = 0
         self.wake = threading.Event()
         self._lock = threading.Lock()  # guards `ready` and the counters read by stats()
         self._stopping = False
@@ -186,10 +207,13 @@ class Scheduler:
                 self.wake.clear()
                 self._drop_cancelled()
                 self._admit()
+                self._prefill()
                 runnable, wait = self._runnable()
                 if not runnable:
-                    self.wake.wait(timeout=wait)
+                    if not any(not job.prefilled for job in self.jobs.values()):
+                        self.wake.wait(timeout=wait)
                     continue
+                began = time.perf_counter()
                 try:
                     self._step(runnable)
                 except Exception as exc:  # a failure outside what _step isolates: never the engine
@@ -198,6 +222,7 @@ class Scheduler:
                         job = self.jobs.get(slot)  # rows the step already ended are gone
                         if job is not None:
                             self._finish(job, error=exc)
+                self.prefill_budget.observe_step(time.perf_counter() - began)
             self._shutdown()
 
     def _shutdown(self) -> None:
@@ -221,10 +246,8 @@ class Scheduler:
             job.stream.end("cancelled")
 
     def _admit(self) -> None:
-        # While others are running, admit one request per step so the batch is never stalled by
-        # more than one prefill; when idle, fill every free slot at once.
-        budget = 1 if self.jobs else self.max_batch
-        while budget and self.free:
+        """Give every prepared request a free slot (its cache row); prefill happens in passes."""
+        while self.free:
             with self._lock:
                 if not self.ready:
                     return
@@ -233,52 +256,135 @@ class Scheduler:
                 self._count("cancelled")
                 job.stream.end("cancelled")
                 continue
-            budget -= 1
-            slot = self.free.pop(0)
-            job.slot = slot
-            self.jobs[slot] = job
-            try:
-                self._prefill(job)
-            except Exception as exc:
+            job.slot = self.free.pop(0)
+            job.admitted = self._admissions
+            self._admissions += 1
+            job.stream.stats.queued_s = time.perf_counter() - job.stream.submitted_at
+            self.jobs[job.slot] = job
+
+    def _prefill(self) -> None:
+        """One bounded prefill pass over the rows still prefilling (see prefill.py for the policy)."""
+        joining = sorted((j for j in self.jobs.values() if not j.prefilled), key=lambda j: j.admitted)
+        if not joining:
+            return
+        speaking = len(joining) < len(self.jobs)
+        if self.prefill_budget.whole_prompts:  # the schedule before chunking, kept for comparison
+            for job in joining:
+                while self._startable(job) and not job.prefilled and job in self.jobs.values():
+                    self._run_pass([(job, job.prefill_stop - job.filled)], job.prefill_stop - job.filled)
+                if speaking and (job.prefilled or job not in self.jobs.values()):
+                    return  # one whole prefill per iteration while others speak
+            return
+        candidates = [
+            Candidate(job, job.filled, job.prefill_stop, job.prefill_end - job.filled, job.admitted)
+            for job in joining
+            if self._startable(job) and not job.prefilled
+        ]
+        plan, width = plan_pass(candidates, self.prefill_budget.positions(speaking), MAX_SEQ_LEN)
+        if plan:
+            self._run_pass([(c.key, n) for c, n in plan], width)
+
+    def _startable(self, job: Job) -> bool:
+        """Start the job's prefill if it has not started: copy its voice's cached prefix, or take on
+        computing it. False while another request computes the same voice (it waits for the copy)."""
+        if job.filled is not None:
+            return True
+        voice, prompt = job.voice, job.prompt
+        try:
+            if voice is not None and voice.kv is None:
+                voice.kv = self._voice_kv(job)
+            if voice is not None and voice.kv is not None:
+                self.model.backbone.import_prefix(job.slot, voice.kv)
+                job.filled = prompt.prefix_len
+            elif voice is not None:
+                key = job.stream.request.voice.key
+                if any(o.computes_voice and o.stream.request.voice.key == key for o in self.jobs.values()):
+                    return False
+                job.computes_voice = True
+                job.filled = 0
+            else:
+                job.filled = 0
+            if job.filled >= job.prefill_end:
+                self._start_speaking(job)
+        except Exception as exc:
+            log.exception("request failed starting its prefill; ending it alone")
+            self._finish(job, error=exc)
+            return False
+        return True
+
+    def _voice_kv(self, job: Job) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The voice's prefix KV if known under its key: preparation threads may each have made their
+        own entry for the same new voice, and only one request computes it."""
+        key = job.stream.request.voice.key
+        cached = self.voices.get(key)
+        if cached is not None and cached.kv is not None:
+            return cached.kv
+        return next(
+            (
+                o.voice.kv
+                for o in self.jobs.values()
+                if o.voice is not None and o.voice.kv is not None and o.stream.request.voice.key == key
+            ),
+            None,
+        )
+
+    def _run_pass(self, chunks: list[tuple[Job, int]], width: int) -> None:
+        """One batched forward of each job's next ``n`` positions; a failure ends only its request:
+        a failed batched pass is retried row by row (the KV it wrote lies beyond what is filled)."""
+        began = time.perf_counter()
+        try:
+            tokens, mask, pos = pass_inputs(
+                [(job.prompt.tokens, job.prompt.mask, job.filled, n) for job, n in chunks], width, self.device
+            )
+            rows = torch.tensor([job.slot for job, _ in chunks], device=self.device)
+            self.model.backbone_last_hidden(tokens, mask, pos, rows)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the pass's own time, not the next step's
+        except Exception as exc:
+            if len(chunks) > 1:
+                log.warning("batched prefill of %d requests failed (%s); retrying them one by one", len(chunks), exc)
+                for job, n in chunks:
+                    self._run_pass([(job, n)], n)
+            else:
                 log.exception("prefill failed; ending its request alone")
+                self._finish(chunks[0][0], error=exc)
+            return
+        self.prefill_budget.observe_pass(len(chunks) * width, time.perf_counter() - began)
+        for job, n in chunks:
+            try:
+                job.filled += n
+                if job.computes_voice and job.filled >= job.prompt.prefix_len:
+                    job.voice.kv = self.model.backbone.export_prefix(job.slot, job.prompt.prefix_len)
+                    job.computes_voice = False
+                    cached = self.voices.get(job.stream.request.voice.key)
+                    if cached is not None and cached.kv is None:  # the cache may hold another entry for it
+                        cached.kv = job.voice.kv
+                if job.filled >= job.prefill_end:
+                    self._start_speaking(job)
+            except Exception as exc:
+                log.exception("request failed after its prefill; ending it alone")
                 self._finish(job, error=exc)
 
-    def _prefill(self, job: Job) -> None:
-        """Fill the slot's cache row with every prompt frame but the last; the last is the input of
-        the slot's first frame step, so prefill never computes a hidden state nobody needs."""
-        stream, prompt, slot = job.stream, job.prompt, job.slot
+    def _start_speaking(self, job: Job) -> None:
+        """The prompt is in: set the row's first step input, position and sampling; it joins the step."""
+        stream, prompt, slot, end = job.stream, job.prompt, job.slot, job.prefill_end
         request = stream.request
-        stream.stats.queued_s = time.perf_counter() - stream.submitted_at
-        rows = torch.tensor([slot], device=self.device)
-        tokens = prompt.tokens.to(self.device).unsqueeze(0)
-        mask = prompt.mask.to(self.device).unsqueeze(0)
-        start, end = 0, prompt.length - 1
-        if job.voice is not None:
-            start = prompt.prefix_len
-            if job.voice.kv is None:  # first use of this voice: compute its prefix once, keep it
-                self._forward(tokens, mask, 0, start, rows)
-                job.voice.kv = self.model.backbone.export_prefix(slot, start)
-            else:
-                self.model.backbone.import_prefix(slot, job.voice.kv)
-        self._forward(tokens, mask, start, end, rows)
-        self.next_tokens[slot] = tokens[0, end:]
-        self.next_mask[slot] = mask[0, end:]
+        self.next_tokens[slot] = prompt.tokens[end:].to(self.device)
+        self.next_mask[slot] = prompt.mask[end:].to(self.device)
         self.positions[slot] = end
         self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
         self.decoder.reset([slot])
         job.sizes = request.chunks.sizes()
         job.want = next(job.sizes)
-
-    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, start: int, end: int, rows: torch.Tensor) -> None:
-        if end > start:
-            pos = torch.arange(start, end, device=self.device).unsqueeze(0)
-            self.model.backbone_last_hidden(tokens[:, start:end], mask[:, start:end], pos, rows)
+        job.prefilled = True
 
     def _runnable(self) -> tuple[list[int], float | None]:
         """Slots to step now, and (if none) how long to sleep before pacing lets one run."""
         now = time.perf_counter()
         runnable, wait = [], None
         for slot, job in sorted(self.jobs.items()):
+            if not job.prefilled:
+                continue
             ahead = job.stream.request.max_ahead_s
             if ahead is not None and job.first_audio_at is not None:
                 lead = job.frames * FRAME_MS / 1000 - (now - job.first_audio_at) - ahead

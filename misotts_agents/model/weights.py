@@ -1,8 +1,12 @@
 """Strict loading of `model.safetensors` into :class:`MisoModel`.
 
-The model is built on the ``meta`` device and every tensor is read, converted to the target dtype
-and placed on the target device one key at a time. Why: the 8B checkpoint is 32.75 GB of fp32;
-materialising an fp32 model and then casting would need twice that in host memory.
+The model is built on the ``meta`` device; the file's header is checked against it (a missing,
+extra, mis-shaped or non-float key is an error naming the key, never a partial load); then every
+tensor is read, converted to the target dtype and placed on the target device one at a time,
+straight from the file into its destination (tensorfile.py: plain reads in pieces, no mapping of
+the file). Why: the 8B checkpoint is 32.75 GB of fp32; materialising it, or keeping it mapped
+while the bf16 copy is made, would need file + model in host memory. The peak is the model in its
+target dtype plus one 64 MB piece (on CUDA, the model is on the device and the host holds one piece).
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from misotts_agents.errors import CheckpointError
 from misotts_agents.model.config import ModelConfig
+from misotts_agents.model.tensorfile import TensorFile, TensorFileError
 from misotts_agents.model.transformer import MisoModel
 
 log = logging.getLogger(__name__)
@@ -46,13 +50,13 @@ def load_model(
         model = MisoModel(config)
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        handle = TensorFile(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (TensorFileError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     with handle as f:
-        present = set(f.keys())
+        present = set(f.tensors)
         missing = sorted(set(wanted) - present)
         unexpected = sorted(present - set(wanted))
         problems = []
@@ -61,23 +65,25 @@ def load_model(
         if unexpected:
             problems.append(f"unexpected keys: {_describe(unexpected)}")
         for key in sorted(present & set(wanted)):
-            shape = tuple(f.get_slice(key).get_shape())
+            shape = f.tensors[key].shape
             if shape != wanted[key]:
                 problems.append(f"{key} has shape {shape}, the config expects {wanted[key]}")
+            elif not f.tensors[key].dtype.is_floating_point:
+                problems.append(f"{key} has dtype {f.tensors[key].dtype}, expected floating point weights")
         if problems:
             raise CheckpointError(
                 f"{path} does not match the model config ({config.backbone_flavor} / {config.decoder_flavor}): "
                 + "; ".join(problems)
             )
         state = {}
-        for key in tqdm(sorted(wanted), desc=f"loading {path.name}", unit="tensor", disable=not progress):
+        in_file_order = sorted(wanted, key=lambda k: f.tensors[k].offset)  # sequential reads
+        for key in tqdm(in_file_order, desc=f"loading {path.name}", unit="tensor", disable=not progress):
+            tensor = torch.empty(wanted[key], dtype=dtype, device=device)
             try:
-                tensor = f.get_tensor(key)
-            except (SafetensorError, OSError, ValueError) as exc:
+                f.read_into(key, tensor)
+            except (TensorFileError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensor {key}: {exc}") from exc
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{path}: {key} has dtype {tensor.dtype}, expected floating point weights")
-            state[key] = tensor.to(device=device, dtype=dtype)
+            state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     count = len(state)
     state.clear()  # the model holds the tensors now; fusing then frees each original as it goes

@@ -28,6 +28,15 @@ def _key(text: str) -> tuple[int, ...]:
     return key
 
 
+def _prefill_chunk(text: str) -> str | int:
+    from misotts_agents.engine.prefill import parse_prefill_chunk  # only when serve is parsed (imports torch)
+
+    try:
+        return parse_prefill_chunk(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_watermark_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--watermark-model",
@@ -112,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     serve.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
+    serve.add_argument(
+        "--prefill-chunk",
+        type=_prefill_chunk,
+        default="auto",
+        metavar="auto|N|0",
+        help="prompt positions prefilled per pass while others speak: 'auto' (sized from measured step and "
+        "prefill times), N, or 0 for whole prompts (default: %(default)s)",
+    )
     serve.add_argument("--max-text", type=int, default=4000, help="longest text per request in characters")
     serve.add_argument("--max-per-connection", type=int, default=8, help="concurrent requests per WebSocket")
     serve.add_argument("--max-connections", type=int, default=256, help="open connections (default: %(default)s)")
@@ -298,7 +315,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
     )
     engine = MisoEngine.load(
-        args.model, device=args.device, watermark=False if args.no_watermark else True, max_batch=args.max_batch
+        args.model,
+        device=args.device,
+        watermark=False if args.no_watermark else True,
+        max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
     )
     try:
         backend = EngineBackend(engine, limits, voices)

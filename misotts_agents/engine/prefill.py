@@ -1,0 +1,166 @@
+"""Chunked, batched prefill: how joiners' prompts reach their cache rows without stalling the
+streams already speaking.
+
+A request's prompt (voice prompt, the user's last turn as audio, recent turns: up to ~2,000
+positions) must be in its KV-cache row before its first frame step. Prefilled whole between two
+frame steps it stalls every stream already speaking for the whole prefill, and several joiners
+queue one whole prefill per step. So the scheduler runs, each iteration before the frame step, one
+bounded prefill *pass*: one batched forward of several joiners' next chunks.
+
+What goes into a pass (:func:`plan_pass`). Candidates are ordered by fewest remaining positions,
+then arrival (shortest remaining first: the joiner nearest its first audio gets there first, which
+minimises the joiners' mean wait; a long prompt still advances whenever its chunk fits beside the
+short ones, and the short ones leave the queue after one pass). A pass is ``n`` rows of ``width``
+positions, each row its own cache row and positions; shorter chunks are padded at their end with
+masked-out frames. Its cost, ``n * width`` padded positions, is what the budget bounds: the first
+candidate takes ``min(remaining, budget)``, the next ones join while ``n * width`` stays within it.
+Equal-length joiners therefore share a pass when their remainders fit together, and a pass never
+pads more than the budget. The padding's cache writes land after the row's filled positions, where
+nothing reads them before the row's own later writes replace them (every call writes a position
+before it attends to it); widths are limited so that no padded position passes the cache's end.
+
+How big a pass is (:class:`PrefillBudget`), the trade between the speaking streams' smoothness
+(an iteration is one pass plus one frame step, so the gap between two chunks of a speaking stream
+is about ``step + pass``) and the joiners' first audio (the share of the device prefill gets is
+``pass / (step + pass)``):
+
+- Nobody speaking (no row in the frame step): nothing to stall. A pass takes up to
+  :data:`MAX_PASS_POSITIONS` (the activation memory of one forward), so a burst of joiners on an
+  idle engine is prefilled together and a lone joiner's prompt in one piece (its first audio is
+  exactly as before chunking).
+- ``"auto"`` (the default): each pass is sized to take ``max(step, ITERATION_TARGET_S - step)``,
+  from the measured time of recent frame steps and of recent passes per position on this device
+  (a feedback: a pass that took longer than its target makes the next one smaller). While a step
+  is shorter than half the target, an iteration fits in 80% of an 80 ms frame, so the speaking
+  streams stay real time during joins, and prefill gets the rest of the frame; when steps are
+  slower, a speaking stream's chunk gap stays within about two steps and joiners get half of the
+  device. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
+  an H100 (an estimate: ~15 GFLOP per position at 500-700 TFLOP/s, not measured here), so with a
+  frame step of ~25 ms at the target stream count a pass takes ~40 ms, about 1,500 positions, and
+  a ~2,000-position joiner waits two iterations, none of which exceeds the frame.
+- An integer N: at most N padded positions per pass while anyone speaks (deterministic chunking;
+  pick N from the device's prefill rate: N * seconds-per-position ~ the frame step's time).
+- ``0`` or ``None``: whole prompts, one request per iteration while others speak (the schedule
+  before chunking, kept to compare against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from misotts_agents.audio import FRAME_MS
+
+PrefillChunk = int | Literal["auto"] | None
+
+ITERATION_TARGET_S = 0.8 * FRAME_MS / 1000  # one frame step + one pass, with 20% of a frame to spare
+MAX_PASS_POSITIONS = 4096  # padded positions per pass (embeddings of 33 columns dominate its memory)
+MIN_AUTO_POSITIONS = 16  # "auto" never starves joiners, however slow the step
+FIRST_AUTO_POSITIONS = 256  # "auto" before any pass was measured
+
+
+def parse_prefill_chunk(value: object) -> PrefillChunk:
+    """Validate a ``prefill_chunk`` setting: "auto", a non-negative int (0 = whole prompts) or None."""
+    if value is None or value == "auto":
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"prefill_chunk must be 'auto' or a number of positions, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"prefill_chunk must be 'auto', 0 (whole prompts) or a positive integer, got {value!r}")
+    return value
+
+
+class PrefillBudget:
+    """How many padded positions the next prefill pass may take (see the module docstring)."""
+
+    def __init__(self, setting: PrefillChunk = "auto") -> None:
+        self.setting = parse_prefill_chunk(setting)
+        self._step_s: float | None = None  # recent frame steps' time
+        self._position_s: float | None = None  # recent passes' time per padded position
+
+    @property
+    def whole_prompts(self) -> bool:
+        """The schedule before chunking: one whole prompt per iteration while others speak."""
+        return not self.setting
+
+    def observe_step(self, seconds: float) -> None:
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+
+    def observe_pass(self, positions: int, seconds: float) -> None:
+        """Mostly the latest passes count: the next pass is sized from what passes of about its size cost,
+        so a fixed cost per pass (a GPU reading the weights once per pass) is found by the feedback
+        itself: sizes settle where ``fixed + per_position * n`` meets the target."""
+        cost = seconds / max(positions, 1)
+        self._position_s = cost if self._position_s is None else 0.5 * self._position_s + 0.5 * cost
+
+    def positions(self, speaking: bool) -> int | None:
+        """Padded positions for the next pass; None: unbounded (whole prompts)."""
+        if self.whole_prompts:
+            return None
+        if not speaking:
+            return max(MAX_PASS_POSITIONS, self.setting if isinstance(self.setting, int) else 0)
+        if isinstance(self.setting, int):
+            return self.setting
+        if self._step_s is None or self._position_s is None:
+            return FIRST_AUTO_POSITIONS
+        target = max(self._step_s, ITERATION_TARGET_S - self._step_s)
+        n = int(target / max(self._position_s, 1e-9))
+        return min(MAX_PASS_POSITIONS, max(MIN_AUTO_POSITIONS, n))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A row that can take part in the next pass."""
+
+    key: object  # the caller's handle, returned in the plan
+    filled: int  # positions already in the row
+    stop: int  # this pass may fill up to here (the prompt's end, or the voice prefix's end)
+    remaining: int  # positions left before the row's first frame step (its priority)
+    order: int  # arrival (ties)
+
+
+def plan_pass(
+    candidates: Sequence[Candidate], budget: int | None, max_len: int, max_rows: int | None = None
+) -> tuple[list[tuple[Candidate, int]], int]:
+    """Rows and chunk lengths of one pass, and its width; ``budget`` bounds rows * width."""
+    plan: list[tuple[Candidate, int]] = []
+    width, limit = 0, max_len
+    for cand in sorted(candidates, key=lambda c: (c.remaining, c.order)):
+        if max_rows is not None and len(plan) >= max_rows:
+            break
+        room = min(limit, max_len - cand.filled)  # padded positions must stay inside the cache
+        if budget is not None:
+            room = min(room, budget // (len(plan) + 1))
+        if room < max(width, 1):
+            break
+        chunk = min(cand.stop - cand.filled, room)
+        if chunk < 1:
+            continue
+        plan.append((cand, chunk))
+        width = max(width, chunk)
+        limit = min(limit, max_len - cand.filled)
+    return plan, width
+
+
+def pass_inputs(
+    chunks: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded (tokens, mask, positions) of a pass from (prompt tokens, prompt mask, start, length) per row.
+
+    Padding frames are all-masked (zero embedding) at the positions following the chunk.
+    """
+    n, columns = len(chunks), chunks[0][0].size(1)
+    tokens = torch.zeros(n, width, columns, dtype=torch.long)
+    mask = torch.zeros(n, width, columns, dtype=torch.bool)
+    pos = torch.empty(n, width, dtype=torch.long)
+    for i, (prompt_tokens, prompt_mask, start, length) in enumerate(chunks):
+        tokens[i, :length] = prompt_tokens[start : start + length]
+        mask[i, :length] = prompt_mask[start : start + length]
+        pos[i] = torch.arange(start, start + width)
+    return tokens.to(device), mask.to(device), pos.to(device)
