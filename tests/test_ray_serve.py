@@ -45,6 +45,7 @@ from misotts_agents.server.ray.serve import (  # noqa: E402
     app_builder,
     build_app,
 )
+from misotts_agents.server.tenants import DEFAULT_TENANT, scope  # noqa: E402
 
 MAX_BATCH = 2
 REPLICAS = 2
@@ -115,9 +116,11 @@ def ray_app(tiny_dir):
 
 
 def engine_stats(sid: str | None = None) -> dict:
-    """A replica's figures: the one holding session ``sid`` (Serve routes by it), else any."""
+    """A replica's figures: the one holding session ``sid`` (Serve routes by it, as the server
+    passes it on: scoped to the client's tenant, here the open server's ``default``), else any."""
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
-    return handle.options(multiplexed_model_id=sid or "").stats.remote([sid] if sid else []).result(timeout_s=30)
+    routed = handle.options(multiplexed_model_id=scope(DEFAULT_TENANT, sid) if sid else "")
+    return routed.stats.remote([sid] if sid else []).result(timeout_s=30)
 
 
 async def next_json(ws, timeout: float = 30.0) -> dict:
