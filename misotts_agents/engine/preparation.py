@@ -82,9 +82,10 @@ class FairPreparation(Generic[T]):
             try:
                 self._work(item)  # (the engine's work reports its own errors to the request)
             finally:
-                taken = item = None  # keep nothing of a finished request while waiting for the next
+                taken = item = None  # keep nothing of a finished request (or its client) while waiting
                 with self._cond:
                     self._running[key] -= 1
                     if not self._running[key]:
                         del self._running[key]
                     self._cond.notify()  # the client may take another thread now
+                key = None
