@@ -11,7 +11,7 @@ import torch
 
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
-from misotts_agents.engine.step import FrameStepper, StepShape, _Captured, bucket_sizes
+from misotts_agents.engine.step import FrameStepper, HostRows, StepShape, _Captured, bucket_sizes
 from misotts_agents.model.config import ModelConfig
 from misotts_agents.model.sampling import SamplingState
 from misotts_agents.model.transformer import CacheWindow
@@ -95,7 +95,7 @@ def test_slots_are_cache_rows_and_padding_rows_stay_out(model):
     step = FrameStepper(model, 8)
     fill_caches(model, 3.0)
     rows, tokens, mask, pos, sampling = step_inputs([1, 3], [5, 9])
-    codes = step(rows, tokens, mask, pos, sampling, slots=[1, 3], positions=[5, 9], topk=1)
+    codes = step(rows, tokens, mask, pos, sampling, HostRows([1, 3], [5, 9], 1))
     assert codes.shape == (2, K)
     k_cache = model.backbone.layers[0].attn.k_cache
     written = (k_cache != 3.0).any(dim=3).any(dim=1)  # (rows, positions)
@@ -236,7 +236,7 @@ def run_frames(step: FrameStepper, slots: list[int], start: int, frames: int) ->
         for i in range(frames):
             positions = [start + i] * n
             pos = torch.tensor(positions, device="cuda")[:, None]
-            codes = step(rows, tokens, mask, pos, sampling, slots=slots, positions=positions, topk=1)
+            codes = step(rows, tokens, mask, pos, sampling, HostRows(slots, positions, 1))
             out.append(codes)
             tokens = tokens.clone()
             tokens[:, 0, :K] = codes

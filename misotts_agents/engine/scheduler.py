@@ -34,7 +34,7 @@ from misotts_agents.engine.params import sampling_kwargs
 from misotts_agents.engine.prefill import Candidate, PrefillBudget, PrefillChunk, pass_inputs, plan_pass
 from misotts_agents.engine.prompt import Prompt
 from misotts_agents.engine.request import AudioChunk
-from misotts_agents.engine.step import FrameStepper
+from misotts_agents.engine.step import FrameStepper, HostRows
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache
 from misotts_agents.errors import EngineClosed
@@ -432,7 +432,9 @@ class Scheduler:
         rows = torch.tensor(slots, device=dev)
         pos = torch.tensor([self.positions[s] for s in slots], device=dev).unsqueeze(1)
         sampling = self.sampling.select(rows)
-        codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling)  # (b, K)
+        # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
+        host = HostRows(slots, [self.positions[s] for s in slots], max(self.jobs[s].stream.request.topk for s in slots))
+        codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)  # (b, K)
         speaking = codes.any(dim=1)
         audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
         batch = torch.zeros(self.max_batch, k, dtype=torch.long, device=dev)

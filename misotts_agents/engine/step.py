@@ -44,6 +44,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -83,6 +84,14 @@ class StepShape:
 
     def __str__(self) -> str:
         return f"batch {self.batch}, attend {self.attend}, length {self.length}, top-k candidates {self.candidates}"
+
+
+class HostRows(NamedTuple):
+    """The host's copy of what a step runs: slots, their positions, the largest top-k among them."""
+
+    slots: Sequence[int]
+    positions: Sequence[int]
+    topk: int
 
 
 @dataclass
@@ -177,21 +186,17 @@ class FrameStepper:
         mask: torch.Tensor,
         pos: torch.Tensor,
         sampling: SamplingState,
-        *,
-        slots: Sequence[int] | None = None,
-        positions: Sequence[int] | None = None,
-        topk: int | None = None,
+        host: HostRows | None = None,
     ) -> torch.Tensor:
         """One step for n rows: rows (n,), tokens/mask (n, 1, K+1), pos (n, 1) -> codes (n, K).
 
-        ``slots``, ``positions`` and ``topk`` are the host's copies of ``rows``, ``pos`` and the
-        largest ``sampling.topk``; give them (the scheduler does), or they are read from the
-        device, which waits for it.
+        ``host`` is the host's copy of ``rows``, ``pos`` and the largest ``sampling.topk``; give it
+        (the scheduler does), or they are read from the device, which waits for it.
         """
-        slots = rows.tolist() if slots is None else list(slots)
-        positions = pos.reshape(-1).tolist() if positions is None else list(positions)
-        topk = int(sampling.topk.max()) if topk is None else topk
-        shape = self.shape_for(slots, positions, topk)
+        if host is None:
+            host = HostRows(rows.tolist(), pos.reshape(-1).tolist(), int(sampling.topk.max()))
+        slots, positions = list(host.slots), list(host.positions)
+        shape = self.shape_for(slots, positions, host.topk)
         self._stage(shape, rows, tokens, mask, sampling, slots, positions)
         captured = self.graphs.get(shape)
         if captured is not None:
