@@ -2,8 +2,8 @@
 
 Why not ``safetensors.safe_open``: it maps the whole file, and every tensor read through the map
 stays resident (counted in the process's resident size) until the map closes, so loading a bf16
-model from the fp32 checkpoint peaks at file + model (10.2 GB for the 6.2 GB CSM-1B-size file;
-the 8B file alone is 32.75 GB). Here each tensor is read in pieces of at most
+model from the fp32 checkpoint peaks at file + model (9.9 GB for a 6.2 GB CSM-1B-size file,
+benchmarks/loading.py; the 8B file alone is 32.75 GB). Here each tensor is read in pieces of at most
 :data:`PIECE_BYTES` into one reusable host buffer and converted into its destination tensor
 (on CUDA straight into device memory), so the peak is the model in its target dtype plus one piece.
 Reads go through the page cache, which the kernel reclaims and which is not the process's memory.

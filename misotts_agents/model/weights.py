@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from misotts_agents.errors import CheckpointError
@@ -75,7 +76,9 @@ def load_model(
                 f"{path} does not match the model config ({config.backbone_flavor} / {config.decoder_flavor}): "
                 + "; ".join(problems)
             )
-        state = {}
+        # Each tensor goes straight into its module, which then holds the only reference: no dict of
+        # every tensor outlives the loop, so fusing below frees each module's originals as it goes.
+        modules = dict(model.named_modules())
         in_file_order = sorted(wanted, key=lambda k: f.tensors[k].offset)  # sequential reads
         for key in tqdm(in_file_order, desc=f"loading {path.name}", unit="tensor", disable=not progress):
             tensor = torch.empty(wanted[key], dtype=dtype, device=device)
@@ -83,12 +86,13 @@ def load_model(
                 f.read_into(key, tensor)
             except (TensorFileError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensor {key}: {exc}") from exc
-            state[key] = tensor
-    model.load_state_dict(state, strict=True, assign=True)
-    count = len(state)
-    state.clear()  # the model holds the tensors now; fusing then frees each original as it goes
+            owner, _, name = key.rpartition(".")
+            setattr(modules[owner], name, nn.Parameter(tensor, requires_grad=False))
     model.init_buffers()
-    model.fuse_weights()  # after the strict check: fused q/k/v and w1/w3, official names as views
+    model.fuse_weights()  # fused q/k/v and w1/w3 (official names as views), one module at a time
+    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:  # a tensor the model gained that neither the checkpoint nor init_buffers fills
+        raise RuntimeError(f"model tensors left unfilled after loading: {_describe(unfilled)}")
     model.eval().requires_grad_(False)
-    log.info("loaded %s (%d tensors, %s, %s)", path, count, dtype, device)
+    log.info("loaded %s (%d tensors, %s, %s)", path, len(wanted), dtype, device)
     return model
