@@ -63,8 +63,9 @@ def test_shape_selection(model):
     assert step.shape_for([3], [127], 65).candidates == 2051  # a row wants more than 64: the whole vocabulary
     assert step.shape_for([3], [128], 1).length == 256  # position 128 is the 129th
     assert len(step.shapes()) == 4 * 9 * 2  # attend 1, 2, 4, 8 x 9 windows x 2 candidate counts
-    for slots, positions in (([8], [0]), ([-1], [0]), ([0], [2048]), ([0, 1], [5])):
-        with pytest.raises(ValueError):
+    bad = [(([8], [0]), "slots"), (([-1], [0]), "slots"), (([0], [2048]), "positions"), (([0, 1], [5]), "one position")]
+    for (slots, positions), message in bad:
+        with pytest.raises(ValueError, match=message):
             step.shape_for(slots, positions, 1)
 
     bucketed = FrameStepper(model, 8, buckets=True)
@@ -152,7 +153,8 @@ def test_warm_up_captures_every_shape_and_one_failure_spares_the_others(model, m
     with caplog.at_level(logging.INFO, logger="misotts_agents.engine.step"):
         step.warm_up()
     fill_caches(model, 0.0)  # rows 0 and 1 below start from the same (empty) history
-    assert set(step.graphs) == set(step.shapes()) - {bad} and step.eager_shapes == {bad}
+    assert set(step.graphs) == set(step.shapes()) - {bad}
+    assert step.eager_shapes == {bad}
     assert any("FAILED" in r.message and r.levelno == logging.ERROR for r in caplog.records)
     assert sum("captured batch" in r.message for r in caplog.records) == len(step.shapes()) - 1  # a line per shape
 
@@ -248,7 +250,8 @@ def run_frames(step: FrameStepper, slots: list[int], start: int, frames: int) ->
 @needs_cuda
 def test_cuda_every_shape_is_captured_at_start_up():
     step = cuda_stepper(TINY_CONFIG, torch.float32, 4)
-    assert step.compiled and step.cuda_graphs
+    assert step.compiled
+    assert step.cuda_graphs
     assert not step.eager_shapes
     assert set(step.graphs) == set(step.shapes())
 
@@ -304,7 +307,8 @@ def test_cuda_engine_speaks():
         results = [engine.stream(SynthesisRequest(t, seed=i, max_audio_ms=400)) for i, t in enumerate(TEXTS)]
         for stream in results:
             pcm = np.concatenate([c.pcm for c in stream])
-            assert pcm.size == 5 * 1920 and np.isfinite(pcm).all()
+            assert pcm.size == 5 * 1920
+            assert np.isfinite(pcm).all()
         assert not engine._scheduler.stepper.eager_shapes
     finally:
         engine.close()
