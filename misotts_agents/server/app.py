@@ -1,5 +1,5 @@
 """The engine server: one shared MisoEngine behind a WebSocket stream (connection.py, protocol.py), an
-OpenAI-compatible speech endpoint, ``/health`` and Prometheus ``/metrics``.
+OpenAI-compatible speech endpoint (speech.py), ``/health`` and Prometheus ``/metrics``.
 
 Facing the world (README "Exposing the server"): bearer tokens name tenants (tenants.py) whose
 sessions, audio ids and voices are their own; everything clients send is checked by one schema
@@ -12,10 +12,10 @@ a stop drains running streams first (runner.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,22 +23,19 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import EngineClosed, MisoError, http_status, to_wire
-from misotts_agents.server import schema
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.connection import TRANSPORT_KEY, Connection
-from misotts_agents.server.encode import FORMATS, StreamEncoder
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.runner import Lifecycle
 from misotts_agents.server.sessions import EngineBackend
-from misotts_agents.server.tenants import DEFAULT_TENANT, Quotas, Tenants, scope, scoped_voice
+from misotts_agents.server.speech import add_speech_route, openai_error, unauthorized
+from misotts_agents.server.tenants import DEFAULT_TENANT, Quotas, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +118,22 @@ class Origins:
         return urlsplit(origin).netloc == (headers.get("host") or "").lower()  # the server's own page
 
 
+@dataclass(frozen=True)
+class ServerState:
+    """What one app's routes share: the backend, who may use it, its limits and counters, and the
+    drain's bookkeeping."""
+
+    backend: Any  # an EngineBackend, or a proxy with its methods (the Ray Serve ingress)
+    tenants: Tenants
+    limits: Limits
+    budget: MemoryBudget
+    quotas: Quotas
+    lifecycle: Lifecycle
+    origins: Origins
+    metrics: Metrics
+    model: str  # what /health says about the model (public_model_name)
+
+
 def create_app(
     engine: Any,
     *,
@@ -141,36 +154,53 @@ def create_app(
     limits = limits or Limits()
     if tenants is not None and token:
         raise ValueError("give tenants or one token, not both")
-    tenants = tenants or Tenants({DEFAULT_TENANT: token} if token else None)
-    if hasattr(engine, "start"):
-        if voices:
-            raise ValueError("pass named voices to the backend, not to create_app")
-        backend = engine
-    else:
-        backend = EngineBackend(engine, limits, voices)
+    backend = _backend_for(engine, limits, voices)
     budget = getattr(backend, "budget", None) or MemoryBudget.for_limits(limits)
     quotas = Quotas(limits)
-    lifecycle = Lifecycle()
-    origins = Origins(allow_origins)
-    metrics = Metrics(backend, budget, quotas)
-    model = public_model_name(model_name) if model_name else ""
+    server = ServerState(
+        backend=backend,
+        tenants=tenants or Tenants({DEFAULT_TENANT: token} if token else None),
+        limits=limits,
+        budget=budget,
+        quotas=quotas,
+        lifecycle=Lifecycle(),
+        origins=Origins(allow_origins),
+        metrics=Metrics(backend, budget, quotas),
+        model=public_model_name(model_name) if model_name else "",
+    )
     app = FastAPI(title="misotts-agents", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
-    app.state.metrics = metrics
+    app.state.metrics = server.metrics
     app.state.limits = limits
     app.state.budget = budget
     app.state.quotas = quotas
-    app.state.lifecycle = lifecycle
+    app.state.lifecycle = server.lifecycle
     app.add_middleware(_RecordTransport)
-    if origins.allowed:
+    if server.origins.allowed:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=sorted(origins.allowed),
+            allow_origins=sorted(server.origins.allowed),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    _add_error_handlers(app)
+    _add_status_routes(app, server)
+    add_speech_route(app, server)  # speech.py
+    _add_stream_route(app, server)
+    return app
 
-    # Every answer is OpenAI's error JSON, unknown routes and our own bugs included.
+
+def _backend_for(engine: Any, limits: Limits, voices: dict[str, VoicePrompt] | None) -> Any:
+    if not hasattr(engine, "start"):
+        return EngineBackend(engine, limits, voices)
+    if voices:
+        raise ValueError("pass named voices to the backend, not to create_app")
+    return engine
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every answer is OpenAI's error JSON, unknown routes and our own bugs included."""
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return openai_error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
@@ -184,185 +214,66 @@ def create_app(
         log.error("request %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return openai_error(500, "internal error", "internal")
 
-    def unauthorized() -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": "missing or wrong bearer token", "type": "authentication_error", "code": 401}},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
-    def refused(exc: BaseException, where: str) -> JSONResponse:
-        """Bad input: one log line, no stack trace, and OpenAI's error JSON with the field at fault."""
-        code, message, _ = to_wire(exc)
-        metrics.refused.labels(code).inc()
-        log.info("refused %s: %s: %s", where, code, message[:300])
-        return openai_error(http_status(exc), message, code, getattr(exc, "param", None))
+def _add_status_routes(app: FastAPI, server: ServerState) -> None:
+    """``/health`` (open: load balancers probe it) and ``/metrics`` (for a token holder)."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        closed = backend.closed
-        status = "closed" if closed else "draining" if lifecycle.draining else "ok"
-        body: dict[str, Any] = {"status": status, "model": model, "max_batch": backend.max_batch}
+        closed = server.backend.closed
+        status = "closed" if closed else "draining" if server.lifecycle.draining else "ok"
+        body: dict[str, Any] = {"status": status, "model": server.model, "max_batch": server.backend.max_batch}
         if not closed:
-            body["free_slots"] = backend.free_slots
+            body["free_slots"] = server.backend.free_slots
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        if tenants.authenticate(request.headers.get("authorization")) is None:
+        if server.tenants.authenticate(request.headers.get("authorization")) is None:
             return unauthorized()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # -- OpenAI-compatible speech -----------------------------------------------------------
 
-    @app.post("/v1/audio/speech")
-    async def speech(request: Request) -> Response:
-        tenant = tenants.authenticate(request.headers.get("authorization"))
-        if tenant is None:
-            return unauthorized()
-        peer = f"{request.client.host}" if request.client else "?"
-        if not origins.allows(request.headers):
-            log.info("refused %s: origin %r is not allowed", peer, request.headers.get("origin"))
-            return openai_error(403, "requests from this origin are not allowed", "forbidden_origin")
-        if lifecycle.draining:
-            return refused(EngineClosed("the server is shutting down"), peer)
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json":
-            return openai_error(415, "send the body as JSON, with 'Content-Type: application/json'", "invalid_request")
-        try:
-            raw = await read_body(request, limits)
-        except ProtocolError as exc:
-            status = 413 if exc.code == "too_large" else 408
-            log.info("refused %s: %s", peer, exc.message)
-            return openai_error(status, exc.message, exc.code, headers={"Connection": "close"})
-        try:
-            speech = schema.parse_speech_body(raw, limits)
-            start = speech.start(getattr(backend, "voices", None))
-            if speech.session is not None:
-                start["session"] = scope(tenant, speech.session)
-            if "voice" in start:
-                start["voice"] = scoped_voice(getattr(backend, "voices", None), tenant, start["voice"])
-            quotas.start_stream(tenant)
-        except (ProtocolError, MisoError) as exc:
-            metrics.finished("openai", "rejected")
-            return refused(exc, peer)
-        try:
-            stream = backend.start(start, client=f"http:{tenant}:{peer}")
-        except (ProtocolError, MisoError) as exc:
-            quotas.end_stream(tenant)
-            metrics.finished("openai", "rejected")
-            return refused(exc, peer)
-        lifecycle.http_streams.add(stream)
-        metrics.active.inc()
-        outcome = ["cancelled"]
-
-        def done() -> None:  # once, however the response ends (even before its body starts)
-            if stream in lifecycle.http_streams:
-                lifecycle.http_streams.discard(stream)
-                stream.cancel()
-                quotas.end_stream(tenant)
-                metrics.active.dec()
-                metrics.finished("openai", outcome[0], stream.stats)
-
-        try:
-            first = await stream.__anext__()  # errors from preparation still get a status code
-        except StopAsyncIteration:
-            first = None
-        except (ProtocolError, MisoError) as exc:  # a backend may refuse here rather than in start() (Ray)
-            outcome[0] = "error"
-            done()
-            return refused(exc, peer)
-        except BaseException:
-            outcome[0] = "error"
-            done()
-            raise
-
-        async def body() -> AsyncIterator[bytes]:
-            encoder = None
-            try:
-                encoder = StreamEncoder(speech.response_format)  # each chunk encoded as it comes (encode.py)
-                if first is not None:
-                    yield encoder.encode(first.pcm)
-                    metrics.audio_seconds.inc(first.duration_s)
-                    async for chunk in stream:
-                        yield encoder.encode(chunk.pcm)
-                        metrics.audio_seconds.inc(chunk.duration_s)
-                yield encoder.finish()
-                outcome[0] = "completed"
-            except MisoError as exc:  # the status line is out: the body ends short
-                outcome[0] = "error"
-                log.warning("speech request failed mid-stream: %s", exc)
-            finally:
-                if encoder is not None:
-                    encoder.close()
-
-        media = FORMATS[speech.response_format].content_type
-        return _Streamed(done, body(), media_type=media, headers={"X-Sample-Rate": str(SAMPLE_RATE)})
-
-    # -- WebSocket stream -------------------------------------------------------------------
-
+def _add_stream_route(app: FastAPI, server: ServerState) -> None:
     @app.websocket("/v1/stream")
     async def ws_stream(ws: WebSocket) -> None:
-        peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
-        if not origins.allows(ws.headers):
-            log.info("refused a WebSocket from %s: origin %r is not allowed", peer, ws.headers.get("origin"))
-            await ws.close(code=1008)  # before the handshake: HTTP 403
-            return
-        await ws.accept()
-        tenant = tenants.authenticate(ws.headers.get("authorization"))
-        if tenant is None:
-            log.info("refused a WebSocket from %s: missing or wrong bearer token", peer)
-            await ws.close(code=1008, reason="missing or wrong bearer token")
-            return
-        if lifecycle.draining:
-            await ws.close(code=1001, reason="server shutting down")
-            return
-        try:
-            quotas.connect(tenant)
-        except ProtocolError as exc:
-            log.info("refused a WebSocket from %s (tenant %s): %s", peer, tenant, exc.message)
-            await ws.close(code=1013, reason=exc.message[:120])
-            return
-        conn = Connection(ws, backend, limits, metrics, tenant, quotas, budget, lifecycle)
-        lifecycle.connections.add(conn)
-        metrics.connections.inc()
-        try:
-            await conn.run()
-        finally:
-            lifecycle.connections.discard(conn)
-            quotas.disconnect(tenant)
-            metrics.connections.dec()
-
-    return app
+        await stream_connection(ws, server)
 
 
-def openai_error(
-    status: int, message: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    error = {"message": message, "type": kind, "param": param, "code": code}
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
-
-
-async def read_body(request: Request, limits: Limits) -> bytes:
-    """The request body, refused (``too_large``) as soon as it is known to be over the limit, from
-    its Content-Length or while it streams in, and refused (``timeout``) if it is not all in within
-    ``body_timeout_s``."""
-    limit = limits.max_message_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdecimal() or int(declared) > limit):
-        raise ProtocolError("too_large", f"request body too large (at most {limit} bytes)")
-    chunks, size = [], 0
+async def stream_connection(ws: WebSocket, server: ServerState) -> None:
+    """One ``/v1/stream`` connection: admitted (origin, token, not draining, the tenant's quota),
+    then served by a :class:`Connection` until it closes."""
+    peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+    if not server.origins.allows(ws.headers):
+        log.info("refused a WebSocket from %s: origin %r is not allowed", peer, ws.headers.get("origin"))
+        await ws.close(code=1008)  # before the handshake: HTTP 403
+        return
+    await ws.accept()
+    tenant = server.tenants.authenticate(ws.headers.get("authorization"))
+    if tenant is None:
+        log.info("refused a WebSocket from %s: missing or wrong bearer token", peer)
+        await ws.close(code=1008, reason="missing or wrong bearer token")
+        return
+    if server.lifecycle.draining:
+        await ws.close(code=1001, reason="server shutting down")
+        return
     try:
-        async with asyncio.timeout(limits.body_timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ProtocolError("too_large", f"request body too large (at most {limit} bytes)")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ProtocolError("timeout", f"the body did not arrive within {limits.body_timeout_s:g} s") from None
-    return b"".join(chunks)
+        server.quotas.connect(tenant)
+    except ProtocolError as exc:
+        log.info("refused a WebSocket from %s (tenant %s): %s", peer, tenant, exc.message)
+        await ws.close(code=1013, reason=exc.message[:120])
+        return
+    conn = Connection(
+        ws, server.backend, server.limits, server.metrics, tenant, server.quotas, server.budget, server.lifecycle
+    )
+    server.lifecycle.connections.add(conn)
+    server.metrics.connections.inc()
+    try:
+        await conn.run()
+    finally:
+        server.lifecycle.connections.discard(conn)
+        server.quotas.disconnect(tenant)
+        server.metrics.connections.dec()
 
 
 class _RecordTransport:
@@ -380,19 +291,3 @@ class _RecordTransport:
             if transport is not None:
                 scope[TRANSPORT_KEY] = transport
         await self.app(scope, receive, send)
-
-
-class _Streamed(StreamingResponse):
-    """A streamed response that runs ``done`` when it ends, however: finished, failed, or the
-    client gone before the body started (a body generator that never started never runs its
-    ``finally``)."""
-
-    def __init__(self, done: Any, content: AsyncIterator[bytes], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._done = done
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._done()
