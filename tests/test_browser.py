@@ -80,7 +80,8 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-    assert proc.returncode == 0 and out.is_file(), f"driver failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert proc.returncode == 0, f"driver failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert out.is_file(), f"driver failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     result = json.loads(out.read_text())
     page, stats, log = result["page"], result["stats"], "\n".join(result["server_log"])
     report = json.dumps(
@@ -100,19 +101,23 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     )
     print(report)  # shown with -s; also part of every failure message below
 
-    assert not page.get("errors") and page.get("connectionState") == "connected", report
+    assert not page.get("errors"), report
+    assert page.get("connectionState") == "connected", report
     # The page says which parts are real: here the voice; transcripts and replies are stand-ins.
     assert {k: v["real"] for k, v in page["info"]["parts"].items()} == {"stt": False, "llm": False, "tts": True}
     # The user's turn was heard (VAD on the fake microphone) and answered through MisoTTS,
     # conditioned on the captured audio of that turn.
-    assert "user turn:" in log and "scripted reply" in log, report
+    assert "user turn:" in log, report
+    assert "scripted reply" in log, report
     assert "reply conditioned on: user" in log, report
     assert "MisoTTS audio streaming: 24000 Hz, 1 channel(s)" in log, report
     # The reply came back over WebRTC and is not silence: >= 1 s of 50 ms windows above RMS 0.01.
-    assert page["loudFrames"] >= 20 and page["maxRms"] > 0.01, report
+    assert page["loudFrames"] >= 20, report
+    assert page["maxRms"] > 0.01, report
     # Opus at 48 kHz on the wire, and the receiver produced 48 kHz audio in real time (samples
     # counted over a 1 s window of wall time).
-    assert stats["codec"]["mimeType"].lower() == "audio/opus" and stats["codec"]["clockRate"] == 48000, report
+    assert stats["codec"]["mimeType"].lower() == "audio/opus", report
+    assert stats["codec"]["clockRate"] == 48000, report
     inbound = stats["inbound"]
     assert inbound["packetsReceived"] > 50, report
     assert 40_000 < stats["receiveRate"] < 56_000, report
@@ -122,21 +127,29 @@ def test_demo_page_speaks_back_over_webrtc(tiny_dir: Path, mic_wav: tuple[Path, 
     turns = sorted((t for t in page["turns"].values() if t.get("user")), key=lambda t: t["turn"])
     rows = {int(r["n"]): r for r in result["rows"]}
     first = turns[0]
-    assert first["user"].startswith("(user spoke for") and "seconds" in first["bot"], report
-    assert first["tone_conditioning"] and first["context_turns"] >= 1, report
+    assert first["user"].startswith("(user spoke for"), report
+    assert "seconds" in first["bot"], report
+    assert first["tone_conditioning"], report
+    assert first["context_turns"] >= 1, report
     assert 0 < first["tts_first_audio_s"] <= first["first_audio_after_user_s"] < 30, report
     assert 0 < first["heard_s"] < 30, report
     row = rows[first["turn"]]
-    assert row["user"] == first["user"] and row["bot"].startswith(first["bot"]), report
-    assert row["first"].endswith(" s)") and row["heard"].endswith(" s") and row["tone"].startswith("on ("), report
+    assert row["user"] == first["user"], report
+    assert row["bot"].startswith(first["bot"]), report
+    assert row["first"].endswith(" s)"), report
+    assert row["heard"].endswith(" s"), report
+    assert row["tone"].startswith("on ("), report
     # The switch, clicked during that reply, applies from the next one: answered unconditioned,
     # in the voice uploaded through the page meanwhile.
     assert page["toneAcks"] == [False], report
     later = turns[1]
-    assert not later["tone_conditioning"] and later["context_turns"] == 0, report
-    assert later["first_audio_after_user_s"] is not None and rows[later["turn"]]["tone"] == "off", report
+    assert not later["tone_conditioning"], report
+    assert later["context_turns"] == 0, report
+    assert later["first_audio_after_user_s"] is not None, report
+    assert rows[later["turn"]]["tone"] == "off", report
     assert "reply conditioned on: nothing (tone conditioning off)" in log, report
-    assert abs(page["voice"]["seconds"] - clip_s) < 0.1 and "voice prompt uploaded-1 in use" in log, report
+    assert abs(page["voice"]["seconds"] - clip_s) < 0.1, report
+    assert "voice prompt uploaded-1 in use" in log, report
 
 
 # -- the Twilio phone bot (examples/pipecat_phone_bot.py): a media-stream session on 127.0.0.1 ------
@@ -208,13 +221,15 @@ def test_phone_bot_twilio_media_stream_roundtrip(engine, tiny_dir: Path, tmp_pat
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        assert time.monotonic() < deadline, "server did not start"
+        assert thread.is_alive(), "server did not start"
         time.sleep(0.05)
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/twiml", method="POST", data=b"CallSid=CA1")
         with urllib.request.urlopen(req, timeout=10) as r:
             twiml = r.read().decode()
-        assert f'<Stream url="ws://127.0.0.1:{port}/ws" />' in twiml and "<Connect>" in twiml, twiml
+        assert f'<Stream url="ws://127.0.0.1:{port}/ws" />' in twiml, twiml
+        assert "<Connect>" in twiml, twiml
 
         wav = tmp_path / "phrase.wav"
         make_mic_wav(wav, lead_s=0.2, silence_s=0.0)
@@ -319,7 +334,8 @@ def test_scripted_reply_is_honest_about_placeholders() -> None:
     from misotts_agents.tools.demo import scripted_reply
 
     reply = scripted_reply("(user spoke for 1.4 s) (user spoke for 2.7 s)", 0)
-    assert "4.1 seconds" in reply and "speech recognizer" in reply
+    assert "4.1 seconds" in reply
+    assert "speech recognizer" in reply
     assert scripted_reply("  what  time is it ", 1) == "You said: what time is it"
     assert scripted_reply("", 0) == "I didn't catch that."
 
@@ -376,7 +392,8 @@ def test_service_choice_follows_keys(no_keys: pytest.MonkeyPatch) -> None:
     assert (resolve_stt("auto"), resolve_llm("auto")) == ("none", "openai")
     no_keys.setenv("OPENAI_API_KEY", "sk-test")
     assert (resolve_stt("auto"), resolve_llm("auto")) == ("openai", "openai")
-    assert resolve_stt("none") == "none" and resolve_llm("scripted") == "scripted"
+    assert resolve_stt("none") == "none"
+    assert resolve_llm("scripted") == "scripted"
 
 
 def test_local_llm_when_ollama_answers(no_keys: pytest.MonkeyPatch) -> None:
@@ -391,9 +408,11 @@ def test_local_llm_when_ollama_answers(no_keys: pytest.MonkeyPatch) -> None:
         options = prepare(DemoOptions(model="tiny"))
         assert (options.stt, options.llm, options.llm_model) == ("none", "ollama", "llama3.2:latest")
         assert parts(options)["llm"] == {"kind": "ollama", "real": True, "what": "local Ollama LLM (llama3.2:latest)"}
-        assert parts(options)["stt"]["real"] is False and "placeholders" in describe(options)
+        assert parts(options)["stt"]["real"] is False
+        assert "placeholders" in describe(options)
         llm = make_llm(options.llm, options.llm_model)
-        assert type(llm).__name__ == "OLLamaLLMService" and str(llm._client.base_url).startswith(ollama_url())
+        assert type(llm).__name__ == "OLLamaLLMService"
+        assert str(llm._client.base_url).startswith(ollama_url())
         # A model asked for by name (with or without its tag) must be pulled there.
         assert prepare(DemoOptions(llm="ollama", llm_model="llama3.2")).llm_model == "llama3.2:latest"
         with pytest.raises(SystemExit, match="ollama pull"):
@@ -454,7 +473,8 @@ def test_local_whisper_when_its_model_is_there(no_keys: pytest.MonkeyPatch, tmp_
     no_keys.setattr(constants, "HF_HUB_OFFLINE", True)
     no_keys.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     problem = services.whisper_problem(None)
-    assert problem is not None and "not in the Hugging Face cache" in problem
+    assert problem is not None
+    assert "not in the Hugging Face cache" in problem
     assert resolve_stt("auto") == "none"
     (tmp_path / "w").mkdir()
     assert "model.bin" in services.whisper_problem(str(tmp_path / "w"))
@@ -478,7 +498,9 @@ def test_voice_upload_is_checked(tmp_path: Path) -> None:
         return path.read_bytes()
 
     voice = voice_from_upload(clip(3.0, fmt="FLAC"), " Hello there. ", speaker=0)
-    assert voice.sample_rate == 24_000 and abs(len(voice.audio) / 24_000 - 3.0) < 0.02 and voice.text == "Hello there."
+    assert voice.sample_rate == 24_000
+    assert abs(len(voice.audio) / 24_000 - 3.0) < 0.02
+    assert voice.text == "Hello there."
     for data, text, message in (
         (b"not audio at all" * 100, "Hi.", "could not be decoded"),
         (clip(0.4), "Hi.", "0.4 s long"),
@@ -504,4 +526,6 @@ def test_demo_help_is_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     example = Path(__file__).parents[1] / "examples" / "pipecat_webrtc_bot.py"
     out = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--model" in out.stdout and "--llm" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert "--model" in out.stdout, out.stderr
+    assert "--llm" in out.stdout, out.stderr

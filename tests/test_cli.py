@@ -32,9 +32,12 @@ def test_say_writes_audio_and_codes(tiny_dir, tmp_path, capsys):
     )
     assert rc == 0
     audio, rate = sf.read(out)
-    assert rate == 24_000 and audio.ndim == 1 and audio.size == 8 * 1920
+    assert rate == 24_000
+    assert audio.ndim == 1
+    assert audio.size == 8 * 1920
     saved = np.load(codes)
-    assert saved.shape == (8, 32) and np.issubdtype(saved.dtype, np.integer)
+    assert saved.shape == (8, 32)
+    assert np.issubdtype(saved.dtype, np.integer)
     assert "8 frames (max_frames)" in capsys.readouterr().out
 
 
@@ -73,7 +76,8 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc = main(["say", "Hi.", "--out", str(tmp_path / "o.wav"), "--model", str(tmp_path / "nothing")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "no such directory" in err and "make-tiny" in err
+    assert "no such directory" in err
+    assert "make-tiny" in err
 
 
 def test_watermark_check_reports(tiny_dir, tmp_path, capsys):
@@ -81,7 +85,9 @@ def test_watermark_check_reports(tiny_dir, tmp_path, capsys):
     sf.write(path, tone(1.2), 24_000)
     rc = main(["watermark-check", str(path), "--watermark-model", str(tiny_dir / "silentcipher")])
     out = capsys.readouterr().out
-    assert rc in (0, 1) and str(path) in out and ("not watermarked" in out or "watermarked" in out)
+    assert rc in (0, 1)
+    assert str(path) in out
+    assert "not watermarked" in out or "watermarked" in out
 
 
 def test_watermark_check_reports_a_message_without_confidence(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -94,7 +100,8 @@ def test_watermark_check_reports_a_message_without_confidence(tiny_dir, tmp_path
     sf.write(path, tone(1.2), 24_000)
     rc = main(["watermark-check", str(path), "--watermark-model", str(tiny_dir / "silentcipher")])
     out = capsys.readouterr().out
-    assert rc == 0 and "watermarked (message [0, 0, 0, 0, 0], confidence n/a); message matches the key" in out
+    assert rc == 0
+    assert "watermarked (message [0, 0, 0, 0, 0], confidence n/a); message matches the key" in out
 
 
 def test_make_tiny_writes_a_complete_directory(tmp_path, capsys):
@@ -116,7 +123,9 @@ def test_bench_runs_and_plots(tiny_dir, tmp_path, capsys):
     args = ["--model", str(tiny_dir), "--levels", "1,2", "--frames", "3", "--plot", str(plot), "--bandwidth-gbs", "100"]
     assert main(["bench", *args]) == 0
     out = capsys.readouterr().out
-    assert "batched" in out and "sequential" in out and "bandwidth floor at 100 GB/s" in out
+    assert "batched" in out
+    assert "sequential" in out
+    assert "bandwidth floor at 100 GB/s" in out
     assert plot.stat().st_size > 10_000
 
 
@@ -152,9 +161,11 @@ def test_serve_runs_the_server_with_named_voices(tiny_dir, tmp_path):
                 time.sleep(0.3)
         body = {"input": "Hello.", "voice": "anna", "response_format": "pcm", "max_audio_ms": 160}
         r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
-        assert r.status_code == 200 and len(r.content) == 2 * 2 * 1920
+        assert r.status_code == 200
+        assert len(r.content) == 2 * 2 * 1920
         r = httpx.post(f"{url}/v1/audio/speech", json={**body, "voice": "bob"}, timeout=60)
-        assert r.status_code == 400 and "anna" in r.json()["error"]["message"]
+        assert r.status_code == 400
+        assert "anna" in r.json()["error"]["message"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

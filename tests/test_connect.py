@@ -16,8 +16,10 @@ def test_no_url_means_no_connection():
 def test_url_makes_the_integrations_own_connection(monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     remote = server_connection(None, "http://gpu-box:8700")
-    assert isinstance(remote, RemoteEngine) and remote.url == "ws://gpu-box:8700/v1/stream"
-    assert remote.token == "from-env" and remote.want_codes is False  # integrations never need the codes
+    assert isinstance(remote, RemoteEngine)
+    assert remote.url == "ws://gpu-box:8700/v1/stream"
+    assert remote.token == "from-env"
+    assert remote.want_codes is False  # integrations never need the codes
     assert server_connection(None, "ws://gpu-box:8700", token="given").token == "given"
     monkeypatch.setenv(TOKEN_ENV, "")
     assert server_connection(None, "ws://gpu-box:8700").token is None

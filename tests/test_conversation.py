@@ -31,7 +31,9 @@ def test_user_turn_has_pre_roll_audio_and_transcript():
     mem.add_user_transcript("Where is my order?")  # transcripts can arrive before the stop
     mem.user_stopped_speaking()
     (seg,) = mem.context()
-    assert seg.speaker == 1 and seg.text == "Where is my order?" and seg.sample_rate == 24_000
+    assert seg.speaker == 1
+    assert seg.text == "Where is my order?"
+    assert seg.sample_rate == 24_000
     assert 0.76 <= seg.audio.size / 24_000 <= 0.84  # 0.6 s of speech + 0.2 s of pre-roll (± resampler delay)
 
 
@@ -87,7 +89,8 @@ def test_agent_turn_kept_whole_when_finished():
     mem.agent_started("All done.")
     mem.push_agent_audio(tone(0.5))
     mem.agent_finished()
-    assert mem.context()[0].text == "All done." and mem.context()[0].audio.size == 12_000
+    assert mem.context()[0].text == "All done."
+    assert mem.context()[0].audio.size == 12_000
 
 
 def test_bounded_and_switchable():
@@ -110,7 +113,8 @@ def test_long_agent_turn_keeps_its_start_and_the_matching_text():
     mem.agent_finished()
     (seg,) = mem.context()
     # (no word timings came: estimated over the 2 s by length, 4:4:6:5 -> starts 0, 0.42, 0.84, 1.47 s)
-    assert seg.audio.size == 24_000 and seg.text == "one two three"
+    assert seg.audio.size == 24_000
+    assert seg.text == "one two three"
 
 
 def test_user_audio_resampled_as_one_stream():
@@ -148,7 +152,8 @@ def test_shared_engine_is_one_per_model(tiny_dir):
     assert a is b
     a.close()
     c = shared_engine(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    assert c is not a and not c.closed
+    assert c is not a
+    assert not c.closed
     c.close()
 
 
@@ -162,20 +167,24 @@ def test_words_are_spread_by_length_and_handed_out_once_in_order():
         got += aligner.advance(k * 0.08)
     assert [w.word for w in got] == ["Sure", "thing.", "Your", "order", "ships"]  # the last is held back
     starts = [w.start_s for w in got]
-    assert starts == sorted(starts) and starts[0] == 0.0
+    assert starts == sorted(starts)
+    assert starts[0] == 0.0
     # by length at the prior rate while the audio is short of it: "thing." after "Sure " (5 characters)
     assert abs(got[1].start_s - 5 / CHARS_PER_S) < 1e-9
     assert all(w.start_s < k_end for w, k_end in zip(got, [0.08, 0.4, 0.88, 1.28, 1.68], strict=True))
     # end of speech at 3.0 s: the rest placed by its share of the real length, never before a word given
     (last,) = aligner.advance(3.0, ended=True)
-    assert last.word == "today." and last.end_s == 3.0 and got[-1].start_s <= last.start_s < 3.0
+    assert last.word == "today."
+    assert last.end_s == 3.0
+    assert got[-1].start_s <= last.start_s < 3.0
     assert aligner.advance(3.2, ended=True) == ()
 
 
 def test_a_sentence_cut_by_its_limit_hands_out_only_the_words_started():
     aligner = WordAligner("one two three four five six")
     words = aligner.advance(0.8)  # the limit came at 0.8 s (the final chunk, but not end of speech)
-    assert [w.word for w in words] == ["one", "two", "three"] and aligner.remaining == 3
+    assert [w.word for w in words] == ["one", "two", "three"]
+    assert aligner.remaining == 3
 
 
 def test_end_of_speech_sooner_than_expected_refines_the_timings():
@@ -183,15 +192,18 @@ def test_end_of_speech_sooner_than_expected_refines_the_timings():
     first = aligner.advance(0.08)
     rest = aligner.advance(1.0, ended=True)  # but it was said in 1 s
     words = [*first, *rest]
-    assert [w.word for w in words] == "one two three four five six".split()
-    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words)) and rest[-1].end_s == 1.0
+    assert [w.word for w in words] == ["one", "two", "three", "four", "five", "six"]
+    assert all(a.start_s <= b.start_s for a, b in itertools.pairwise(words))
+    assert rest[-1].end_s == 1.0
     assert abs(rest[0].start_s - 4 / 28 * 1.0) < 1e-9  # "two" at its share (after "one ": 4 of 28) of 1 s
 
 
 def test_long_text_is_split_at_clauses_then_words():
     text = "When it arrives, and it will arrive soon, please check the box; then call us back right away."
     parts = split_for_length(text, 2.5)
-    assert " ".join(parts) == text and len(parts) == 4 and all(p.endswith((",", ";", ".")) for p in parts)
+    assert " ".join(parts) == text
+    assert len(parts) == 4
+    assert all(p.endswith((",", ";", ".")) for p in parts)
     assert split_for_length("Short one.", 2.0) == ["Short one."]
     run_on = " ".join(["word"] * 40)  # no clause boundary at all: between words
     assert all(len(p) / CHARS_PER_S <= 2.0 for p in split_for_length(run_on, 2.0))
@@ -202,9 +214,11 @@ def test_playout_clock_ahead_and_behind():
     clock = PlayoutClock(lambda: now[0])
     assert clock.push(2.0) == 0.0  # generation far ahead: 2 s handed over at once
     now[0] = 0.5
-    assert clock.heard_s() == 0.5 and clock.push(0.5) == 2.0  # queued behind the first 2 s
+    assert clock.heard_s() == 0.5
+    assert clock.push(0.5) == 2.0  # queued behind the first 2 s
     now[0] = 4.0  # the player ran dry at 2.5 s: the next audio plays when it comes
-    assert clock.heard_s() == 2.5 and clock.push(0.08) == 4.0
+    assert clock.heard_s() == 2.5
+    assert clock.push(0.08) == 4.0
     now[0] = 4.04
     assert abs(clock.heard_s() - 2.54) < 1e-9
 
@@ -229,7 +243,9 @@ def test_interrupted_turn_keeps_the_words_heard_when_generation_is_ahead():
     mem.agent_finished(interrupted=True)
     (turn,) = mem.context()
     heard = [w.word for _, words in timed for w in words if w.start_s < 1.0]
-    assert turn.audio.size == 24_000 and turn.text == " ".join(heard) and 0 < len(heard) < 8
+    assert turn.audio.size == 24_000
+    assert turn.text == " ".join(heard)
+    assert 0 < len(heard) < 8
 
 
 def test_interrupted_turn_keeps_the_words_heard_when_generation_is_behind():
@@ -248,7 +264,8 @@ def test_interrupted_turn_keeps_the_words_heard_when_generation_is_behind():
     mem.agent_finished(interrupted=True)
     (turn,) = mem.context()
     assert turn.audio.size == 8 * 1920  # all of it played (the player waited for each chunk)
-    assert turn.text == "Sure thing." and aligner.remaining == 4
+    assert turn.text == "Sure thing."
+    assert aligner.remaining == 4
 
 
 def test_explicit_heard_position_and_two_sentences():
@@ -260,7 +277,8 @@ def test_explicit_heard_position_and_two_sentences():
             mem.push_agent_audio(pcm, words)
     mem.agent_finished(interrupted=True, heard_s=0.64 + 0.1)  # the framework says: 0.74 s played
     (turn,) = mem.context()
-    assert turn.audio.size == round(0.74 * 24_000) and turn.text == "One two. Three"
+    assert turn.audio.size == round(0.74 * 24_000)
+    assert turn.text == "One two. Three"
 
 
 def test_only_an_interruption_cuts_and_a_user_turn_meanwhile_comes_after():
@@ -279,7 +297,9 @@ def test_only_an_interruption_cuts_and_a_user_turn_meanwhile_comes_after():
     mem.push_agent_audio(tone(1.0))
     mem.agent_finished()  # played out (the next reply starts): kept whole
     agent, user = mem.context()
-    assert agent.audio.size == 3 * 24_000 and agent.text.startswith("A") and agent.text.endswith("More of it.")
+    assert agent.audio.size == 3 * 24_000
+    assert agent.text.startswith("A")
+    assert agent.text.endswith("More of it.")
     assert (user.speaker, user.text) == (1, "Hm.")
 
 
@@ -306,10 +326,12 @@ def test_preflight_transcript_conditions_a_reply_before_the_turn_ends():
     mem.add_user_transcript("Where is my order?")
     mem.user_preflight_transcript()  # the finals are all there is so far
     mem.push_user_audio(tone(0.1), 24_000)
-    assert mem.context()[0].text == "Where is my order?" and mem.context()[0].audio.size == 14_400
+    assert mem.context()[0].text == "Where is my order?"
+    assert mem.context()[0].audio.size == 14_400
     mem.user_stopped_speaking()  # committed: the turn itself, once
     (turn,) = mem.context()
-    assert turn.text == "Where is my order?" and turn.audio.size == 14_400
+    assert turn.text == "Where is my order?"
+    assert turn.audio.size == 14_400
 
 
 class _EngineStream:
@@ -355,4 +377,6 @@ def test_server_session_turn_is_cut_by_the_words_heard(step_s, chunks, barge_at,
     (turn,) = mem.context()
     words = [w for c in got for w in c.words if w.start_s < heard_s]
     assert turn.audio.size == round(heard_s * 24_000)
-    assert turn.text == " ".join(w.word for w in words) and said.startswith(turn.text) and turn.text != said
+    assert turn.text == " ".join(w.word for w in words)
+    assert said.startswith(turn.text)
+    assert turn.text != said

@@ -26,13 +26,19 @@ def test_stream_chunks_grow_and_cover_every_frame(engine):
     assert [c.frames for c in chunks] == [1, 2, 4, 5]
     assert [c.start_frame for c in chunks] == [0, 1, 3, 7]
     for c in chunks:
-        assert c.sample_rate == 24_000 and c.pcm.dtype == np.float32 and c.pcm.size == c.frames * FRAME
+        assert c.sample_rate == 24_000
+        assert c.pcm.dtype == np.float32
+        assert c.pcm.size == c.frames * FRAME
         assert np.isfinite(c.pcm).all()
     assert [c.final for c in chunks] == [False, False, False, True]
-    assert stream.stats.frames == 12 and stream.stats.stop_reason == "max_frames"
-    assert stream.codes.shape == (12, 32) and stream.codes.max() < 2051
-    assert stream.stats.time_to_first_audio_s is not None and stream.stats.real_time_factor > 0
-    assert stream.stats.queued_s is not None and stream.stats.queued_s <= stream.stats.time_to_first_audio_s
+    assert stream.stats.frames == 12
+    assert stream.stats.stop_reason == "max_frames"
+    assert stream.codes.shape == (12, 32)
+    assert stream.codes.max() < 2051
+    assert stream.stats.time_to_first_audio_s is not None
+    assert stream.stats.real_time_factor > 0
+    assert stream.stats.queued_s is not None
+    assert stream.stats.queued_s <= stream.stats.time_to_first_audio_s
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
@@ -84,7 +90,8 @@ def test_cancel_frees_the_slot_mid_utterance(engine):
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
     assert engine.metrics().steps <= steps + 2  # freed at the next step boundary, not at the end
     assert list(stream) == []  # nothing more after a cancel
-    assert stream.stats.stop_reason == "cancelled" and stream.stats.frames < 400
+    assert stream.stats.stop_reason == "cancelled"
+    assert stream.stats.frames < 400
 
 
 def test_context_manager_closes(engine):
@@ -104,7 +111,8 @@ def test_cancel_from_another_thread_stops_at_a_frame_boundary(engine):
     stream.cancel()
     worker.join(timeout=30)
     assert not worker.is_alive()
-    assert wait_until(lambda: stream.stats.stop_reason == "cancelled") and stream.stats.frames < 400
+    assert wait_until(lambda: stream.stats.stop_reason == "cancelled")
+    assert stream.stats.frames < 400
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
@@ -181,7 +189,8 @@ def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
     monkeypatch.setattr(decoder, "decode", spy)
     stream = engine.stream(req(frames=3))
     pcm = np.concatenate([c.pcm for c in stream])
-    assert pcm.size == 3 * FRAME and np.isfinite(pcm).all()
+    assert pcm.size == 3 * FRAME
+    assert np.isfinite(pcm).all()
     assert (stream.codes[:, 5] == 2049).all()  # the model's own history keeps its sample
     assert stream.stats.invalid_codes == 3
     assert all(int(c.max()) < 2048 for c in seen)
@@ -197,12 +206,13 @@ def test_all_zero_frame_ends_the_utterance(engine, monkeypatch):
     monkeypatch.setattr(engine.model, "decode_frame", eos_at_frame_3)
     stream = engine.stream(req(frames=20))
     assert sum(c.frames for c in stream) == 3
-    assert stream.stats.stop_reason == "eos" and stream.codes.shape == (3, 32)
+    assert stream.stats.stop_reason == "eos"
+    assert stream.codes.shape == (3, 32)
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    ("kwargs", "message"),
     [
         ({"text": ""}, "empty"),
         ({"text": "hi", "temperature": 0.0}, "temperature"),

@@ -25,7 +25,8 @@ from misotts_agents.server.protocol import ProtocolError, exception_message
 @pytest.mark.parametrize("code", sorted(WIRE_CODES))
 def test_every_code_round_trips(code):
     exc = from_wire(code, "what happened")
-    assert isinstance(exc, WIRE_CODES[code].exception) and str(exc) == "what happened"
+    assert isinstance(exc, WIRE_CODES[code].exception)
+    assert str(exc) == "what happened"
     assert to_wire(exc) == (code, "what happened", WIRE_CODES[code].retryable)  # a second hop keeps it
     assert http_status(exc) == WIRE_CODES[code].http_status
 
@@ -44,25 +45,31 @@ def test_every_code_round_trips(code):
     ],
 )
 def test_exceptions_map_to_codes_and_back(exc, code, cls, retryable, status):
-    assert error_code(exc) == code and http_status(exc) == status
+    assert error_code(exc) == code
+    assert http_status(exc) == status
     sent = to_wire(exc)
     assert sent == (code, str(exc), retryable)
     back = from_wire(*sent[:2])
-    assert type(back) is cls and error_code(back) == code
+    assert type(back) is cls
+    assert error_code(back) == code
 
 
 def test_unexpected_exceptions_are_internal_and_named():
     code, message, retryable = to_wire(RuntimeError("CUDA error: out of memory"))
     assert (code, message, retryable) == ("internal", "RuntimeError: CUDA error: out of memory", True)
     back = from_wire(code, message)
-    assert isinstance(back, RemoteError) and back.code == "internal" and back.retryable
+    assert isinstance(back, RemoteError)
+    assert back.code == "internal"
+    assert back.retryable
     assert to_wire(back) == (code, message, True)  # passed on unchanged, not renamed twice
 
 
 def test_unknown_codes_are_kept():
     back = from_wire("new_in_a_later_server", "something")
-    assert isinstance(back, RemoteError) and isinstance(back, MisoError)
-    assert back.code == "new_in_a_later_server" and not back.retryable
+    assert isinstance(back, RemoteError)
+    assert isinstance(back, MisoError)
+    assert back.code == "new_in_a_later_server"
+    assert not back.retryable
 
 
 def test_error_messages_carry_retryable():

@@ -84,13 +84,17 @@ async def wait_for(cond, timeout: float = 10.0) -> None:
 def check_events(events, *, streamed: bool) -> None:
     """The rules LiveKit's own TTS tests check on emitted audio."""
     assert events
-    assert len({e.request_id for e in events}) == 1 and events[0].request_id
-    assert [e.is_final for e in events].count(True) == 1 and events[-1].is_final
+    assert len({e.request_id for e in events}) == 1
+    assert events[0].request_id
+    assert [e.is_final for e in events].count(True) == 1
+    assert events[-1].is_final
     assert events[-1].frame.duration < 0.25
     for e in events:
-        assert e.frame.sample_rate == RATE and e.frame.num_channels == 1
+        assert e.frame.sample_rate == RATE
+        assert e.frame.num_channels == 1
     if streamed:
-        assert all(e.segment_id for e in events) and len({e.segment_id for e in events}) == 1
+        assert all(e.segment_id for e in events)
+        assert len({e.segment_id for e in events}) == 1
 
 
 def timed_words(events) -> list[TimedString]:
@@ -109,8 +113,11 @@ def samples(events) -> int:
 async def test_stream_pushes_frames_as_generated(mode):
     lk_engine = mode.engine
     tts = TTS("tiny", **mode.kwargs, max_audio_ms=MAX_MS, topk=1)
-    assert tts.capabilities.streaming and tts.sample_rate == RATE and tts.num_channels == 1
-    assert tts.model == "tiny" and tts.provider == "misotts"
+    assert tts.capabilities.streaming
+    assert tts.sample_rate == RATE
+    assert tts.num_channels == 1
+    assert tts.model == "tiny"
+    assert tts.provider == "misotts"
     stream = tts.stream(conn_options=FAST)
     for word in ["Hello there, ", "this is a ", "test of streaming."]:
         stream.push_text(word)
@@ -120,14 +127,18 @@ async def test_stream_pushes_frames_as_generated(mode):
     total = samples(events)
     # one request per piece of the sentence (split to fit max_audio_ms), each at most MAX_MS
     pieces = split_for_length("Hello there, this is a test of streaming.", MAX_MS / 1000 * SPLIT_SHARE)
-    assert total % FRAME_SAMPLES == 0 and 0 < total <= len(pieces) * MAX_MS * RATE // 1000  # 80 ms per frame
+    assert total % FRAME_SAMPLES == 0
+    assert 0 < total <= len(pieces) * MAX_MS * RATE // 1000  # 80 ms per frame
     assert events[0].frame.duration <= 0.1  # first audio leaves after the first frame
     # the words, timed: in order, within the audio, as one text
     assert tts.capabilities.aligned_transcript
     words = timed_words(events)
-    assert "".join(words) == "Hello there, this is a test of streaming."[: len("".join(words))] and words
+    assert "".join(words) == "Hello there, this is a test of streaming."[: len("".join(words))]
+    assert words
     starts = [w.start_time for w in words]
-    assert starts == sorted(starts) and starts[0] == 0.0 and starts[-1] < total / RATE
+    assert starts == sorted(starts)
+    assert starts[0] == 0.0
+    assert starts[-1] < total / RATE
     assert all(w.end_time >= w.start_time for w in words)
     await wait_for(lambda: lk_engine.free_slots == lk_engine.max_batch, timeout=1.0)
     await tts.aclose()
@@ -140,7 +151,8 @@ async def test_synthesize_one_shot(lk_engine):
     check_events(events, streamed=False)
     assert samples(events) % FRAME_SAMPLES == 0
     frame = await tts.synthesize("Again.", conn_options=FAST).collect()
-    assert frame.sample_rate == RATE and frame.samples_per_channel % FRAME_SAMPLES == 0
+    assert frame.sample_rate == RATE
+    assert frame.samples_per_channel % FRAME_SAMPLES == 0
 
 
 @pytest.mark.asyncio
@@ -176,7 +188,8 @@ def test_error_mapping():
     ]
     for exc, kind, retryable in cases:
         mapped = map_error(exc)
-        assert isinstance(mapped, kind) and mapped.retryable is retryable, exc
+        assert isinstance(mapped, kind), exc
+        assert mapped.retryable is retryable, exc
 
 
 class FailingEngine:
@@ -259,13 +272,16 @@ async def test_remote_connection_failures_are_retryable(lk_server):
     nobody.on("error", errors.append)
     with pytest.raises(APIConnectionError) as info:
         await nobody.synthesize("Hello.", conn_options=FAST).collect()
-    assert info.value.retryable is True and "connection failed" in str(info.value)
-    assert len(errors) == 2 and errors[0].recoverable  # retried once (FAST: max_retry=1)
+    assert info.value.retryable is True
+    assert "connection failed" in str(info.value)
+    assert len(errors) == 2  # retried once (FAST: max_retry=1)
+    assert errors[0].recoverable
     await nobody.aclose()
     wrong = TTS(url=lk_server.url, token="wrong")  # the server refuses the connection
     with pytest.raises(APIStatusError) as refused:
         await wrong.synthesize("Hello.", conn_options=FAST).collect()
-    assert refused.value.status_code == 401 and refused.value.retryable is False
+    assert refused.value.status_code == 401
+    assert refused.value.retryable is False
     await wrong.aclose()
 
 
@@ -280,11 +296,13 @@ async def test_remote_mode_loads_nothing(lk_engine, lk_server, monkeypatch):
     monkeypatch.setenv("MISOTTS_TOKEN", lk_server.token)
     tts = TTS(url=lk_server.url, max_audio_ms=MAX_MS)  # the token from the environment
     remote = tts.load_engine()
-    assert isinstance(remote, RemoteEngine) and remote.token == lk_server.token
+    assert isinstance(remote, RemoteEngine)
+    assert remote.token == lk_server.token
     tts.prewarm()  # opens the connection in this loop; loads nothing
     await wait_for(lambda: remote._ws is not None, timeout=5.0)
     frame = await tts.synthesize("Hello there.", conn_options=FAST).collect()
-    assert frame.samples_per_channel % FRAME_SAMPLES == 0 and frame.samples_per_channel > 0
+    assert frame.samples_per_channel % FRAME_SAMPLES == 0
+    assert frame.samples_per_channel > 0
     await tts.aclose()
     assert remote.closed  # aclose() closed the TTS's own connection
     with pytest.raises(ValueError, match="not both"):
@@ -297,7 +315,8 @@ async def test_failed_load_is_a_connection_error(tmp_path):
     tts = TTS(str(tmp_path / "missing"), device="cpu", watermark=False)
     with pytest.raises(APIError) as info:
         await tts.synthesize("Hello.", conn_options=FAST).collect()
-    assert isinstance(info.value, APIConnectionError) and info.value.retryable is False
+    assert isinstance(info.value, APIConnectionError)
+    assert info.value.retryable is False
 
 
 # -- an AgentSession without a server ------------------------------------------------------------
@@ -457,16 +476,19 @@ async def test_session_user_turn_reaches_the_prompt(mode, monkeypatch):
         audio_in.speak([*tone_frames(0.3, 0.0), *tone_frames(1.0, 0.3), *tone_frames(0.6, 0.0)])
         await wait_for(lambda: rec.requests and session.agent_state == "listening" and audio_out.frames, 30)
         user = [s for s in rec.requests[0].context if s.speaker == 1]
-        assert len(user) == 1 and user[0].text == "Where is my parcel?"
+        assert len(user) == 1
+        assert user[0].text == "Where is my parcel?"
         assert 0.9 <= user[0].audio.size / RATE <= 1.6  # the 1 s turn (+ pre-roll and the quiet tail)
         assert np.abs(user[0].audio).max() > 0.2  # the real frames, not silence
         played = sum(f.samples_per_channel for f in audio_out.frames)
-        assert played % FRAME_SAMPLES == 0 and played > 0
+        assert played % FRAME_SAMPLES == 0
+        assert played > 0
         # the agent's reply is remembered for the next one (voice continuity)
         memory = tone_for(session).memory
         await wait_for(lambda: any(s.speaker == 0 for s in memory.context()), 5)
         agent = next(s for s in memory.context() if s.speaker == 0)
-        assert agent.text == "Let me check that for you." and agent.audio.size == played  # (one word a request)
+        assert agent.text == "Let me check that for you."
+        assert agent.audio.size == played  # (one word a request)
     finally:
         await session.aclose()
         await tts.aclose()
@@ -496,7 +518,8 @@ async def test_session_interruption_cancels_and_cuts_the_turn(mode):
         # and the words that started in it
         assert turn.audio.size == played > 0
         said = "This is a long answer that the user will not let me finish at all."
-        assert said.startswith(turn.text) and 0 < len(turn.text.split()) < len(said.split())
+        assert said.startswith(turn.text)
+        assert 0 < len(turn.text.split()) < len(said.split())
     finally:
         await session.aclose()
         await tts.aclose()
@@ -522,10 +545,12 @@ async def test_preemptive_reply_hears_the_user_turn_so_far(mode, monkeypatch):
     try:
         audio_in.speak([*tone_frames(0.3, 0.0), *tone_frames(1.0, 0.3), *tone_frames(1.2, 0.0)])
         await wait_for(lambda: audio_out.frames and ear.final_sent_at and session.agent_state == "listening", 30)
-        assert times and times[0] < ear.final_sent_at  # synthesized before the turn was confirmed...
+        assert times
+        assert times[0] < ear.final_sent_at  # synthesized before the turn was confirmed...
         for request in rec.requests:  # ...and still hearing it
             (user,) = [s for s in request.context if s.speaker == 1]
-            assert user.text == "Where is my parcel?" and 0.9 <= user.audio.size / RATE <= 1.6
+            assert user.text == "Where is my parcel?"
+            assert 0.9 <= user.audio.size / RATE <= 1.6
             assert np.abs(user.audio).max() > 0.2
     finally:
         await session.aclose()
@@ -549,9 +574,12 @@ async def test_interrupted_turn_with_aligned_transcript(mode):
         await wait_for(lambda: bool(memory.context()), 5)
         (turn,) = memory.context()
         played = sum(f.samples_per_channel for f in audio_out.frames)
-        assert turn.audio.size == played and said.startswith(turn.text) and turn.text != said
+        assert turn.audio.size == played
+        assert said.startswith(turn.text)
+        assert turn.text != said
         (message,) = [m for m in session.history.messages() if m.role == "assistant"]
-        assert message.interrupted and said.startswith(message.text_content.strip())
+        assert message.interrupted
+        assert said.startswith(message.text_content.strip())
     finally:
         await session.aclose()
         await tts.aclose()
@@ -572,14 +600,16 @@ def test_every_option_is_checked_at_construction_and_update(lk_engine):
         {"memory": object()},
         {"sentence_tokenizer": object()},
     ]
-    for kwargs in bad:
-        with pytest.raises(ValueError):
+    for kwargs in bad:  # each refusal names the option it refuses
+        with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             TTS(engine=lk_engine, **kwargs)
     tts = TTS(engine=lk_engine, topk=7)
     for kwargs in bad[:6]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             tts.update_options(**kwargs)
-    assert tts._opts.topk == 7 and tts._opts.speaker == 0 and tts._opts.max_ahead_s is None  # unchanged
+    assert tts._opts.topk == 7
+    assert tts._opts.speaker == 0
+    assert tts._opts.max_ahead_s is None  # unchanged
 
 
 @pytest.mark.asyncio
@@ -592,8 +622,11 @@ async def test_voice_none_returns_to_the_default_voice(lk_engine, monkeypatch):
     tts.update_options(voice=None, max_ahead_s=2.0)
     await tts.synthesize("Two.", conn_options=FAST).collect()
     first, second = rec.requests
-    assert first.voice is voice and first.temperature == 0.5
-    assert second.voice is None and second.max_ahead_s == 2.0 and second.temperature == 0.5
+    assert first.voice is voice
+    assert first.temperature == 0.5
+    assert second.voice is None
+    assert second.max_ahead_s == 2.0
+    assert second.temperature == 0.5
 
 
 @pytest.mark.asyncio
@@ -653,9 +686,11 @@ async def test_aclose_ends_one_shot_requests_too(mode):
     tts = TTS(**mode.kwargs, max_audio_ms=8000)
     chunked = tts.synthesize("A long one-shot answer nobody waits for.", conn_options=FAST)
     await chunked.__anext__()  # generating
-    assert tts.running_streams == 1 and engine.free_slots < engine.max_batch
+    assert tts.running_streams == 1
+    assert engine.free_slots < engine.max_batch
     await tts.aclose()
-    assert chunked.done and tts.running_streams == 0
+    assert chunked.done
+    assert tts.running_streams == 0
     await wait_for(lambda: engine.free_slots == engine.max_batch, timeout=2.0)
 
 
@@ -706,9 +741,11 @@ async def test_a_retry_starts_from_a_clean_state():
     await tts.synthesize("First sentence here. Second sentence here.", conn_options=FAST).collect()
     assert [r.text for r in engine.requests] == ["First sentence here.", "Second sentence here."] * 2
     first, _failed, retry_first, retry_second = engine.requests
-    assert first.context == () and retry_first.context == ()  # a clean start
+    assert first.context == ()
+    assert retry_first.context == ()  # a clean start
     assert [s.text for s in retry_second.context] == ["First sentence here."]  # the retry's own first sentence
-    assert len(errors) == 1 and errors[0].recoverable
+    assert len(errors) == 1
+    assert errors[0].recoverable
 
 
 class QueuedStream:
@@ -758,7 +795,8 @@ async def test_long_sentences_are_split_at_clauses_and_a_cut_is_reported(caplog)
     with caplog.at_level(logging.WARNING, logger="misotts_agents.livekit"):
         await tts.synthesize(said, conn_options=FAST).collect()
     texts = [r.text for r in spoken.requests]
-    assert " ".join(texts) == said and len(texts) > 1
+    assert " ".join(texts) == said
+    assert len(texts) > 1
     assert all(t.endswith((",", ";", ".")) for t in texts)  # at clause ends, not inside a phrase
     assert all(estimated_duration_s(t) <= 4.0 * SPLIT_SHARE for t in texts)
     assert not [r for r in caplog.records if "cut a sentence short" in r.getMessage()]
@@ -800,7 +838,8 @@ async def test_inference_process_path(lk_engine):
             audio_in.speak([*tone_frames(0.2, 0.0), *tone_frames(0.8, 0.3), *tone_frames(0.5, 0.0)])
             await wait_for(lambda: session.agent_state == "listening" and audio_out.frames, 30)
             first = sum(f.samples_per_channel for f in audio_out.frames)
-            assert first > 0 and first % FRAME_SAMPLES == 0
+            assert first > 0
+            assert first % FRAME_SAMPLES == 0
             sent_before = len(remote._sent)
             assert sent_before >= 1  # the user's turn audio went over once
             # a second reply: the user's turn (>= 1 s, 48 kB) is in the runner's cache, only its hash
@@ -840,7 +879,8 @@ async def test_inference_context_audio_arrives_as_24k_mono(lk_engine):
         pass
     (seg,) = received[0].context
     expected = to_mono(stereo, 48_000)
-    assert seg.sample_rate == RATE and seg.audio.shape == expected.shape == (12_000,)
+    assert seg.sample_rate == RATE
+    assert seg.audio.shape == expected.shape == (12_000,)
     np.testing.assert_allclose(seg.audio, expected, atol=1 / 32767)  # int16 on the way
 
 

@@ -120,7 +120,8 @@ def said(text: str, stats: StreamStats) -> str:
 def spoken_words(frames: list[Frame]) -> list[str]:
     """The words pushed as TTSTextFrames (word timestamps), checked to come in time order."""
     words = [f for f in frames if isinstance(f, TTSTextFrame)]
-    assert [f.pts for f in words] == sorted(f.pts for f in words) and all(f.pts for f in words)
+    assert [f.pts for f in words] == sorted(f.pts for f in words)
+    assert all(f.pts for f in words)
     return [f.text for f in words]
 
 
@@ -164,7 +165,8 @@ def test_speak_frame_order_and_pcm(mode, monkeypatch):
     ctx = down[1].context_id
     assert all(f.context_id == ctx and f.num_channels == 1 and f.sample_rate == 24_000 for f in audio)
     (request, stream), *_ = spy.calls
-    assert request.text == "Hello there." and stream.stats.stop_reason in ("max_frames", "eos")
+    assert request.text == "Hello there."
+    assert stream.stats.stop_reason in ("max_frames", "eos")
     assert sum(len(f.audio) for f in audio) == 2 * stream.stats.frames * FRAME_SAMPLES  # int16, 80 ms a frame
 
 
@@ -204,7 +206,8 @@ def test_output_rate_labels_and_lengths(miso, monkeypatch, rate):
     tts = MisoTTSService(engine=miso, settings=SHORT)
     down, _ = run(tts, [TTSSpeakFrame("Hello there.")], rate=rate)
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
-    assert audio and {(f.sample_rate, f.num_channels) for f in audio} == {(rate, 1)}
+    assert audio
+    assert {(f.sample_rate, f.num_channels) for f in audio} == {(rate, 1)}
     samples = sum(len(f.audio) for f in audio) // 2
     expected = spy.calls[0][1].stats.frames * FRAME_SAMPLES * rate / 24_000
     assert abs(samples - expected) <= rate * 0.002  # streaming resampler, flushed at the end: within 2 ms
@@ -227,7 +230,8 @@ def test_interruption_cancels_the_engine_request_and_frees_its_slot(mode, monkey
     down, up = run(tts, frames)
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     (_, cut), (_, after) = spy.calls
-    assert cut.stats.stop_reason == "cancelled" and 0 < cut.stats.frames < 100
+    assert cut.stats.stop_reason == "cancelled"
+    assert 0 < cut.stats.frames < 100
     assert after.stats.stop_reason in ("max_frames", "eos")
     # (a stream learns its end just before the scheduler thread puts its slot back)
     assert wait_until(lambda: miso.free_slots == miso.max_batch and miso.metrics().active == 0, timeout=2.0)
@@ -408,7 +412,9 @@ def test_interrupted_real_reply_text_and_audio_agree(mode):
     run(Pipeline([barge, tts, speaker, LLMContextAggregatorPair(context).assistant()]), [*reply(said), SleepFrame(3.0)])
     (turn,) = tts.memory.context()
     heard = [m["content"] for m in context.get_messages()]
-    assert heard == [turn.text] and said.startswith(turn.text) and turn.text != said
+    assert heard == [turn.text]
+    assert said.startswith(turn.text)
+    assert turn.text != said
     assert 0.65 <= turn.audio.size / 24_000 <= 0.9
 
 
@@ -440,7 +446,9 @@ def test_agent_turn_is_cut_to_what_was_played(miso, monkeypatch):
     (seg,) = spy.requests[1].context
     played = seg.audio.size / 24_000
     assert 0.25 <= played <= min(elapsed, 1.9)  # ~0.4 s of the 2 s generated had played
-    assert seg.speaker == 0 and said.startswith(seg.text) and 0 < len(seg.text.split()) < 16
+    assert seg.speaker == 0
+    assert said.startswith(seg.text)
+    assert 0 < len(seg.text.split()) < 16
 
 
 @pytest.mark.parametrize(
@@ -480,7 +488,8 @@ def test_user_audio_tap_when_audio_does_not_reach_the_tts(miso, monkeypatch):
     text = LLMContextUserTurnFrame(text="Can you hear me?", timestamp="")
     run(Pipeline([tts.user_audio_tap(), DropInputAudio(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Yes.")])
     (user,) = spy.requests[0].context
-    assert user.text == "Can you hear me?" and abs(user.audio.size / 24_000 - 0.4) < 0.04
+    assert user.text == "Can you hear me?"
+    assert abs(user.audio.size / 24_000 - 0.4) < 0.04
 
 
 def test_tap_and_service_do_not_record_the_audio_twice(miso, monkeypatch):
@@ -489,7 +498,8 @@ def test_tap_and_service_do_not_record_the_audio_twice(miso, monkeypatch):
     text = TranscriptionFrame("Twice?", "user", "")
     run(Pipeline([tts.user_audio_tap(), tts]), [*user_turn(text, 0.4), TTSSpeakFrame("Once.")])
     (user,) = spy.requests[0].context
-    assert user.text == "Twice?" and abs(user.audio.size / 24_000 - 0.4) < 0.04
+    assert user.text == "Twice?"
+    assert abs(user.audio.size / 24_000 - 0.4) < 0.04
 
 
 def test_tone_conditioning_off_and_max_turns(miso, monkeypatch):
@@ -513,7 +523,8 @@ def test_engine_rejections_and_failures_become_error_frames(mode, monkeypatch):
     fix = TTSUpdateSettingsFrame(delta=MisoTTSService.Settings(watermark=None))
     down, up = run(tts, [TTSSpeakFrame("Mark this."), fix, TTSSpeakFrame("Now without.")])
     errors = [f for f in up if isinstance(f, ErrorFrame)]
-    assert errors and "watermark" in errors[0].error
+    assert errors
+    assert "watermark" in errors[0].error
     assert [f for f in down if isinstance(f, TTSAudioRawFrame)]  # the pipeline kept going
 
     # bad settings (invalid request), a busy engine and a failure mid-stream
@@ -543,7 +554,8 @@ def test_settings_update_applies_to_the_next_request(mode, monkeypatch):
     before, after = spy.requests
     assert (before.temperature, before.topk, before.max_frames, before.seed, before.voice) == (0.9, 50, 6, 1, None)
     assert (after.temperature, after.topk, after.max_frames, after.seed) == (0.5, 3, 3, 7)
-    assert same_voice(after.voice, voice) and after.watermark is False
+    assert same_voice(after.voice, voice)
+    assert after.watermark is False
     assert spy.calls[1][1].stats.frames <= 3
 
 
@@ -562,7 +574,8 @@ def test_bad_settings_update_is_refused_and_the_old_value_kept(mode, monkeypatch
     frames = [TTSSpeakFrame("Before."), *[TTSUpdateSettingsFrame(delta=d) for d in bad], TTSSpeakFrame("After.")]
     down, up = run(tts, frames)
     errors = [f.error for f in up if isinstance(f, ErrorFrame)]
-    assert len(errors) == len(bad) and all("settings update refused" in e for e in errors)
+    assert len(errors) == len(bad)
+    assert all("settings update refused" in e for e in errors)
     for word, error in zip(
         ["topk", "temperature", "max_audio_ms", "max_ahead_s", "seed", "nobody", "temperature"], errors, strict=True
     ):
@@ -612,7 +625,8 @@ def test_services_share_one_engine(tiny_dir):
     a = MisoTTSService(str(tiny_dir), device="cpu", watermark=False)
     b = MisoTTSService(str(tiny_dir), device="cpu", watermark=False)
     try:
-        assert a.engine is b.engine and a.memory is not b.memory
+        assert a.engine is b.engine
+        assert a.memory is not b.memory
         assert a.engine is shared_engine(str(tiny_dir), device="cpu", watermark=False)
     finally:
         a.engine.close()
@@ -667,7 +681,9 @@ def test_ttfb_and_usage_metrics(mode):
     data = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
     ttfb = [d for d in data if isinstance(d, TTFBMetricsData) and d.value > 0]
     usage = [d for d in data if isinstance(d, TTSUsageMetricsData)]
-    assert ttfb and usage and usage[0].value == len("Hello there.")
+    assert ttfb
+    assert usage
+    assert usage[0].value == len("Hello there.")
 
 
 def test_slow_first_audio_keeps_the_audio_context_open(miso, monkeypatch):
@@ -692,9 +708,11 @@ def test_remote_mode_loads_nothing_and_closes_its_connection(miso, miso_server, 
     monkeypatch.setattr(service_module, "shared_engine", no_load)
     monkeypatch.setenv("MISOTTS_TOKEN", miso_server.token)
     tts = MisoTTSService(url=miso_server.url, settings=SHORT)  # the token from the environment
-    assert isinstance(tts.engine, RemoteEngine) and tts.engine.token == miso_server.token
+    assert isinstance(tts.engine, RemoteEngine)
+    assert tts.engine.token == miso_server.token
     down, up = run(tts, [TTSSpeakFrame("Hello there.")])
-    assert names(down) == SPEAK_FRAMES and not [f for f in up if isinstance(f, ErrorFrame)]
+    assert names(down) == SPEAK_FRAMES
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
     assert tts.engine.closed  # cleanup() closed the service's own connection
     with pytest.raises(ValueError, match="not both"):
         MisoTTSService(engine=miso, url=miso_server.url)
@@ -710,9 +728,11 @@ def test_remote_connection_failures_are_retryable_error_frames(miso_server):
     assert len(errors) == 2  # not permanent: the service kept taking sentences (each one reconnects)
     for f in errors:
         assert "connection failed" in f.error
-        assert f.category is ErrorCategory.CONNECTIVITY and not f.category.is_permanent
+        assert f.category is ErrorCategory.CONNECTIVITY
+        assert not f.category.is_permanent
     # a wrong token: the server refuses the connection
     _, up = run(MisoTTSService(url=miso_server.url, token="wrong", **quick), [TTSSpeakFrame("Let me in.")])
     refused = [f for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RemoteError)]
-    assert refused and all(f.category is ErrorCategory.AUTHENTICATION for f in refused)
+    assert refused
+    assert all(f.category is ErrorCategory.AUTHENTICATION for f in refused)
     assert not any(isinstance(f.exception, RemoteConnectionError) for f in up if isinstance(f, ErrorFrame))

@@ -26,7 +26,8 @@ def test_layout_of_text_and_audio_segments(engine):
     assert m[: len(user_ids)].sum(dim=1).tolist() == [1] * len(user_ids)
     # audio run: 32 codes masked in, text column masked out, then the all-zero end frame
     audio_rows = slice(len(user_ids), len(user_ids) + n_audio + 1)
-    assert m[audio_rows, :32].all() and not m[audio_rows, 32].any()
+    assert m[audio_rows, :32].all()
+    assert not m[audio_rows, 32].any()
     codes = engine._encode_audio(torch.from_numpy(audio))
     assert torch.equal(t[len(user_ids) : len(user_ids) + n_audio, :32], codes.T)
     assert not t[len(user_ids) + n_audio].any()
@@ -61,7 +62,9 @@ def test_text_too_long(engine):
 def test_stereo_and_other_rates_are_converted():
     stereo = np.stack([tone(0.25, 48_000), tone(0.25, 48_000)])
     mono = to_mono(stereo, 48_000)
-    assert mono.dtype == np.float32 and mono.ndim == 1 and mono.size == 6000
+    assert mono.dtype == np.float32
+    assert mono.ndim == 1
+    assert mono.size == 6000
     interleaved = to_mono(stereo.T.copy(), 48_000)
     np.testing.assert_allclose(mono, interleaved)
     pcm16 = (tone(0.1, 16_000) * 32767).astype(np.int16)
@@ -69,7 +72,7 @@ def test_stereo_and_other_rates_are_converted():
 
 
 @pytest.mark.parametrize(
-    "audio, rate, message",
+    ("audio", "rate", "message"),
     [
         (np.array([0.1, np.nan, 0.2], dtype=np.float32), 24_000, "NaN or infinite"),
         (np.array([0.1, np.inf], dtype=np.float32), 24_000, "NaN or infinite"),

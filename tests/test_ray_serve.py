@@ -71,14 +71,17 @@ def test_example_config_is_a_serve_config_for_this_app():
     assert {d.name for d in app.deployments} == {ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT}
     engine = next(d for d in app.deployments if d.name == ENGINE_DEPLOYMENT)
     assert engine.max_ongoing_requests == app.args["max_batch"] + app.args["max_queue"]
-    assert engine.ray_actor_options.num_gpus == 1 and engine.autoscaling_config["max_replicas"] >= 1
+    assert engine.ray_actor_options.num_gpus == 1
+    assert engine.autoscaling_config["max_replicas"] >= 1
     # Serve never scales a deployment whose target is above what a replica may hold.
     assert engine.autoscaling_config["target_ongoing_requests"] < engine.max_ongoing_requests
     assert isinstance(app_builder(app.args), Application)
     # `serve run ...:app_builder key=value` passes strings.
     args = RayServeArgs.model_validate({"voices": "anna=a.wav, ben=b.wav", "watermark": "false", "max_batch": "4"})
-    assert args.voices == ["anna=a.wav", "ben=b.wav"] and args.watermark is False and args.max_batch == 4
-    with pytest.raises(ValueError):
+    assert args.voices == ["anna=a.wav", "ben=b.wav"]
+    assert args.watermark is False
+    assert args.max_batch == 4
+    with pytest.raises(ValueError, match=r"max_bach\s+Extra inputs are not permitted"):  # a typo is refused
         RayServeArgs.model_validate({"max_bach": 4})
 
 
@@ -141,7 +144,8 @@ async def speak(ws, rid: str, frames: int, **fields) -> tuple[int, dict]:
             data = await ws.recv()
             if isinstance(data, bytes):
                 got, _, n, _, pcm = unpack_audio(data)
-                assert got == rid and len(pcm) == 2 * n * FRAME_SAMPLES
+                assert got == rid
+                assert len(pcm) == 2 * n * FRAME_SAMPLES
                 samples += n * FRAME_SAMPLES
                 continue
             end = json.loads(data)
@@ -174,7 +178,8 @@ async def test_concurrent_conversations_stay_on_their_replica(ray_app):
                 frames = 4 + i % 3
                 samples, end = await speak(ws, f"{sid}-r{round_}", frames, session=sid, seed=i)
                 assert end["type"] == "end", end
-                assert end["stats"]["frames"] == frames and samples == frames * FRAME_SAMPLES
+                assert end["stats"]["frames"] == frames
+                assert samples == frames * FRAME_SAMPLES
                 replicas.add(end["stats"].get("replica", next(iter(replicas))))
                 # The reply became the session's agent turn on the same replica: 1 -> 3 -> 4 turns.
                 op = session_op(ws, sid, "user_turn", **turn) if round_ == 0 else session_op(ws, sid, "voice")
@@ -191,7 +196,8 @@ async def test_concurrent_conversations_stay_on_their_replica(ray_app):
     assert len(set(homes.values())) == REPLICAS, homes  # new sessions go to the replica with fewer
     for sid, home in homes.items():  # Serve's own routing finds each session where it lives
         stats = await asyncio.to_thread(engine_stats, sid)
-        assert stats["replica"] == home and stats["holds"] == [sid]
+        assert stats["replica"] == home
+        assert stats["holds"] == [sid]
 
 
 @pytest.mark.asyncio
@@ -205,20 +211,24 @@ async def test_requests_without_session_over_both_endpoints(ray_app):
             frames = 3 + i % 3
             stream = remote.stream(SynthesisRequest(f"Request {i}.", seed=i, max_audio_ms=80 * frames))
             pcm = [c.pcm async for c in stream]
-            assert stream.stats.frames == frames and stream.stats.stop_reason == "max_frames"
+            assert stream.stats.frames == frames
+            assert stream.stats.stop_reason == "max_frames"
             return sum(p.size for p in pcm) - frames * FRAME_SAMPLES
 
         assert await asyncio.gather(*(one(i) for i in range(8))) == [0] * 8
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ray_app}", timeout=60) as http:
         body = {"model": "misotts", "input": "Hi there.", "response_format": "pcm", "max_audio_ms": 80 * 3}
         got = await http.post("/v1/audio/speech", json=body)
-        assert got.status_code == 200 and len(got.content) == 3 * FRAME_SAMPLES * 2
+        assert got.status_code == 200
+        assert len(got.content) == 3 * FRAME_SAMPLES * 2
         health = (await http.get("/health")).json()
-        assert health["status"] == "ok" and health["max_batch"] in (MAX_BATCH, REPLICAS * MAX_BATCH)
+        assert health["status"] == "ok"
+        assert health["max_batch"] in (MAX_BATCH, REPLICAS * MAX_BATCH)
         bad = await http.post("/v1/audio/speech", json=body | {"input": ""})
         assert bad.status_code == 400
         metrics = await http.get("/metrics")
-        assert metrics.status_code == 200 and "misotts_engine_free_slots" in metrics.text
+        assert metrics.status_code == 200
+        assert "misotts_engine_free_slots" in metrics.text
 
 
 def replica_of(sid: str) -> dict:
@@ -249,7 +259,8 @@ async def test_cancel_and_disconnect_free_the_replica_slot(ray_app):
         assert (await asyncio.to_thread(replica_of, "cut"))["free_slots"] < MAX_BATCH
         await ws.send(json.dumps({"type": "cancel", "id": "c"}))
         end = await next_json(ws)
-        assert end["type"] == "end" and end["stats"]["stop_reason"] == "cancelled"
+        assert end["type"] == "end"
+        assert end["stats"]["stop_reason"] == "cancelled"
         assert 0 < end["stats"]["frames"] < 90_000 // 80  # cut before its default length
     assert await asyncio.to_thread(slots_freed, "cut")
 
@@ -286,12 +297,15 @@ async def test_incremental_text_in_a_session(ray_app):
                 end = json.loads(data)
                 if end.get("id") == "inc":
                     break
-        assert end["type"] == "end" and end["stats"]["parts"] == 3, end
-        assert end["stats"]["frames"] == 3 * frames and samples == 3 * frames * FRAME_SAMPLES
+        assert end["type"] == "end", end
+        assert end["stats"]["parts"] == 3, end
+        assert end["stats"]["frames"] == 3 * frames
+        assert samples == 3 * frames * FRAME_SAMPLES
         reply = await session_op(ws, "inc", "voice")
         assert reply["turns"] == 1  # the three parts are one agent turn, on the replica that spoke them
     stats = await asyncio.to_thread(engine_stats, "inc")
-    assert stats["replica"] == reply["replica"] and stats["holds"] == ["inc"]
+    assert stats["replica"] == reply["replica"]
+    assert stats["holds"] == ["inc"]
 
 
 @pytest.mark.asyncio
@@ -309,7 +323,9 @@ async def test_a_replica_dies_mid_reply(ray_app):
         actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{ENGINE_DEPLOYMENT}#{home}", namespace="serve")
         ray.kill(actor, no_restart=True)
         error = await next_json(ws)
-        assert error["type"] == "error" and error["id"] == "d" and error["code"] == "busy", error
+        assert error["type"] == "error", error
+        assert error["id"] == "d", error
+        assert error["code"] == "busy", error
         assert "replica serving this request was lost" in error["message"]
         for _ in range(20):  # retry on "busy", as a client does, until Serve has dropped the dead replica
             await ws.send(json.dumps({"type": "session", "session": "doomed", "op": "user_turn", **turn}))
@@ -318,6 +334,8 @@ async def test_a_replica_dies_mid_reply(ray_app):
                 break
             assert reply["code"] == "busy", reply
             await asyncio.sleep(0.25)
-        assert reply["replica"] != home and reply["turns"] == 1, reply
+        assert reply["replica"] != home, reply
+        assert reply["turns"] == 1, reply
         samples, end = await speak(ws, "after", 3, session="doomed")
-        assert end["type"] == "end" and samples == 3 * FRAME_SAMPLES
+        assert end["type"] == "end"
+        assert samples == 3 * FRAME_SAMPLES

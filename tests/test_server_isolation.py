@@ -46,7 +46,8 @@ async def run_batch(engine, bad_stream_hook, bad_request=None):
 
 def assert_goods_complete(goods, alone):
     for (pcm, codes, stats), ref in zip(goods, alone, strict=True):
-        assert stats.stop_reason == "max_frames" and stats.frames == FRAMES
+        assert stats.stop_reason == "max_frames"
+        assert stats.frames == FRAMES
         np.testing.assert_array_equal(codes, ref.codes)
         assert pcm.shape == ref.pcm.shape == (FRAMES * 1920,)
         np.testing.assert_allclose(pcm, ref.pcm, atol=1e-5 * max(1.0, float(np.abs(ref.pcm).max())))
@@ -80,7 +81,8 @@ def test_failing_bookkeeping_of_one_row_ends_that_request_alone(engine, alone, w
         setattr(stream, where, breaks)
 
     goods, error = asyncio.run(run_batch(engine, hook))
-    assert isinstance(error, RuntimeError) and where in str(error)
+    assert isinstance(error, RuntimeError)
+    assert where in str(error)
     assert_goods_complete(goods, alone)
     assert all_free(engine)
 
@@ -94,7 +96,8 @@ def test_a_failing_watermark_ends_that_request_alone_and_frees_its_slot(engine, 
         stream._watermark = Broken()
 
     goods, error = asyncio.run(run_batch(engine, hook))
-    assert isinstance(error, RuntimeError) and "watermark" in str(error)
+    assert isinstance(error, RuntimeError)
+    assert "watermark" in str(error)
     assert_goods_complete(goods, alone)
     assert all_free(engine)  # cancelled by the failure itself, not only by the caller's `with`
 
@@ -114,7 +117,8 @@ def test_a_batched_step_failing_because_of_the_newest_request_is_retried_without
 
     monkeypatch.setattr(scheduler, "stepper", stepper)
     goods, error = asyncio.run(run_batch(engine, bad_streams.append))
-    assert isinstance(error, RuntimeError) and "device failure" in str(error)
+    assert isinstance(error, RuntimeError)
+    assert "device failure" in str(error)
     assert_goods_complete(goods, alone)
     assert all_free(engine)
 

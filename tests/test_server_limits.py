@@ -89,8 +89,10 @@ def test_tokens_name_tenants():
     assert Tenants.load(env=env).names == ["acme", "bob"]
     assert Tenants.load(env={"MISOTTS_TOKEN": "t0"}).authenticate("Bearer t0") == "default"
     assert Tenants.load(env={}).open
-    assert TENANTS.authenticate(f"Bearer {BOB}") == "bob" and TENANTS.authenticate(f"bearer {ACME}") == "acme"
-    assert TENANTS.authenticate("Bearer nope") is None and TENANTS.authenticate(None) is None
+    assert TENANTS.authenticate(f"Bearer {BOB}") == "bob"
+    assert TENANTS.authenticate(f"bearer {ACME}") == "acme"
+    assert TENANTS.authenticate("Bearer nope") is None
+    assert TENANTS.authenticate(None) is None
     assert TENANTS.authenticate(f"Basic {ACME}") is None
 
 
@@ -118,9 +120,11 @@ async def test_sessions_audio_and_voices_belong_to_one_tenant(server, lim_engine
         _, ends = await collect(b, {"z"})
         assert ends["z"]["code"] == "invalid_request"
     store = backend(server).sessions
-    assert "acme/conv" in store and "bob/conv" in store
+    assert "acme/conv" in store
+    assert "bob/conv" in store
     assert store.get("acme/conv").voice.text == "Acme's Anna."  # acme's own anna before the shared one
-    assert len(store.get("acme/conv").memory.context()) == 1 and not store.get("bob/conv").memory.context()
+    assert len(store.get("acme/conv").memory.context()) == 1
+    assert not store.get("bob/conv").memory.context()
     assert free(lim_engine)
 
 
@@ -143,7 +147,8 @@ async def test_one_tenant_flooding_sessions_cannot_evict_another_tenants(server)
                 await collect(a, {f"r{i}"})
     budget = server.app.state.budget
     assert "bob/victim" in backend(server).sessions  # the cloned voice survived the flood
-    assert budget.used_bytes <= LIMITS.max_memory_bytes and budget.evicted > 0  # the budget was reached
+    assert budget.used_bytes <= LIMITS.max_memory_bytes
+    assert budget.evicted > 0  # the budget was reached
     assert budget.sessions <= 4 + 2  # acme's count limit held; bob's remain
 
 
@@ -158,11 +163,13 @@ def test_the_budget_evicts_from_the_largest_tenant_audio_first():
     budget.keep_audio("big", "a1", "x" * 30_000)
     budget.get_session("big", "s1", lambda: Blob(30_000))
     budget.get_session("big", "s2", lambda: Blob(30_000))  # over: big's audio goes first
-    assert budget.has_session("small", "keep") and budget.used_bytes <= 100_000
+    assert budget.has_session("small", "keep")
+    assert budget.used_bytes <= 100_000
     with pytest.raises(Exception, match="send it again"):
         budget.audio("big", "a1")
     budget.get_session("big", "s3", lambda: Blob(30_000))  # over again: big's oldest session goes
-    assert not budget.has_session("big", "s1") and budget.has_session("big", "s3")
+    assert not budget.has_session("big", "s1")
+    assert budget.has_session("big", "s3")
     assert budget.has_session("small", "keep")
 
 
@@ -177,9 +184,11 @@ def test_session_turn_audio_is_an_owned_copy_at_the_cap(lim_engine):
     (segment,) = store.get("default/long").memory.context()
     cap = int(store.get("default/long").memory.max_turn_s * SAMPLE_RATE)
     owner = segment.audio if segment.audio.base is None else segment.audio.base
-    assert segment.audio.size == cap and owner.nbytes == cap * 4  # holds exactly its samples, no more
+    assert segment.audio.size == cap
+    assert owner.nbytes == cap * 4  # holds exactly its samples, no more
     session = store.get("default/long")
-    assert session.nbytes == SESSION_OVERHEAD_BYTES + cap * 4 and isinstance(session, Session)
+    assert session.nbytes == SESSION_OVERHEAD_BYTES + cap * 4
+    assert isinstance(session, Session)
 
 
 # -- browser safety ------------------------------------------------------------------------------------
@@ -198,11 +207,14 @@ async def test_a_foreign_origin_is_refused_and_there_is_no_cors_by_default(serve
     body = {"input": "Hi.", "response_format": "pcm", "max_audio_ms": 160}
     async with httpx.AsyncClient(timeout=30) as http:
         plain = await http.post(url, content=json.dumps(body), headers=auth(ACME) | {"Content-Type": "text/plain"})
-        assert plain.status_code == 415 and plain.json()["error"]["type"] == "invalid_request_error"
+        assert plain.status_code == 415
+        assert plain.json()["error"]["type"] == "invalid_request_error"
         evil = await http.post(url, json=body, headers=auth(ACME) | {"Origin": "https://evil.example"})
-        assert evil.status_code == 403 and "access-control-allow-origin" not in evil.headers
+        assert evil.status_code == 403
+        assert "access-control-allow-origin" not in evil.headers
         ok = await http.post(url, json=body, headers=auth(ACME) | {"Origin": "https://app.example"})
-        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
         assert len(ok.content) == 2 * 2 * FRAME_SAMPLES
     assert free(lim_engine)
 
@@ -215,7 +227,8 @@ def test_cors_is_off_without_allowed_origins(lim_engine):
         )
         assert "access-control-allow-origin" not in r.headers
         health = httpx.get(http_url(s, "/health")).json()
-    assert health["model"] == "tiny" and "/" not in json.dumps(health)
+    assert health["model"] == "tiny"
+    assert "/" not in json.dumps(health)
 
 
 # -- limits: what a client sees --------------------------------------------------------------------------
@@ -231,7 +244,8 @@ async def test_connection_and_stream_limits(server, lim_engine):
         with pytest.raises(ConnectionClosed) as info:  # acme's fifth: the tenant's limit
             async with asyncio.timeout(10):
                 await extra.recv()
-        assert info.value.rcvd.code == 1013 and "per tenant" in info.value.rcvd.reason
+        assert info.value.rcvd.code == 1013
+        assert "per tenant" in info.value.rcvd.reason
         b = await stack.enter_async_context(connect(ws_url(server), additional_headers=auth(BOB)))
         for i in range(3):
             await conns[0].send(start(f"s{i}", 60))
@@ -239,7 +253,8 @@ async def test_connection_and_stream_limits(server, lim_engine):
         await next_json(conns[0])  # (messages of a connection are handled in order: the three started)
         await conns[1].send(start("s3", 60))  # acme's fourth concurrent stream
         _, ends = await collect(conns[1], {"s3"})
-        assert ends["s3"]["code"] == "too_many" and ends["s3"]["retryable"] is True
+        assert ends["s3"]["code"] == "too_many"
+        assert ends["s3"]["retryable"] is True
         await b.send(start("b", 2))  # bob is not held back by acme's streams
         _, ends = await collect(b, {"b"}, timeout=60)
         assert ends["b"]["type"] == "end"
@@ -295,7 +310,8 @@ def test_http_body_limits_and_deadlines(server):
         except OSError:  # the server answered and closed while more was coming
             pass
         answer = sock.recv(4096)
-        assert answer.startswith(b"HTTP/1.1 413") and b"too_large" in answer
+        assert answer.startswith(b"HTTP/1.1 413")
+        assert b"too_large" in answer
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(  # a 20-byte body of which 10 come, then nothing: the body deadline is 1 s
@@ -303,7 +319,8 @@ def test_http_body_limits_and_deadlines(server):
             'Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{"input": '.encode()
         )
         started = time.monotonic()
-        assert sock.recv(4096).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 5
 
 
 def test_slowloris_headers_are_cut_off(server):
@@ -320,7 +337,8 @@ def test_slowloris_headers_are_cut_off(server):
         remains = b""
     finally:
         sock.close()
-    assert remains == b"" and time.monotonic() - started < 5  # closed at the 1 s header deadline
+    assert remains == b""
+    assert time.monotonic() - started < 5  # closed at the 1 s header deadline
 
 
 @pytest.mark.asyncio
@@ -329,12 +347,14 @@ async def test_an_idle_connection_is_closed_but_not_one_with_running_requests(se
         with pytest.raises(ConnectionClosed) as info:
             async with asyncio.timeout(10):
                 await ws.recv()
-        assert info.value.rcvd.code == 1001 and info.value.rcvd.reason == "idle"
+        assert info.value.rcvd.code == 1001
+        assert info.value.rcvd.reason == "idle"
     async with connect(ws_url(server), additional_headers=auth(BOB)) as ws:
         # paced at real time: runs past the 2 s idle timeout while the client says nothing
         await ws.send(start("paced", 40, max_ahead_s=0.2))
         audio, ends = await collect(ws, {"paced"}, timeout=60)
-        assert ends["paced"]["type"] == "end" and sum(c[1] for c in audio["paced"]) == 40
+        assert ends["paced"]["type"] == "end"
+        assert sum(c[1] for c in audio["paced"]) == 40
     assert free(lim_engine)
 
 
@@ -343,7 +363,8 @@ async def test_over_limit_values_get_their_own_answers(server):
     async with connect(ws_url(server), additional_headers=auth(ACME)) as ws:
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "x" * 501}))
         err = await next_json(ws)
-        assert err["code"] == "too_large" and "'text'" in err["message"]
+        assert err["code"] == "too_large"
+        assert "'text'" in err["message"]
         ctx = [{"speaker": 1, "text": "a", "audio_b64": "AAAA"}] * 17
         await ws.send(json.dumps({"type": "start", "id": "t", "text": "hi", "context": ctx}))
         assert (await next_json(ws))["code"] == "too_large"

@@ -86,8 +86,10 @@ def test_an_empty_response_still_starts_its_file() -> None:
     """A request that made no audio answers its format's header (WAV and FLAC: a valid empty file)."""
     for fmt in ("wav", "flac"):
         audio, rate = decode(StreamEncoder(fmt).finish(), fmt)
-        assert audio.size == 0 and rate == SAMPLE_RATE
-    assert StreamEncoder("opus").finish().startswith(b"OggS") and StreamEncoder("mp3").finish().startswith(b"ID3")
+        assert audio.size == 0
+        assert rate == SAMPLE_RATE
+    assert StreamEncoder("opus").finish().startswith(b"OggS")
+    assert StreamEncoder("mp3").finish().startswith(b"ID3")
     with pytest.raises(ValueError, match="one of pcm, wav, mp3, opus, aac, flac"):
         StreamEncoder("ogg")
 
@@ -132,13 +134,17 @@ async def test_the_endpoint_streams_every_format(server, engine) -> None:
             assert FRAMES * 0.08 <= seconds <= FRAMES * 0.08 + SLACK_S.get(fmt, 0.001), (fmt, seconds)
             made[fmt] = audio
         # The same seed made the same audio: the lossless formats carry it exactly.
-        assert np.array_equal(made["pcm"], made["wav"]) and np.allclose(made["flac"], made["pcm"], atol=1 / 32767)
+        assert np.array_equal(made["pcm"], made["wav"])
+        assert np.allclose(made["flac"], made["pcm"], atol=1 / 32767)
         bad = await http.post(speech_url(server), json={**body, "response_format": "ogg"})
-        assert bad.status_code == 400 and "response_format" in bad.json()["error"]["message"]
+        assert bad.status_code == 400
+        assert "response_format" in bad.json()["error"]["message"]
         slow = await http.post(speech_url(server), json={**body, "speed": 1.5})
-        assert slow.status_code == 400 and "speed" in slow.json()["error"]["message"]
+        assert slow.status_code == 400
+        assert "speed" in slow.json()["error"]["message"]
         asked = await http.post(speech_url(server), json={**body, "response_format": "mp3", "instructions": "Cheerful"})
-        assert asked.status_code == 200 and asked.headers["content-type"] == "audio/mpeg"
+        assert asked.status_code == 200
+        assert asked.headers["content-type"] == "audio/mpeg"
     assert engine.free_slots == engine.max_batch
 
 

@@ -93,7 +93,8 @@ def test_tiny_silentcipher_leaves_the_global_rng_alone(tmp_path: Path) -> None:
     second = make_tiny_silentcipher(tmp_path / "b", seed=5)
     for name in ("enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt"):
         a, b = torch.load(first / name), torch.load(second / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_load_from_local_dir(watermarker: Watermarker, sc_dir: Path) -> None:
@@ -149,7 +150,8 @@ def test_repo_id_offline_without_cache(offline_hub: list[object]) -> None:
     msg = str(info.value)
     assert "'sony/silentcipher'" in msg
     assert "hf download sony/silentcipher --include '44_1_khz/73999_iteration/*'" in msg
-    assert "--no-watermark" in msg and "watermark=False" in msg
+    assert "--no-watermark" in msg
+    assert "watermark=False" in msg
     assert offline_hub == []
 
 
@@ -168,7 +170,8 @@ def test_apply_preserves_length_dtype_and_marks(watermarker: Watermarker) -> Non
     x = speechlike(0.5)
     before = x.copy()
     y = watermarker.apply(x, SR)
-    assert y.shape == x.shape and y.dtype == np.float32
+    assert y.shape == x.shape
+    assert y.dtype == np.float32
     np.testing.assert_array_equal(x, before)  # input not modified in place
     residual = y - x
     ratio = np.sqrt(np.mean(residual**2)) / np.sqrt(np.mean(x**2))
@@ -179,7 +182,8 @@ def test_apply_preserves_length_dtype_and_marks(watermarker: Watermarker) -> Non
 def test_apply_float64_and_native_rate(watermarker: Watermarker) -> None:
     x = speechlike(0.1, sr=44100).astype(np.float64)
     y = watermarker.apply(x, 44100)
-    assert y.shape == x.shape and y.dtype == np.float64
+    assert y.shape == x.shape
+    assert y.dtype == np.float64
     assert np.any(y != x)
 
 
@@ -187,7 +191,9 @@ def test_apply_float64_and_native_rate(watermarker: Watermarker) -> None:
 def test_apply_very_short(watermarker: Watermarker, n: int) -> None:
     x = speechlike(1.0)[1000 : 1000 + n]
     y = watermarker.apply(x, SR)
-    assert y.shape == (n,) and y.dtype == np.float32 and np.all(np.isfinite(y))
+    assert y.shape == (n,)
+    assert y.dtype == np.float32
+    assert np.all(np.isfinite(y))
 
 
 def test_apply_empty_and_silence(watermarker: Watermarker) -> None:
@@ -218,7 +224,8 @@ def test_stream_preserves_total_length(watermarker: Watermarker) -> None:
     for size in sizes:
         chunk = x[start : start + size]
         out = stream.process(chunk)
-        assert out.shape == chunk.shape and out.dtype == np.float32
+        assert out.shape == chunk.shape
+        assert out.dtype == np.float32
         assert np.any(out != chunk)
         outs.append(out)
         start += size
@@ -239,15 +246,19 @@ def test_detect_too_short(watermarker: Watermarker) -> None:
 
 def test_detect_silence(watermarker: Watermarker) -> None:
     res = watermarker.detect(np.zeros(SR, np.float32), SR)
-    assert not res.detected and res.reason.startswith("silent")
+    assert not res.detected
+    assert res.reason.startswith("silent")
 
 
 def _assert_well_formed(res: WatermarkDetection) -> None:
     assert isinstance(res, WatermarkDetection)
-    assert isinstance(res.detected, bool) and res.reason
+    assert isinstance(res.detected, bool)
+    assert res.reason
     if res.message is not None:
-        assert isinstance(res.message, tuple) and all(isinstance(v, int) for v in res.message)
-        assert res.confidence is not None and 0.0 <= res.confidence <= 1.0
+        assert isinstance(res.message, tuple)
+        assert all(isinstance(v, int) for v in res.message)
+        assert res.confidence is not None
+        assert 0.0 <= res.confidence <= 1.0
     if res.detected:
         assert res.message == DEFAULT_WATERMARK_KEY
 
@@ -303,8 +314,11 @@ def test_encode_arguments_match_reference() -> None:
     out = w.apply(speechlike(0.2), SR)
     assert out.shape == (4800,)
     (kind, (y, sr, message), kw) = fake.calls[0]
-    assert kind == "encode" and isinstance(y, np.ndarray) and y.ndim == 1
-    assert sr == 44100 and abs(y.shape[0] - 8820) <= 1
+    assert kind == "encode"
+    assert isinstance(y, np.ndarray)
+    assert y.ndim == 1
+    assert sr == 44100
+    assert abs(y.shape[0] - 8820) <= 1
     assert message == [1, 2, 3, 4, 5]
     assert kw == {"message_sdr": 36, "calc_sdr": False, "disable_checks": True}
 
@@ -318,7 +332,9 @@ def test_detect_key_matching_and_failures() -> None:
 
     other = Watermarker(FakeModel({"messages": [[9, 9, 9, 9, 9]], "confidences": [1.0], "status": True}))
     res = other.detect(clip, SR)
-    assert not res.detected and res.message == (9, 9, 9, 9, 9) and "not our key" in res.reason
+    assert not res.detected
+    assert res.message == (9, 9, 9, 9, 9)
+    assert "not our key" in res.reason
 
     none = Watermarker(
         FakeModel({"messages": [], "confidences": [], "error": "Could not find message", "status": False})
@@ -337,7 +353,8 @@ def test_calls_are_serialised_across_threads() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(fake.calls) == 6 and not fake.overlapped
+    assert len(fake.calls) == 6
+    assert not fake.overlapped
 
 
 def test_model_with_foreign_stft_is_rejected(tmp_path: Path) -> None:
