@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, fields
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
@@ -63,7 +63,16 @@ if TYPE_CHECKING:
     from misotts_agents.server.client import RemoteEngine
 
 DEFAULT_VOICE = "default"
-_REQUEST_DEFAULTS = {f.name: f.default for f in fields(SynthesisRequest)}
+_REQUEST_DEFAULTS = SynthesisRequest("defaults")  # the settings start from the request's own defaults
+_T = TypeVar("_T")
+
+
+def _given(value: _T | NotGiven, name: str) -> _T:
+    """A setting's value. The service's settings are complete (every field given: Pipecat checks at
+    start, and an update only replaces given fields), so NOT_GIVEN here is refused, never sent on."""
+    if isinstance(value, NotGiven):
+        raise InvalidRequest(f"the {name} setting has no value")
+    return value
 
 
 @dataclass
@@ -235,7 +244,9 @@ class MisoTTSService(TTSService):
     """
 
     Settings = MisoTTSSettings
-    _settings: MisoTTSSettings
+    # Pipecat's services narrow the type of their settings this way (TTSService is not generic in it):
+    # the service makes them from its own Settings class and updates them in place.
+    _settings: MisoTTSSettings  # pyright: ignore[reportIncompatibleVariableOverride]
 
     def __init__(
         self,
@@ -293,10 +304,10 @@ class MisoTTSService(TTSService):
             model=label,
             voice=DEFAULT_VOICE if voice is not None else None,
             language=None,
-            temperature=_REQUEST_DEFAULTS["temperature"],
-            topk=_REQUEST_DEFAULTS["topk"],
+            temperature=_REQUEST_DEFAULTS.temperature,
+            topk=_REQUEST_DEFAULTS.topk,
             watermark=None,
-            max_audio_ms=_REQUEST_DEFAULTS["max_audio_ms"],
+            max_audio_ms=_REQUEST_DEFAULTS.max_audio_ms,
             max_ahead_s=None,
             seed=None,
         )
@@ -318,15 +329,17 @@ class MisoTTSService(TTSService):
             )
         self._remote = remote  # closed in cleanup
         self._connect_task: asyncio.Task[None] | None = None
+        self._engine: MisoEngine | RemoteEngine
         if remote is not None:
-            engine = remote
-        elif engine is None:
+            self._engine = remote
+        elif engine is not None:
+            self._engine = engine
+        else:
             # Only non-default options: ``MisoTTSService(model)`` then shares ``shared_engine(model)``.
             options: dict[str, Any] = {} if device is None else {"device": device}
             if watermark is not True:
                 options["watermark"] = watermark
-            engine = shared_engine(model if model is not None else DEFAULT_MODEL, **options)
-        self._engine = engine
+            self._engine = shared_engine(model if model is not None else DEFAULT_MODEL, **options)
         self._memory = memory
         self._capture = _UserTurnCapture(memory)
         self._tone_conditioning = tone_conditioning
@@ -414,9 +427,11 @@ class MisoTTSService(TTSService):
         # The reply stays open in the memory: its audio may still be playing.
         self._forget_playout(context_id)
 
-    async def _update_settings(self, delta: MisoTTSSettings) -> dict[str, Any]:
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
         candidate = self._settings.copy()
-        candidate.apply_update(delta)
+        # Pipecat types the delta as the same class, but merges the given fields of any settings object
+        # (a plain TTSSettings delta, as its docs send, included).
+        candidate.apply_update(delta)  # pyright: ignore[reportArgumentType]
         try:
             self._check_settings(candidate)
         except InvalidRequest as exc:
@@ -430,18 +445,7 @@ class MisoTTSService(TTSService):
 
     def _check_settings(self, settings: MisoTTSSettings) -> None:
         """Raise InvalidRequest unless every request made with ``settings`` would be valid."""
-        if settings.voice is not None and settings.voice not in self._voices:
-            raise _UnknownVoice(f"unknown voice {settings.voice!r}: register it with register_voice() first")
-        # The request declares the bounds (SamplingParams for the sampling options).
-        SynthesisRequest(
-            "x",
-            temperature=settings.temperature,
-            topk=settings.topk,
-            seed=settings.seed,
-            max_audio_ms=settings.max_audio_ms,
-            watermark=settings.watermark,
-            max_ahead_s=settings.max_ahead_s,
-        )
+        self._request_with(settings, "x")  # the request declares the bounds (SamplingParams for sampling)
 
     # -- synthesis -----------------------------------------------------------------------------
 
@@ -459,46 +463,16 @@ class MisoTTSService(TTSService):
         try:
             if self._tone_conditioning:
                 self._open_agent_turn(context_id)
-            request = self._request(text)
-            stream = self._engine.stream(request)
+            stream = self._engine.stream(self._request(text))
             if self._tone_conditioning:
                 self._memory.agent_add_text(text)
             keepalive = self.create_task(self._keep_context_alive(context_id), name=f"{self}::keepalive")
-            resampler = create_stream_resampler(clear_after_secs=None) if self.sample_rate != SAMPLE_RATE else None
-            first = True
-            async for chunk in stream:
-                if first:
-                    await self.stop_ttfb_metrics()
-                    first = False
-                if self._tone_conditioning and self._agent_context == context_id:
-                    self._memory.push_agent_audio(chunk.pcm, chunk.words)
-                played_at = self._playout_for(context_id).push(chunk.duration_s)
-                audio = chunk.to_int16()
-                if resampler is not None and audio:
-                    audio = await resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
-                if audio:
-                    yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
-                if chunk.words:  # queued behind the audio they belong to, in the same context
-                    await self.add_word_timestamps(self._word_times(chunk, played_at), context_id)
-            if resampler is not None:
-                tail = await resampler.flush()
-                if tail:
-                    yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+            async for frame in self._audio_frames(stream, context_id):
+                yield frame
         except EngineClosed as exc:
             await self.push_error(f"{self}: {exc}", exception=exc, force_treat_as_permanent=True)
-        except ConnectionError as exc:  # url=: the server is unreachable or the connection dropped; retryable
-            yield ErrorFrame(
-                error=f"{self}: MisoTTS server connection failed: {exc}",
-                exception=exc,
-                category=ErrorCategory.CONNECTIVITY,
-            )
-        except MisoError as exc:  # invalid request (text, settings, audio), engine busy, missing watermark
-            refused = getattr(exc, "code", None) == "unauthorized"  # url=: the server refused our token
-            yield ErrorFrame(
-                error=f"{self}: {exc}", exception=exc, category=ErrorCategory.AUTHENTICATION if refused else None
-            )
-        except Exception as exc:  # a failure inside the engine: this utterance only
-            yield ErrorFrame(error=f"{self}: synthesis failed: {exc}", exception=exc)
+        except Exception as exc:
+            yield self._error_frame(exc)
         finally:
             if stream is not None:
                 stream.cancel()  # no-op when it ended; frees the engine slot at the next step otherwise
@@ -506,24 +480,68 @@ class MisoTTSService(TTSService):
                 await self.cancel_task(keepalive)
             await self.stop_ttfb_metrics()
 
+    async def _audio_frames(self, stream: AsyncIterator[AudioChunk], context_id: str) -> AsyncGenerator[Frame, None]:
+        """The stream's audio as frames at the pipeline's rate, each chunk's words queued behind it,
+        and its audio kept in the agent's turn (tone conditioning)."""
+        resampler = create_stream_resampler(clear_after_secs=None) if self.sample_rate != SAMPLE_RATE else None
+        first = True
+        async for chunk in stream:
+            if first:
+                await self.stop_ttfb_metrics()
+                first = False
+            if self._tone_conditioning and self._agent_context == context_id:
+                self._memory.push_agent_audio(chunk.pcm, chunk.words)
+            played_at = self._playout_for(context_id).push(chunk.duration_s)
+            audio = chunk.to_int16()
+            if resampler is not None and audio:
+                audio = await resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
+            if audio:
+                yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+            if chunk.words:  # queued behind the audio they belong to, in the same context
+                await self.add_word_timestamps(self._word_times(chunk, played_at), context_id)
+        if resampler is not None:
+            tail = await resampler.flush()
+            if tail:
+                yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+
+    def _error_frame(self, exc: Exception) -> ErrorFrame:
+        """What the pipeline is told when this utterance fails; the next one is tried afresh."""
+        if isinstance(exc, ConnectionError):  # url=: the server is unreachable or the connection dropped; retryable
+            return ErrorFrame(
+                error=f"{self}: MisoTTS server connection failed: {exc}",
+                exception=exc,
+                category=ErrorCategory.CONNECTIVITY,
+            )
+        if isinstance(exc, MisoError):  # invalid request (text, settings, audio), engine busy, missing watermark
+            refused = getattr(exc, "code", None) == "unauthorized"  # url=: the server refused our token
+            return ErrorFrame(
+                error=f"{self}: {exc}", exception=exc, category=ErrorCategory.AUTHENTICATION if refused else None
+            )
+        return ErrorFrame(error=f"{self}: synthesis failed: {exc}", exception=exc)  # inside the engine
+
     def _request(self, text: str) -> SynthesisRequest:
-        s = self._settings
+        return self._request_with(self._settings, text, speaker=self._memory.agent_speaker, context=self._context())
+
+    def _request_with(
+        self, s: MisoTTSSettings, text: str, speaker: int = 0, context: tuple[Segment, ...] = ()
+    ) -> SynthesisRequest:
         voice = None
-        if s.voice is not None:
-            voice = self._voices.get(s.voice)
+        name = _given(s.voice, "voice")
+        if name is not None:
+            voice = self._voices.get(name)
             if voice is None:
-                raise _UnknownVoice(f"unknown voice {s.voice!r}: register it with register_voice() first")
+                raise _UnknownVoice(f"unknown voice {name!r}: register it with register_voice() first")
         return SynthesisRequest(
             text,
-            speaker=self._memory.agent_speaker,
-            context=self._context(),
+            speaker=speaker,
+            context=context,
             voice=voice,
-            temperature=s.temperature,
-            topk=s.topk,
-            seed=s.seed,
-            max_audio_ms=s.max_audio_ms,
-            watermark=s.watermark,
-            max_ahead_s=s.max_ahead_s,
+            temperature=_given(s.temperature, "temperature"),
+            topk=_given(s.topk, "topk"),
+            seed=_given(s.seed, "seed"),
+            max_audio_ms=_given(s.max_audio_ms, "max_audio_ms"),
+            watermark=_given(s.watermark, "watermark"),
+            max_ahead_s=_given(s.max_ahead_s, "max_ahead_s"),
         )
 
     def _context(self) -> tuple[Segment, ...]:
