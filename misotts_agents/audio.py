@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import soxr
@@ -42,7 +42,7 @@ def from_int16(data: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / PCM16_SCALE
 
 
-def _is_tensor(audio: Any) -> bool:
+def _is_tensor(audio: Any) -> TypeGuard[torch.Tensor]:
     # torch is not imported here: an object can only be a tensor if the caller already loaded torch.
     torch_module = sys.modules.get("torch")
     return torch_module is not None and isinstance(audio, torch_module.Tensor)
@@ -62,29 +62,29 @@ def to_mono(
     2-D input may be (channels, samples) or (samples, channels): the short axis (<= 8) is taken as
     channels and averaged. Integer PCM is scaled to [-1, 1]. Empty, NaN or infinite audio is an error.
     """
-    if _is_tensor(audio):
-        audio = audio.detach().to("cpu").numpy()
-    audio = np.asarray(audio)
+    # A name of its own: under the parameter's declared type, a numpy result typed Any (mean, soxr)
+    # would read as "array or tensor" again.
+    samples: np.ndarray = np.asarray(audio.detach().to("cpu").numpy() if _is_tensor(audio) else audio)
     if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise InvalidRequest(f"{what}: sample rate must be a positive integer, got {sample_rate!r}")
-    if audio.dtype.kind in "iu":
-        audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
-    elif audio.dtype.kind != "f":
-        raise InvalidRequest(f"{what}: expected numeric samples, got dtype {audio.dtype}")
-    if audio.ndim == 2:
-        channel_axis = 0 if audio.shape[0] <= audio.shape[1] else 1
-        if audio.shape[channel_axis] > MAX_CHANNELS:
-            raise InvalidRequest(f"{what}: cannot tell channels from samples in shape {audio.shape}")
-        audio = audio.mean(axis=channel_axis)
-    elif audio.ndim != 1:
-        raise InvalidRequest(f"{what}: expected 1-D mono or 2-D multi-channel audio, got shape {audio.shape}")
-    if audio.size == 0:
+    if samples.dtype.kind in "iu":
+        samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
+    elif samples.dtype.kind != "f":
+        raise InvalidRequest(f"{what}: expected numeric samples, got dtype {samples.dtype}")
+    if samples.ndim == 2:
+        channel_axis = 0 if samples.shape[0] <= samples.shape[1] else 1
+        if samples.shape[channel_axis] > MAX_CHANNELS:
+            raise InvalidRequest(f"{what}: cannot tell channels from samples in shape {samples.shape}")
+        samples = samples.mean(axis=channel_axis)
+    elif samples.ndim != 1:
+        raise InvalidRequest(f"{what}: expected 1-D mono or 2-D multi-channel audio, got shape {samples.shape}")
+    if samples.size == 0:
         raise InvalidRequest(f"{what}: the clip is empty")
-    _check_finite(audio, what)
-    audio = audio.astype(np.float32, copy=False)
+    _check_finite(samples, what)
+    samples = samples.astype(np.float32, copy=False)
     if resample and sample_rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE).astype(np.float32, copy=False)
-    return np.ascontiguousarray(audio)
+        samples = soxr.resample(samples, sample_rate, SAMPLE_RATE).astype(np.float32, copy=False)
+    return np.ascontiguousarray(samples)
 
 
 def check_mono_float(audio: Any, what: str = "audio") -> np.ndarray:

@@ -10,6 +10,7 @@ here too, as each chunk reaches the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -45,10 +46,8 @@ class Mailbox:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, future = waiter
-            try:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_wake, future)
-            except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
-                pass
 
     def get(self) -> object:
         with self._cond:

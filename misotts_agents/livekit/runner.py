@@ -319,7 +319,9 @@ class InferenceProcessStream:
             _describe(s.speaker, s.text, to_mono(s.audio, s.sample_rate, f"context[{i}] audio"))
             for i, s in enumerate(r.context)
         ]
-        voice = _describe(r.voice.speaker, r.voice.text, r.voice.audio) if r.voice is not None else None
+        voice = None
+        if r.voice is not None:  # converted when the prompt was made: asarray only types it as an array
+            voice = _describe(r.voice.speaker, r.voice.text, np.asarray(r.voice.audio))
         fields = {
             "text": r.text,
             "speaker": r.speaker,

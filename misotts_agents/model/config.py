@@ -100,7 +100,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"{source}: missing {sorted(missing)}")
         config = cls(**known)
-        config.backbone, config.decoder  # noqa: B018 - validates both flavors now, not at first use
+        _ = config.backbone, config.decoder  # validates both flavors now, not at first use
         for name in ("text_vocab_size", "audio_vocab_size", "audio_num_codebooks"):
             if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
                 raise ValueError(f"{source}: {name} must be a positive integer")

@@ -370,8 +370,8 @@ class Watermarker:
             why = result.get("error", "decoder returned no message")
             return WatermarkDetection(False, None, None, f"no SilentCipher message found ({why})")
         message = tuple(int(v) for v in result["messages"][0])
-        confidences = result.get("confidences") or [None]
-        confidence = None if confidences[0] is None else float(confidences[0])
+        first = (result.get("confidences") or [None])[0]
+        confidence = None if first is None else float(first)
         if message == self._key:
             return WatermarkDetection(True, message, confidence, "SilentCipher message matches our key")
         return WatermarkDetection(

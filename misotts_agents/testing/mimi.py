@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
+from moshi.quantization.core_vq import EuclideanCodebook
 
 from misotts_agents.model.codec import (
     _CONFIG_ATTR,
@@ -60,10 +61,10 @@ def _randomize_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
     """
     with torch.no_grad():
         for module in mimi.modules():
-            if hasattr(module, "embedding_sum") and hasattr(module, "_initialized"):
+            if isinstance(module, EuclideanCodebook):
                 module.embedding_sum.normal_(generator=generator)
                 module._initialized.fill_(1.0)
-                module._embedding = None
+                module.register_buffer("_embedding", None, persistent=False)  # as moshi clears it
 
 
 def build_tiny_mimi(seed: int = 0) -> MimiModel:

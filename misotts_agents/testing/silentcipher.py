@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import Any
 
 # Keys read by silentcipher 1.0.5 (server.Model.__init__/encode_wav and model.CarrierDecoder).
-SILENTCIPHER_44K_HPARAMS: dict[str, object] = {
+SILENTCIPHER_44K_HPARAMS: dict[str, Any] = {
     "model_type": "44.1k",
     "SR": 44100,
     "N_FFT": 4096,

@@ -15,6 +15,7 @@ from misotts_agents.errors import MisoError
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
+    from misotts_agents.engine.prefill import PrefillChunk
     from misotts_agents.engine.voice import VoicePrompt
 
 
@@ -28,7 +29,7 @@ def _key(text: str) -> tuple[int, ...]:
     return key
 
 
-def _prefill_chunk(text: str) -> str | int:
+def _prefill_chunk(text: str) -> PrefillChunk:
     from misotts_agents.engine.prefill import parse_prefill_chunk  # only when serve is parsed (imports torch)
 
     try:
@@ -317,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = MisoEngine.load(
         args.model,
         device=args.device,
-        watermark=False if args.no_watermark else True,
+        watermark=not args.no_watermark,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk,
     )

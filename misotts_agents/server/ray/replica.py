@@ -48,7 +48,8 @@ class _SessionLease:
     name=ENGINE_DEPLOYMENT,
     ray_actor_options={"num_gpus": 1},
     max_ongoing_requests=24,  # the builder sets max_batch + max_queue
-    request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
+    # Ray annotates RequestRouterConfig's keyword arguments as `**kwargs: dict[str, Any]` (each one a dict).
+    request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),  # pyright: ignore[reportArgumentType]
     graceful_shutdown_timeout_s=60,  # let running utterances finish when a replica is scaled down
 )
 class EngineReplica:
@@ -138,7 +139,8 @@ class EngineReplica:
         text and closed with it): its router keeps them on this replica, and in the LRU they would
         push out real conversations."""
         if sid is not None and not sid.startswith("~"):
-            await self._lease(sid)
+            # serve.multiplexed has no return annotation: pyright infers a coroutine, not the wrapper it returns.
+            await self._lease(sid)  # pyright: ignore[reportCallIssue]
 
     async def stats(self, sessions: list[str] | None = None) -> dict[str, Any]:
         """This replica's figures; ``holds``: which of ``sessions`` it keeps."""
