@@ -37,7 +37,8 @@ def test_custom_flavor_round_trip(tiny_dir):
     config = ModelConfig.load(tiny_dir / "config.json")
     assert config == TINY_CONFIG
     model = load_model(tiny_dir / "model.safetensors", config, progress=False)
-    assert model.backbone.flavor.embed_dim == 64 and len(model.decoder.layers) == 1
+    assert model.backbone.flavor.embed_dim == 64
+    assert len(model.decoder.layers) == 1
     assert model.dtype == torch.float32
 
 
@@ -118,7 +119,7 @@ def test_hub_repo_offline_is_clear(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config, message",
+    ("config", "message"),
     [
         ({"backbone_flavor": "llama-9B", "decoder_flavor": "llama-300M"}, "unknown flavor"),
         ({"decoder_flavor": "llama-300M"}, "missing"),
@@ -212,4 +213,5 @@ def test_the_checkpoint_is_never_mapped_while_loading(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(tensorfile.TensorFile, "read_into", spy)
     load_model(path, TINY_CONFIG, progress=False)
-    assert seen and not any(seen)
+    assert seen
+    assert not any(seen)

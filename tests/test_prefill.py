@@ -58,7 +58,8 @@ def test_ties_go_in_arrival_order():
 
 def test_a_chunk_stops_at_the_voice_prefix_end():
     plan, width = plan_pass([cand("v", 900, stop=150)], 4096, MAX_SEQ_LEN)
-    assert [(c.key, n) for c, n in plan] == [("v", 150)] and width == 150
+    assert [(c.key, n) for c, n in plan] == [("v", 150)]
+    assert width == 150
 
 
 def test_padding_never_runs_past_the_cache_end():
@@ -80,14 +81,15 @@ def test_bad_settings_are_refused(value):
         parse_prefill_chunk(value)
 
 
-@pytest.mark.parametrize("value, parsed", [("auto", "auto"), (None, None), (0, 0), ("0", 0), ("384", 384)])
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), (None, None), (0, 0), ("0", 0), ("384", 384)])
 def test_settings(value, parsed):
     assert parse_prefill_chunk(value) == parsed
 
 
 def test_whole_prompts_budget():
     budget = PrefillBudget(0)
-    assert budget.whole_prompts and budget.positions(speaking=True) is None
+    assert budget.whole_prompts
+    assert budget.positions(speaking=True) is None
     assert PrefillBudget(None).whole_prompts
 
 
@@ -173,7 +175,8 @@ def test_chunked_batched_prefill_matches_whole_prefills(budget):
             Candidate(i, filled[i], lengths[i], lengths[i] - filled[i], i) for i in range(n) if filled[i] < lengths[i]
         ]
         plan, width = plan_pass(candidates, budget, MAX_SEQ_LEN)
-        assert plan and len(plan) * width <= budget
+        assert plan
+        assert len(plan) * width <= budget
         tokens, mask, pos = pass_inputs(
             [(prompts[c.key][0], prompts[c.key][1], c.filled, m) for c, m in plan], width, torch.device("cpu")
         )

@@ -88,8 +88,11 @@ def test_thousands_of_submit_cancel_finish_cycles_leak_nothing(engine):
     assert wait_until(lambda: engine.free_slots == engine.max_batch and engine.metrics().queued == 0, 60)
     m = engine.metrics()
     done = (m.completed - started.completed) + (m.cancelled - started.cancelled) + (m.failed - started.failed)
-    assert done == n and m.failed == started.failed
-    assert m.active == 0 and not engine._scheduler.jobs and not engine._scheduler.ready
+    assert done == n
+    assert m.failed == started.failed
+    assert m.active == 0
+    assert not engine._scheduler.jobs
+    assert not engine._scheduler.ready
     del live, stream
     gc.collect()
     assert len(created) == 0  # the engine keeps no reference to finished streams
@@ -140,7 +143,8 @@ def test_cached_voice_builds_the_prompt_of_the_voice_as_plain_context(engine, mo
         SynthesisRequest("Okay.", context=(Segment(0, "My voice.", tone(1.0, freq=200)),), topk=1, max_audio_ms=160)
     )
     with_voice, as_context = prompts
-    assert with_voice.prefix_len > 0 and as_context.prefix_len == 0
+    assert with_voice.prefix_len > 0
+    assert as_context.prefix_len == 0
     assert torch.equal(with_voice.tokens, as_context.tokens)
     assert torch.equal(with_voice.mask, as_context.mask)
 
@@ -185,12 +189,15 @@ def test_metrics_report_activity(engine):
     with engine.stream(SynthesisRequest("Counting frames.", max_audio_ms=80 * 6)) as stream:
         first = next(stream)
         during = engine.metrics()
-        assert during.active == 1 and during.max_batch == engine.max_batch
+        assert during.active == 1
+        assert during.max_batch == engine.max_batch
         list(stream)
     after = engine.metrics()
     assert first.frames == 1
-    assert after.frames - before.frames == 6 and after.completed == before.completed + 1
-    assert after.steps_per_s > 0 and after.frames_per_s > 0
+    assert after.frames - before.frames == 6
+    assert after.completed == before.completed + 1
+    assert after.steps_per_s > 0
+    assert after.frames_per_s > 0
 
 
 def test_streams_from_several_event_loops_and_threads(engine):
@@ -284,7 +291,8 @@ def test_stream_racing_close_is_refused_or_ended(small_engine):
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    assert len(outcomes) == 4 and set(outcomes) <= {EngineClosed, EngineBusy}
+    assert len(outcomes) == 4
+    assert set(outcomes) <= {EngineClosed, EngineBusy}
 
 
 def test_outcomes_are_counted_under_the_stats_lock(small_engine):
@@ -298,7 +306,8 @@ def test_outcomes_are_counted_under_the_stats_lock(small_engine):
     with scheduler._lock:
         paced.cancel()
         time.sleep(0.3)
-        assert scheduler.cancelled == before and small_engine.free_slots == 0
+        assert scheduler.cancelled == before
+        assert small_engine.free_slots == 0
     assert wait_until(lambda: small_engine.metrics().cancelled == before + 1, timeout=5)
     assert wait_until(lambda: small_engine.free_slots == 1, timeout=5)
 
@@ -313,11 +322,14 @@ def test_a_failed_prefill_is_logged_with_its_traceback(small_engine, caplog, mon
         return real(tokens, *args, **kwargs)
 
     monkeypatch.setattr(model, "backbone_last_hidden", failing)
-    with caplog.at_level(logging.WARNING, logger="misotts_agents.engine.scheduler"):
-        with pytest.raises(RuntimeError, match="prefill exploded"):
-            list(small_engine.stream(SynthesisRequest("Hello there.", max_audio_ms=160)))
+    with (
+        caplog.at_level(logging.WARNING, logger="misotts_agents.engine.scheduler"),
+        pytest.raises(RuntimeError, match="prefill exploded"),
+    ):
+        list(small_engine.stream(SynthesisRequest("Hello there.", max_audio_ms=160)))
     (record,) = [r for r in caplog.records if "prefill" in r.getMessage()]
-    assert record.exc_info is not None and str(record.exc_info[1]) == "prefill exploded"
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "prefill exploded"
 
 
 def test_close_ends_running_and_waiting_requests(small_engine):

@@ -117,7 +117,8 @@ def test_joiners_prefill_in_bounded_batched_passes_between_the_speakers_steps(ch
     assert len(joiners) == 2
     for job in joiners:
         begin, start = trace.events.index(trace.passes_of(job)[0]), trace.started(job)
-        assert start is not None and len(trace.passes_of(job)) > 1  # the prompt went in several chunks
+        assert start is not None
+        assert len(trace.passes_of(job)) > 1  # the prompt went in several chunks
         window = trace.events[begin:start]
         # no frame step touched the row before its prompt was in; the speaker stepped throughout
         assert not any(e[0] == "step" and job.slot in e[1] for e in window)
@@ -139,7 +140,8 @@ def test_chunked_prefill_leaves_the_kv_of_one_whole_prefill(chunked, tiny_dir, m
     reference = load_model(tiny_dir / "model.safetensors", ModelConfig.load(tiny_dir / "config.json"), progress=False)
     reference.setup_caches(1)
     joined = [job for job in trace.jobs() if job.stream in streams]
-    assert len(joined) == 2 and all(len(trace.passes_of(job)) > 1 for job in joined)
+    assert len(joined) == 2
+    assert all(len(trace.passes_of(job)) > 1 for job in joined)
     with torch.inference_mode():
         for job in joined:
             end = job.prefill_end
@@ -158,7 +160,8 @@ def test_two_joiners_with_one_new_voice_compute_its_prefix_once(chunked, monkeyp
     assert [sum(c.frames for c in s) for s in streams] == [3, 3]
     joined = [job for job in trace.jobs() if job.stream in streams]
     prefix = joined[0].prompt.prefix_len
-    assert len(joined) == 2 and prefix == joined[1].prompt.prefix_len > 0
+    assert len(joined) == 2
+    assert prefix == joined[1].prompt.prefix_len > 0
     chunks = [(job, start, n) for e in trace.events if e[0] == "pass" for job, start, n in e[4]]
     computing = {id(job) for job, start, _ in chunks if start < prefix}
     assert len(computing) == 1  # one computed the voice's positions; the other copied them
@@ -212,7 +215,8 @@ def test_a_failure_during_prefill_fails_only_its_request(chunked, monkeypatch, c
         with pytest.raises(RuntimeError, match="simulated prefill failure"):
             list(doomed)
         assert sum(c.frames for c in fine) == 3
-    assert batched_with_bad[0] == 2 and batched_with_bad[-1] == 1  # the batched pass, then it alone
+    assert batched_with_bad[0] == 2
+    assert batched_with_bad[-1] == 1  # the batched pass, then it alone
     assert chunked.metrics().failed == failed_before + 1
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)  # with its traceback
     assert wait_until(lambda: chunked.free_slots == chunked.max_batch - 1, 10)  # the speaker goes on
@@ -227,7 +231,8 @@ def test_whole_prompt_schedule_prefills_one_request_per_iteration(whole, monkeyp
     joined = [job for job in trace.jobs() if job.stream in streams]
     for job in joined:
         (one,) = trace.passes_of(job)
-        assert one[1] == [job.slot] and one[2] == job.prefill_end  # the whole prompt, alone
+        assert one[1] == [job.slot]
+        assert one[2] == job.prefill_end  # the whole prompt, alone
     first, second = (trace.events.index(trace.passes_of(job)[0]) for job in joined)
     assert any(e[0] == "step" for e in trace.events[first:second])  # a frame step between them
     finish(whole, talking)
