@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 
@@ -114,11 +114,14 @@ class PrefillBudget:
         return min(MAX_PASS_POSITIONS, max(MIN_AUTO_POSITIONS, n))
 
 
+K = TypeVar("K")
+
+
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(Generic[K]):
     """A row that can take part in the next pass."""
 
-    key: object  # the caller's handle, returned in the plan
+    key: K  # the caller's handle, returned in the plan
     filled: int  # positions already in the row
     stop: int  # this pass may fill up to here (the prompt's end, or the voice prefix's end)
     remaining: int  # positions left before the row's first frame step (its priority)
@@ -126,10 +129,10 @@ class Candidate:
 
 
 def plan_pass(
-    candidates: Sequence[Candidate], budget: int | None, max_len: int, max_rows: int | None = None
-) -> tuple[list[tuple[Candidate, int]], int]:
+    candidates: Sequence[Candidate[K]], budget: int | None, max_len: int, max_rows: int | None = None
+) -> tuple[list[tuple[Candidate[K], int]], int]:
     """Rows and chunk lengths of one pass, and its width; ``budget`` bounds rows * width."""
-    plan: list[tuple[Candidate, int]] = []
+    plan: list[tuple[Candidate[K], int]] = []
     width, limit = 0, max_len
     for cand in sorted(candidates, key=lambda c: (c.remaining, c.order)):
         if max_rows is not None and len(plan) >= max_rows:

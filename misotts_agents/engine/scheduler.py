@@ -59,7 +59,7 @@ class Job:
     frames: int = 0
     chunk_start: int = 0
     pieces: list[np.ndarray] = field(default_factory=list)
-    sizes: Iterator[int] | None = None
+    sizes: Iterator[int] = field(init=False)  # the request's chunk sizes, drawn as its chunks are cut
     want: int = 1
     first_audio_at: float | None = None
     admitted: int = 0  # admission order (ties in prefill priority)
@@ -67,16 +67,43 @@ class Job:
     computes_voice: bool = False  # this request computes its voice prefix for the voice cache
     prefilled: bool = False  # the whole prompt is in: the row takes part in frame steps
 
+    def __post_init__(self) -> None:
+        self.sizes = self.stream.request.chunks.sizes()
+
+    @property
+    def ready_prompt(self) -> Prompt:
+        """The prompt preparation built: every job the scheduler admits has one."""
+        if self.prompt is None:
+            raise RuntimeError("the request was not prepared")
+        return self.prompt
+
+    @property
+    def row(self) -> int:
+        """The slot (= KV-cache row) the job was admitted to: every job in ``Scheduler.jobs`` has one."""
+        if self.slot is None:
+            raise RuntimeError("the request has no slot")
+        return self.slot
+
+    @property
+    def written(self) -> int:
+        """Prompt positions in the row so far (0 before its prefill starts)."""
+        return self.filled if self.filled is not None else 0
+
+    @property
+    def voice_key(self) -> str | None:
+        voice = self.stream.request.voice
+        return voice.key if voice is not None else None
+
     @property
     def prefill_end(self) -> int:
         """Prefill fills every prompt frame but the last; the last is the input of the first frame
         step, so prefill never computes a hidden state nobody needs."""
-        return self.prompt.length - 1
+        return self.ready_prompt.length - 1
 
     @property
     def prefill_stop(self) -> int:
         """Where the next chunk must stop: the voice prefix's end while it is computed for the cache."""
-        return self.prompt.prefix_len if self.computes_voice else self.prefill_end
+        return self.ready_prompt.prefix_len if self.computes_voice else self.prefill_end
 
 
 @dataclass(frozen=True)
@@ -271,12 +298,12 @@ class Scheduler:
         if self.prefill_budget.whole_prompts:  # the schedule before chunking, kept for comparison
             for job in joining:
                 while self._startable(job) and not job.prefilled and job in self.jobs.values():
-                    self._run_pass([(job, job.prefill_stop - job.filled)], job.prefill_stop - job.filled)
+                    self._run_pass([(job, job.prefill_stop - job.written)], job.prefill_stop - job.written)
                 if speaking and (job.prefilled or job not in self.jobs.values()):
                     return  # one whole prefill per iteration while others speak
             return
         candidates = [
-            Candidate(job, job.filled, job.prefill_stop, job.prefill_end - job.filled, job.admitted)
+            Candidate(job, job.written, job.prefill_stop, job.prefill_end - job.written, job.admitted)
             for job in joining
             if self._startable(job) and not job.prefilled
         ]
@@ -289,16 +316,15 @@ class Scheduler:
         computing it. False while another request computes the same voice (it waits for the copy)."""
         if job.filled is not None:
             return True
-        voice, prompt = job.voice, job.prompt
+        voice = job.voice
         try:
             if voice is not None and voice.kv is None:
                 voice.kv = self._voice_kv(job)
             if voice is not None and voice.kv is not None:
-                self.model.backbone.import_prefix(job.slot, voice.kv)
-                job.filled = prompt.prefix_len
+                self.model.backbone.import_prefix(job.row, voice.kv)
+                job.filled = job.ready_prompt.prefix_len
             elif voice is not None:
-                key = job.stream.request.voice.key
-                if any(o.computes_voice and o.stream.request.voice.key == key for o in self.jobs.values()):
+                if any(o.computes_voice and o.voice_key == job.voice_key for o in self.jobs.values()):
                     return False
                 job.computes_voice = True
                 job.filled = 0
@@ -315,15 +341,15 @@ class Scheduler:
     def _voice_kv(self, job: Job) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The voice's prefix KV if known under its key: preparation threads may each have made their
         own entry for the same new voice, and only one request computes it."""
-        key = job.stream.request.voice.key
-        cached = self.voices.get(key)
+        key = job.voice_key
+        cached = self.voices.get(key) if key is not None else None
         if cached is not None and cached.kv is not None:
             return cached.kv
         return next(
             (
                 o.voice.kv
                 for o in self.jobs.values()
-                if o.voice is not None and o.voice.kv is not None and o.stream.request.voice.key == key
+                if o.voice is not None and o.voice.kv is not None and o.voice_key == key
             ),
             None,
         )
@@ -334,9 +360,11 @@ class Scheduler:
         began = time.perf_counter()
         try:
             tokens, mask, pos = pass_inputs(
-                [(job.prompt.tokens, job.prompt.mask, job.filled, n) for job, n in chunks], width, self.device
+                [(job.ready_prompt.tokens, job.ready_prompt.mask, job.written, n) for job, n in chunks],
+                width,
+                self.device,
             )
-            rows = torch.tensor([job.slot for job, _ in chunks], device=self.device)
+            rows = torch.tensor([job.row for job, _ in chunks], device=self.device)
             self.model.backbone_last_hidden(tokens, mask, pos, rows)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the pass's own time, not the next step's
@@ -352,11 +380,13 @@ class Scheduler:
         self.prefill_budget.observe_pass(len(chunks) * width, time.perf_counter() - began)
         for job, n in chunks:
             try:
-                job.filled += n
-                if job.computes_voice and job.filled >= job.prompt.prefix_len:
-                    job.voice.kv = self.model.backbone.export_prefix(job.slot, job.prompt.prefix_len)
+                job.filled = job.written + n
+                prefix_len = job.ready_prompt.prefix_len
+                if job.computes_voice and job.voice is not None and job.filled >= prefix_len:
+                    job.voice.kv = self.model.backbone.export_prefix(job.row, prefix_len)
                     job.computes_voice = False
-                    cached = self.voices.get(job.stream.request.voice.key)
+                    key = job.voice_key
+                    cached = self.voices.get(key) if key is not None else None
                     if cached is not None and cached.kv is None:  # the cache may hold another entry for it
                         cached.kv = job.voice.kv
                 if job.filled >= job.prefill_end:
@@ -367,14 +397,13 @@ class Scheduler:
 
     def _start_speaking(self, job: Job) -> None:
         """The prompt is in: set the row's first step input, position and sampling; it joins the step."""
-        stream, prompt, slot, end = job.stream, job.prompt, job.slot, job.prefill_end
+        stream, prompt, slot, end = job.stream, job.ready_prompt, job.row, job.prefill_end
         request = stream.request
         self.next_tokens[slot] = prompt.tokens[end:].to(self.device)
         self.next_mask[slot] = prompt.mask[end:].to(self.device)
         self.positions[slot] = end
         self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
         self.decoder.reset([slot])
-        job.sizes = request.chunks.sizes()
         job.want = next(job.sizes)
         job.prefilled = True
 
@@ -453,7 +482,7 @@ class Scheduler:
         self.next_mask[rows] = self.audio_mask
         self.sampling.advance(rows)
         codes_np = codes.cpu().numpy()
-        speaking_np = codes_np.any(axis=1)
+        speaking_np: np.ndarray = np.any(codes_np, axis=1)  # numpy's stubs type a.any(axis=1) as maybe a scalar
         now = time.perf_counter()
         with self._lock:  # counted before any stream hears of this step's audio
             self.steps += 1
@@ -479,7 +508,7 @@ class Scheduler:
         job.pieces.append(pcm)
         if job.frames >= job.stream.request.max_frames:
             self._finish(job, reason="max_frames")
-        elif self.positions[job.slot] >= MAX_SEQ_LEN:
+        elif self.positions[job.row] >= MAX_SEQ_LEN:
             self._finish(job, reason="context_full")
         elif len(job.pieces) >= job.want:
             self._flush(job, final=False)

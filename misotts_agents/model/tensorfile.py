@@ -58,7 +58,7 @@ class TensorFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - held open by the object; close() closes it
         try:
             self.tensors = self._read_header()
         except BaseException:
@@ -133,7 +133,7 @@ class TensorFile:
         return self._buffer[:nbytes]
 
     def _read_exactly(self, offset: int, into: torch.Tensor, name: str) -> None:
-        view = memoryview(into.numpy()).cast("B")
+        view = into.numpy().data.cast("B")  # the array's own buffer (typed as memoryview)
         self._file.seek(offset)
         done = 0
         while done < len(view):

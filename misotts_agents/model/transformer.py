@@ -30,8 +30,9 @@ they are always written before they are read (the frame step parks padding rows 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -94,11 +95,21 @@ class CacheWindow:
     masked: bool = True
 
 
-def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
+@runtime_checkable
+class _FusesWeights(Protocol):
+    """A module keeping derived copies of its weights (fused matrices, an fp32 scale)."""
+
+    def fuse_weights(self) -> None: ...
+
+
+def _refresh_after_load(module: _FusesWeights, incompatible_keys: object) -> None:
     module.fuse_weights()  # a load may have replaced (assign=True) or rewritten the official tensors
 
 
 class RMSNorm(nn.Module):
+    # Buffers are declared for type checkers (register_buffer makes them at run time).
+    scale_fp32: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
@@ -173,6 +184,10 @@ class _Pass(NamedTuple):
 
 
 class Attention(nn.Module):
+    k_cache: torch.Tensor | None  # (max_batch, kv heads, max_len, head_dim) once setup_cache ran
+    v_cache: torch.Tensor | None
+    wqkv: torch.Tensor  # fused by fuse_weights() in __init__
+
     def __init__(self, flavor: Flavor) -> None:
         super().__init__()
         self.num_heads = flavor.num_heads
@@ -199,6 +214,11 @@ class Attention(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
+    def caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("KV cache not set up: call setup_caches() first")
+        return self.k_cache, self.v_cache
+
     def forward(self, x: torch.Tensor, p: _Pass) -> torch.Tensor:
         b, s, _ = x.shape
         heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -224,6 +244,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    w13: torch.Tensor  # fused by fuse_weights() in __init__
+
     def __init__(self, flavor: Flavor) -> None:
         super().__init__()
         self.w1 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
@@ -257,13 +279,17 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
     """A stack of layers over a static KV cache of ``max_len`` positions (no embeddings, no output head)."""
 
+    rope: torch.Tensor  # buffers made by init_buffers()
+    key_positions: torch.Tensor
+    row_index: torch.Tensor
+
     def __init__(self, flavor: Flavor, max_len: int) -> None:
         super().__init__()
         self.flavor = flavor
         self.max_len = max_len
         self.layers = nn.ModuleList(Layer(flavor) for _ in range(flavor.num_layers))
         self.norm = RMSNorm(flavor.embed_dim)
-        self.compiled_layers: list[nn.Module] | None = None
+        self.compiled_layers: list[Callable[..., torch.Tensor]] | None = None
         self.init_buffers(self.norm.scale.device, self.norm.scale.dtype)
 
     def compile_layers(self) -> None:
@@ -289,26 +315,29 @@ class Transformer(nn.Module):
 
     def fuse_weights(self) -> None:
         for module in self.modules():
-            if module is not self and hasattr(module, "fuse_weights"):
+            if module is not self and isinstance(module, _FusesWeights):
                 module.fuse_weights()
 
+    def _attentions(self) -> Iterator[Attention]:
+        # nn.ModuleList yields plain Modules to a type checker (torch's typing gap); they are Layers.
+        return (layer.attn for layer in cast("list[Layer]", self.layers))
+
     def setup_caches(self, max_batch: int, dtype: torch.dtype, device: torch.device) -> None:
-        for layer in self.layers:
-            layer.attn.setup_cache(max_batch, self.max_len, dtype, device)
+        for attn in self._attentions():
+            attn.setup_cache(max_batch, self.max_len, dtype, device)
         self.row_index = torch.arange(max_batch, device=device)
 
     def export_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the first ``length`` cached positions of one row, per layer (for prefix reuse)."""
-        return [
-            (layer.attn.k_cache[row, :, :length].clone(), layer.attn.v_cache[row, :, :length].clone())
-            for layer in self.layers
-        ]
+        caches = [attn.caches() for attn in self._attentions()]
+        return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in caches]
 
     def import_prefix(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write an exported prefix into another row's first positions."""
-        for layer, (k, v) in zip(self.layers, kv, strict=True):
-            layer.attn.k_cache[row, :, : k.size(1)] = k
-            layer.attn.v_cache[row, :, : v.size(1)] = v
+        for attn, (k, v) in zip(self._attentions(), kv, strict=True):
+            k_cache, v_cache = attn.caches()
+            k_cache[row, :, : k.size(1)] = k
+            v_cache[row, :, : v.size(1)] = v
 
     def window_for(self, input_pos: torch.Tensor) -> int:
         """The window holding every position in ``input_pos`` (reads them: a device sync on CUDA)."""
@@ -355,6 +384,8 @@ class Transformer(nn.Module):
 
 class MisoModel(nn.Module):
     """Backbone + depth decoder + embeddings and heads, named as in the official checkpoint."""
+
+    codebook_offsets: torch.Tensor  # a buffer: codebook i's codes start at i * audio_vocab_size
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

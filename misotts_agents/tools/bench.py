@@ -237,7 +237,7 @@ def count_kernels(engine: MisoEngine) -> dict | None:
     the same step run without its graph. None off CUDA."""
     if engine.device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import DeviceType, ProfilerActivity, profile
 
     stepper = engine._scheduler.stepper
     shape = stepper.shape_for([0], [64], 50)
@@ -247,7 +247,10 @@ def count_kernels(engine: MisoEngine) -> dict | None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        events = prof.events()  # filled when profiling stops, at the end of the with block
+        if events is None:
+            raise RuntimeError("the profiler recorded no events")
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA)
 
     with torch.inference_mode():
         out = {"shape": str(shape), "eager": kernels(lambda: stepper._run(shape))}
