@@ -15,7 +15,9 @@ import threading
 from collections.abc import Hashable
 from pathlib import Path
 
+import numpy as np
 import torch
+from moshi.models.compression import MimiModel
 
 from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
@@ -65,11 +67,13 @@ class MisoEngine:
     stays within max(two steps, 64 ms)), a number of positions per pass, or 0 for whole prompts.
     """
 
+    model_name = "misotts"  # what the integrations' metrics call it: the checkpoint ``load`` read
+
     def __init__(
         self,
         model: MisoModel,
         tokenizer: TextTokenizer,
-        mimi: torch.nn.Module,
+        mimi: MimiModel,
         watermarker: Watermarker | None,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -159,7 +163,7 @@ class MisoEngine:
             # On the engine's device: on CPU SilentCipher costs ~0.5 core-second per second of audio.
             watermarker = Watermarker.load(watermark, device=str(device), key=watermark_key)
         net = load_model(weights, config, device=device, dtype=dtype, progress=progress)
-        return cls(
+        engine = cls(
             net,
             text_tokenizer,
             mimi_model,
@@ -171,6 +175,8 @@ class MisoEngine:
             batch_buckets=batch_buckets,
             prefill_chunk=prefill_chunk,
         )
+        engine.model_name = str(model)
+        return engine
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -182,13 +188,13 @@ class MisoEngine:
         """
         if request.watermark and self.watermarker is None:
             raise ModelSourceError("this request asks for a watermark but the engine was loaded without one")
-        use_wm = self.watermarker is not None and request.watermark is not False
+        watermarker = self.watermarker if request.watermark is not False else None
         seed = request.seed if request.seed is not None else secrets.randbits(62)
         stream = SpeechStream(
             request,
             seed,
             self.num_codebooks,
-            StreamWatermarker(self.watermarker) if use_wm else None,
+            StreamWatermarker(watermarker) if watermarker is not None else None,
             self._scheduler.wake.set,
         )
         job = Job(stream)
@@ -264,7 +270,7 @@ class MisoEngine:
                 if job.voice is None:
                     self.voices.misses += 1
                     tokens, mask = self.prompts.segment_frames(
-                        request.voice.speaker, request.voice.text, request.voice.audio
+                        request.voice.speaker, request.voice.text, np.asarray(request.voice.audio)
                     )
                     job.voice = CachedVoice(tokens, mask)
                     self.voices.put(request.voice.key, job.voice)
