@@ -11,11 +11,12 @@ from misotts_agents.engine.prefill import (
     MIN_AUTO_POSITIONS,
     Candidate,
     PrefillBudget,
+    context_scale,
     parse_prefill_chunk,
     pass_inputs,
     plan_pass,
 )
-from misotts_agents.model.config import MAX_SEQ_LEN
+from misotts_agents.model.config import MAX_SEQ_LEN, MISOTTS_8B
 from misotts_agents.testing.tiny import TINY_CONFIG, random_model
 
 
@@ -191,3 +192,25 @@ def test_chunked_batched_prefill_matches_whole_prefills(budget):
         for layer in model.backbone.layers:
             for cache in (layer.attn.k_cache, layer.attn.v_cache):
                 torch.testing.assert_close(cache[n + i, :, :length], cache[i, :, :length], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_budget_sizes_deep_passes_by_their_attention_cost():
+    """A pass deep into a long prompt attends to more positions: with the cost model of
+    ``context_scale`` the budget predicts that, so the pass meets its target from the start instead
+    of overrunning it until the feedback catches up (the cause of worst-case chunk gaps)."""
+    scale, per_unit, step = 300.0, 1e-5, 0.090
+    budget = PrefillBudget("auto", context_scale=scale)
+    budget.observe_step(step)
+    budget.observe_pass(100, 100 * (1 + 50 / scale) * per_unit, context=50)  # a shallow pass teaches the unit cost
+    shallow, deep = budget.positions(speaking=True), budget.positions(speaking=True, filled=1500)
+    assert shallow is not None
+    assert deep is not None
+    assert deep < shallow
+    # the deep pass, timed by the same cost model, takes the target (one step), not several
+    deep_time = deep * (1 + (1500 + deep / 2) / scale) * per_unit
+    assert deep_time == pytest.approx(step, rel=0.01)
+
+
+def test_context_scale_of_the_8b_backbone_makes_attention_a_small_share():
+    scale = context_scale(MISOTTS_8B.backbone)
+    assert 2000 / scale < 0.1  # ~7%: on the real model the positions' count is what matters

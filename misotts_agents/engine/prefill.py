@@ -46,6 +46,7 @@ is about ``step + pass``) and the joiners' first audio (the share of the device 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
@@ -53,6 +54,7 @@ from typing import Generic, Literal, TypeVar
 import torch
 
 from misotts_agents.audio import FRAME_MS
+from misotts_agents.model.config import Flavor
 
 PrefillChunk = int | Literal["auto"] | None
 
@@ -76,13 +78,32 @@ def parse_prefill_chunk(value: object) -> PrefillChunk:
     return value
 
 
-class PrefillBudget:
-    """How many padded positions the next prefill pass may take (see the module docstring)."""
+def context_scale(flavor: Flavor) -> float:
+    """The context length at which a position's attention costs as much as its projections and MLP.
 
-    def __init__(self, setting: PrefillChunk = "auto") -> None:
+    Per layer and position the linear layers cost ``2 * d * (2d + 2 * kv_dim + 3 * ff)`` FLOPs and
+    attention ``4 * d`` per position attended to. A position attending to ``c`` others therefore costs
+    ``1 + c / scale`` times a position attending to none: about 26,600 for the 8B backbone (attention
+    adds ~7% at 2,000 positions) but a few hundred for a tiny test flavor, where the late chunks of a
+    long prompt cost several times its early ones.
+    """
+    kv_dim = flavor.num_kv_heads * flavor.head_dim
+    return (2 * flavor.embed_dim + 2 * kv_dim + 3 * flavor.intermediate_dim) / 2
+
+
+class PrefillBudget:
+    """How many padded positions the next prefill pass may take (see the module docstring).
+
+    Costs are learnt per *work unit*: a position attending to ``c`` earlier positions is
+    ``1 + c / context_scale`` units (:func:`context_scale`), so a pass deep into a long prompt is
+    sized smaller than one at its start, and its time is predicted, not learnt late by the feedback.
+    """
+
+    def __init__(self, setting: PrefillChunk = "auto", context_scale: float = math.inf) -> None:
         self.setting = parse_prefill_chunk(setting)
+        self.context_scale = context_scale
         self._step_s: float | None = None  # recent frame steps' time
-        self._position_s: float | None = None  # recent passes' time per padded position
+        self._unit_s: float | None = None  # recent passes' time per work unit
 
     @property
     def whole_prompts(self) -> bool:
@@ -92,26 +113,30 @@ class PrefillBudget:
     def observe_step(self, seconds: float) -> None:
         self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
 
-    def observe_pass(self, positions: int, seconds: float) -> None:
-        """Mostly the latest passes count: the next pass is sized from what passes of about its size cost,
-        so a fixed cost per pass (a GPU reading the weights once per pass) is found by the feedback
-        itself: sizes settle where ``fixed + per_position * n`` meets the target."""
-        cost = seconds / max(positions, 1)
-        self._position_s = cost if self._position_s is None else 0.5 * self._position_s + 0.5 * cost
+    def observe_pass(self, positions: int, seconds: float, context: float = 0.0) -> None:
+        """A pass of ``positions`` padded positions attending on average to ``context`` positions took
+        ``seconds``. Mostly the latest passes count: the next pass is sized from what passes of about
+        its size cost, so a fixed cost per pass (a GPU reading the weights once per pass) is found by
+        the feedback itself: sizes settle where ``fixed + per_unit * units`` meets the target."""
+        cost = seconds / max(positions * (1 + context / self.context_scale), 1e-9)
+        self._unit_s = cost if self._unit_s is None else 0.5 * self._unit_s + 0.5 * cost
 
-    def positions(self, speaking: bool) -> int | None:
-        """Padded positions for the next pass; None: unbounded (whole prompts)."""
+    def positions(self, speaking: bool, filled: int = 0) -> int | None:
+        """Padded positions for the next pass, whose rows already hold up to ``filled`` positions;
+        None: unbounded (whole prompts)."""
         if self.whole_prompts:
             return None
         if not speaking:
             return max(MAX_PASS_POSITIONS, self.setting if isinstance(self.setting, int) else 0)
         if isinstance(self.setting, int):
             return self.setting
-        if self._step_s is None or self._position_s is None:
+        if self._step_s is None or self._unit_s is None:
             return FIRST_AUTO_POSITIONS
-        target = max(self._step_s, ITERATION_TARGET_S - self._step_s)
-        n = int(target / max(self._position_s, 1e-9))
-        return min(MAX_PASS_POSITIONS, max(MIN_AUTO_POSITIONS, n))
+        units = max(self._step_s, ITERATION_TARGET_S - self._step_s) / max(self._unit_s, 1e-9)
+        # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units
+        a, b = 0.5 / self.context_scale, 1 + filled / self.context_scale
+        n = units / b if a == 0 else (math.sqrt(b * b + 4 * a * units) - b) / (2 * a)
+        return min(MAX_PASS_POSITIONS, max(MIN_AUTO_POSITIONS, int(n)))
 
 
 K = TypeVar("K")

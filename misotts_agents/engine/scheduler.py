@@ -31,7 +31,14 @@ import torch
 
 from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.params import sampling_kwargs
-from misotts_agents.engine.prefill import Candidate, PrefillBudget, PrefillChunk, pass_inputs, plan_pass
+from misotts_agents.engine.prefill import (
+    Candidate,
+    PrefillBudget,
+    PrefillChunk,
+    context_scale,
+    pass_inputs,
+    plan_pass,
+)
 from misotts_agents.engine.prompt import Prompt
 from misotts_agents.engine.request import AudioChunk
 from misotts_agents.engine.step import FrameStepper, HostRows
@@ -160,7 +167,7 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.free = list(range(max_batch))
         self.ready: deque[Job] = deque()
-        self.prefill_budget = PrefillBudget(prefill_chunk)
+        self.prefill_budget = PrefillBudget(prefill_chunk, context_scale(model.config.backbone))
         self._admissions = 0
         self.wake = threading.Event()
         self._lock = threading.Lock()  # guards `ready` and the counters read by stats()
@@ -307,7 +314,8 @@ class Scheduler:
             for job in joining
             if self._startable(job) and not job.prefilled
         ]
-        plan, width = plan_pass(candidates, self.prefill_budget.positions(speaking), MAX_SEQ_LEN)
+        filled = max((c.filled for c in candidates), default=0)
+        plan, width = plan_pass(candidates, self.prefill_budget.positions(speaking, filled), MAX_SEQ_LEN)
         if plan:
             self._run_pass([(c.key, n) for c, n in plan], width)
 
@@ -377,7 +385,8 @@ class Scheduler:
                 log.exception("prefill failed; ending its request alone")
                 self._finish(chunks[0][0], error=exc)
             return
-        self.prefill_budget.observe_pass(len(chunks) * width, time.perf_counter() - began)
+        context = sum(job.written for job, _ in chunks) / len(chunks) + width / 2
+        self.prefill_budget.observe_pass(len(chunks) * width, time.perf_counter() - began, context)
         for job, n in chunks:
             try:
                 job.filled = job.written + n
