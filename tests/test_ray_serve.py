@@ -83,6 +83,11 @@ def test_example_config_is_a_serve_config_for_this_app():
     assert args.max_batch == 4
     with pytest.raises(ValueError, match=r"max_bach\s+Extra inputs are not permitted"):  # a typo is refused
         RayServeArgs.model_validate({"max_bach": 4})
+    # the engine's prefill budget, checked by the engine's own parser
+    assert RayServeArgs().prefill_chunk == "auto"
+    assert RayServeArgs.model_validate({"prefill_chunk": "512"}).prefill_chunk == 512
+    with pytest.raises(ValueError, match="prefill_chunk must be"):
+        RayServeArgs.model_validate({"prefill_chunk": -3})
 
 
 @pytest.fixture(scope="module")

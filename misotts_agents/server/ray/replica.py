@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
@@ -21,6 +21,9 @@ from misotts_agents.server import protocol
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.ray.router import SessionAffinityRouter
 from misotts_agents.server.ray.transport import error_item
+
+if TYPE_CHECKING:
+    from misotts_agents.engine.prefill import PrefillChunk
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class EngineReplica:
         max_sessions: int = 256,
         session_ttl_s: float = 1800.0,
         torch_threads: int | None = None,
+        prefill_chunk: PrefillChunk = "auto",
     ) -> None:
         import torch
 
@@ -87,7 +91,13 @@ class EngineReplica:
             device = "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
         named = _named_voices(list(voices))
         self.engine = MisoEngine.load(
-            model, device=device, watermark=watermark, max_batch=max_batch, max_queue=max_queue, progress=False
+            model,
+            device=device,
+            watermark=watermark,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+            progress=False,
         )
         # The store's own LRU is wider than Serve's, so Serve's eviction (which also updates routing)
         # is the one that normally forgets a session; the store's TTL forgets idle ones.

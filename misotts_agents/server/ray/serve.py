@@ -35,7 +35,7 @@ machines) and for what happens when a replica dies or a session is evicted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve.deployment import Application
@@ -79,6 +79,19 @@ class RayServeArgs(BaseModel):
     max_per_connection: int = Field(8, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per engine replica")
+    prefill_chunk: int | Literal["auto"] | None = Field(
+        "auto", description="prefill budget per pass: 'auto', positions, or 0 for whole prompts (engine/prefill.py)"
+    )
+
+    @field_validator("prefill_chunk", mode="before")
+    @classmethod
+    def _parse_prefill_chunk(cls, value: Any) -> Any:
+        from misotts_agents.engine.prefill import parse_prefill_chunk  # (torch: not at import)
+
+        try:
+            return parse_prefill_chunk(value)
+        except ValueError as exc:  # pydantic reports it as this field's validation error
+            raise ValueError(str(exc)) from None
 
     @field_validator("voices", mode="before")
     @classmethod
@@ -114,6 +127,7 @@ def build_app(args: RayServeArgs | dict[str, Any]) -> Application:
         max_sessions=a.max_sessions,
         session_ttl_s=a.session_ttl_s,
         torch_threads=a.torch_threads,
+        prefill_chunk=a.prefill_chunk,
     )
     names = tuple(spec.partition("=")[0] for spec in a.voices)
     return MisoIngress.options(num_replicas=a.ingress_replicas).bind(
