@@ -21,7 +21,7 @@ import binascii
 import typing
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import pydantic_core
@@ -49,6 +49,7 @@ from misotts_agents.errors import InvalidRequest
 from misotts_agents.server.protocol import MAX_ID_BYTES, Limits, ProtocolError
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+_M = TypeVar("_M", bound=BaseModel)
 MAX_MODEL_NAME_CHARS = 256
 MAX_INSTRUCTIONS_CHARS = 4_096
 
@@ -329,10 +330,15 @@ def parse_speech_body(body: bytes, limits: Limits) -> SpeechBody:
     data = load_json(body, limits.max_message_bytes)
     if not isinstance(data, dict):
         raise ProtocolError("invalid_request", "the body must be a JSON object")
+    return validated(SpeechBody, data, limits)
+
+
+def validated(model: type[_M], data: Mapping[str, Any], limits: Limits, rid: str | None = None) -> _M:
+    """``data`` as ``model`` under the server's ``limits``; a failure is the protocol's one-line error."""
     try:
-        return SpeechBody.model_validate(data, context={"limits": limits})
+        return model.model_validate(dict(data), context={"limits": limits})
     except ValidationError as exc:
-        raise invalid(exc) from None
+        raise invalid(exc, rid) from None
 
 
 def invalid(exc: ValidationError, rid: str | None = None, tagged: bool = False) -> ProtocolError:
@@ -378,10 +384,7 @@ def decode_audio(data: str | None, what: str) -> np.ndarray:
 def validate_start(msg: Mapping[str, Any] | Start, limits: Limits) -> Start:
     if isinstance(msg, Start):
         return msg
-    try:
-        return Start.model_validate(dict(msg), context={"limits": limits})
-    except ValidationError as exc:
-        raise invalid(exc, msg.get("id") if isinstance(msg.get("id"), str) else None) from None
+    return validated(Start, msg, limits, msg.get("id") if isinstance(msg.get("id"), str) else None)
 
 
 def parse_voice(item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | None = None) -> VoicePrompt | None:
@@ -396,9 +399,9 @@ def parse_voice(item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | N
         return voices[item]
     if isinstance(item, Mapping):
         try:
-            item = VoiceItem.model_validate(dict(item), context={"limits": limits})
-        except ValidationError as exc:
-            raise InvalidRequest(f"voice: {invalid(exc).message}") from None
+            item = validated(VoiceItem, item, limits)
+        except ProtocolError as exc:
+            raise InvalidRequest(f"voice: {exc.message}") from None
     return VoicePrompt(item.speaker, item.text, decode_audio(item.audio_b64, "voice"))
 
 
@@ -428,10 +431,7 @@ def parse_start(
 def parse_session(msg: Mapping[str, Any] | Session, limits: Limits) -> Session:
     if isinstance(msg, Session):
         return msg
-    try:
-        return Session.model_validate(dict(msg), context={"limits": limits})
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    return validated(Session, msg, limits)
 
 
 def parse_turn(msg: Session) -> tuple[int, str, np.ndarray]:
