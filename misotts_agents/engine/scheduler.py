@@ -468,10 +468,11 @@ class Scheduler:
         """
         dev, k = self.device, self.k
         rows = torch.tensor(slots, device=dev)
-        pos = torch.tensor([self.positions[s] for s in slots], device=dev).unsqueeze(1)
+        positions = [self.positions[s] for s in slots]
+        pos = torch.tensor(positions, device=dev).unsqueeze(1)
         sampling = self.sampling.select(rows)
         # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
-        host = HostRows(slots, [self.positions[s] for s in slots], max(self.jobs[s].stream.request.topk for s in slots))
+        host = HostRows(slots, positions, max(self.jobs[s].stream.request.topk for s in slots))
         codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)  # (b, K)
         speaking = codes.any(dim=1)
         audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
