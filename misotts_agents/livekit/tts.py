@@ -95,18 +95,23 @@ class _Options:
     def check(self) -> _Options:
         """Raise ValueError (InvalidRequest) unless every request made with these options is valid:
         the request declares the bounds (SamplingParams for the sampling options)."""
-        SynthesisRequest(
-            "x",
-            speaker=self.speaker,
-            temperature=self.temperature,
-            topk=self.topk,
-            max_audio_ms=self.max_audio_ms,
-            voice=self.voice,
-            max_ahead_s=self.max_ahead_s,
-        )
+        self.request("x", self.voice)
         if not isinstance(self.tone_conditioning, bool):
             raise InvalidRequest(f"tone_conditioning must be True or False, got {self.tone_conditioning!r}")
         return self
+
+    def request(self, text: str, voice: VoicePrompt | None, context: tuple[Segment, ...] = ()) -> SynthesisRequest:
+        """The engine request for ``text`` with these options."""
+        return SynthesisRequest(
+            text,
+            speaker=self.speaker,
+            context=context,
+            voice=voice,
+            temperature=self.temperature,
+            topk=self.topk,
+            max_audio_ms=self.max_audio_ms,
+            max_ahead_s=self.max_ahead_s,
+        )
 
 
 def map_error(exc: BaseException) -> APIError:
@@ -338,16 +343,7 @@ class TTS(tts.TTS):
             context = memory.context()
             voice = voice or memory.voice
         context = context + tuple(earlier[-SEGMENT_CONTEXT_SENTENCES:])
-        return SynthesisRequest(
-            text,
-            speaker=opts.speaker,
-            context=context,
-            voice=voice,
-            temperature=opts.temperature,
-            topk=opts.topk,
-            max_audio_ms=opts.max_audio_ms,
-            max_ahead_s=opts.max_ahead_s,
-        )
+        return opts.request(text, voice, context)
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
         return self._track(ChunkedStream(tts=self, input_text=text, conn_options=conn_options))
