@@ -65,6 +65,8 @@ class MisoEngine:
     ``prefill_chunk`` bounds how much of joiners' prompts is prefilled between two frame steps while
     others speak (prefill.py): "auto" (sized from measured step and prefill times so an iteration
     stays within max(two steps, 64 ms)), a number of positions per pass, or 0 for whole prompts.
+    ``overlap`` (default: on CUDA) queues each frame step before reading the one before, so the
+    host's delivery work and the next prefill run while the device computes (scheduler.py).
     """
 
     model_name = "misotts"  # what the integrations' metrics call it: the checkpoint ``load`` read
@@ -82,6 +84,7 @@ class MisoEngine:
         compile: bool | None = None,
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
+        overlap: bool | None = None,
     ) -> None:
         prefill_chunk = parse_prefill_chunk(prefill_chunk)
         if max_batch < 1 or max_queue < 0:
@@ -112,6 +115,7 @@ class MisoEngine:
             compile=compile,
             batch_buckets=batch_buckets,
             prefill_chunk=prefill_chunk,
+            overlap=overlap,
         )
 
     @classmethod
@@ -131,6 +135,7 @@ class MisoEngine:
         compile: bool | None = None,
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
+        overlap: bool | None = None,
         progress: bool = True,
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
@@ -174,6 +179,7 @@ class MisoEngine:
             compile=compile,
             batch_buckets=batch_buckets,
             prefill_chunk=prefill_chunk,
+            overlap=overlap,
         )
         engine.model_name = str(model)
         return engine

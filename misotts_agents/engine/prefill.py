@@ -191,4 +191,5 @@ def pass_inputs(
         tokens[i, :length] = prompt_tokens[start : start + length]
         mask[i, :length] = prompt_mask[start : start + length]
         pos[i] = torch.arange(start, start + width)
-    return tokens.to(device), mask.to(device), pos.to(device)
+    # queued behind the device's work (staged at once): the host does not wait for the steps before
+    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), pos.to(device, non_blocking=True)

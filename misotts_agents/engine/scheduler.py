@@ -7,10 +7,22 @@ It alone touches the model, the KV cache and the streaming Mimi state. Each iter
 3. runs one bounded prefill pass (prefill.py): the next chunks of several joiners' prompts in one
    batched forward, sized so that the streams already speaking are not stalled; a cached voice
    prefix is copied into the row instead of recomputed; a row whose prompt is in joins the step,
-4. runs one batched frame step for every prefilled, unpaced row (step.py: static shapes per batch
-   bucket, a CUDA graph on CUDA): backbone decode at per-row positions, the depth decoder for all
-   rows at once; then one Mimi decode call for all rows,
-5. hands each row's audio to its stream in chunks and ends rows at end-of-speech or their limit.
+4. queues one batched frame step for every prefilled, unpaced row (step.py: static shapes, a CUDA
+   graph on CUDA): backbone decode at per-row positions, the depth decoder for all rows at once,
+   then one Mimi decode call for all rows, and the copies of its codes and audio to the host,
+5. reads a step's codes and audio and hands each row's audio to its stream in chunks, ending rows
+   at end-of-speech or their limit.
+
+**Overlap** (on CUDA by default). Nothing in 1-4 waits for the device: a step's inputs for the
+next step (its codes, positions, sampling counters) advance on the device and the host right
+after it is queued, so step 4 of iteration i+1 is queued *before* the host reads step i's results
+in 5, and the host's per-row work (chunking, delivery, end-of-speech) and the next prefill pass
+run while the device computes the next step. The host waits once per step, for the oldest step's
+copies. The cost is bookkeeping, not audio: a row that ended in step i has already been queued in
+step i+1, whose result for it is dropped (its slot is reused only after, in queue order), and a
+row's limits (frames, context) are checked on the host before it is queued. On CPU the device is
+the host, so queuing a step runs it; overlapping would only delay each chunk by a step, and the
+loop reads each step's results at once (``overlap=True`` runs the CUDA schedule on CPU, for tests).
 
 Prompt preparation (tokenising, Mimi-encoding context audio) happens before, on another thread.
 An exception in a step fails the requests of that step, not the engine; one in a prefill pass
@@ -30,6 +42,7 @@ import numpy as np
 import torch
 
 from misotts_agents.audio import FRAME_MS
+from misotts_agents.engine.device import DeviceClock, to_device
 from misotts_agents.engine.params import sampling_kwargs
 from misotts_agents.engine.prefill import (
     Candidate,
@@ -68,6 +81,7 @@ class Job:
     pieces: list[np.ndarray] = field(default_factory=list)
     sizes: Iterator[int] = field(init=False)  # the request's chunk sizes, drawn as its chunks are cut
     want: int = 1
+    launched: int = 0  # frame steps queued for it (``frames`` counts those read back)
     first_audio_at: float | None = None
     admitted: int = 0  # admission order (ties in prefill priority)
     filled: int | None = None  # prompt positions in the slot's cache row; None: prefill not started
@@ -113,6 +127,33 @@ class Job:
         return self.ready_prompt.prefix_len if self.computes_voice else self.prefill_end
 
 
+@dataclass(eq=False)
+class InFlight:
+    """A queued frame step whose codes and audio the host has not read yet."""
+
+    jobs: list[Job]  # its rows' requests, in row order; a row whose job has since ended is dropped
+    positions: list[int]  # each row's position in this step
+    codes: torch.Tensor  # (n, K), on the host once ``done`` has passed
+    pcm: torch.Tensor  # (max_batch, 1920), likewise
+    done: torch.cuda.Event | None  # None when the copies had finished on return (CPU)
+
+    @classmethod
+    def copy_out(cls, jobs: list[Job], positions: list[int], codes: torch.Tensor, pcm: torch.Tensor) -> InFlight:
+        """Queue the copies of a step's results to the host (pinned memory on CUDA: no wait)."""
+        host_codes, host_pcm = codes.to("cpu", non_blocking=True), pcm.to("cpu", non_blocking=True)
+        done = None
+        if codes.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return cls(jobs, positions, host_codes, host_pcm, done)
+
+    def wait(self) -> tuple[np.ndarray, np.ndarray]:
+        """The step's codes and audio, once the device has produced and copied them."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.codes.numpy(), self.pcm.numpy()
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load and throughput."""
@@ -142,11 +183,13 @@ class Scheduler:
         compile: bool | None = None,
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
+        overlap: bool | None = None,
     ):
         """``model`` must have KV caches for ``max_batch`` rows: slot i is cache row i (step.py).
 
         ``prefill_chunk`` bounds each prefill pass while others speak (prefill.py): "auto", a number
-        of positions, or 0 / None for whole prompts.
+        of positions, or 0 / None for whole prompts. ``overlap`` (default: on CUDA) queues each
+        step before reading the one before (module docstring).
         """
         self.model = model
         self.decoder = decoder
@@ -156,6 +199,9 @@ class Scheduler:
         k = model.num_codebooks
         self.k = k
         dev = self.device
+        self.overlap = dev.type == "cuda" if overlap is None else overlap
+        self.clock = DeviceClock(dev)
+        self.in_flight: InFlight | None = None  # the step queued last, while overlapping
         self.stepper = FrameStepper(model, max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets)
         # Per slot: the next backbone input frame, its position (host ints: no sync), sampling settings.
         self.next_tokens = torch.zeros(max_batch, 1, k + 1, dtype=torch.long, device=dev)
@@ -239,27 +285,22 @@ class Scheduler:
                     log.info("engine: %s", self.stats(0))
                     next_report = time.monotonic() + STATS_LOG_INTERVAL_S
                 self.wake.clear()
+                self.clock.collect()
                 self._drop_cancelled()
                 self._admit()
                 self._prefill()
                 runnable, wait = self._runnable()
-                if not runnable:
-                    if not any(not job.prefilled for job in self.jobs.values()):
-                        self.wake.wait(timeout=wait)
-                    continue
-                began = time.perf_counter()
-                try:
-                    self._step(runnable)
-                except Exception as exc:  # a failure outside what _step isolates: never the engine
-                    log.exception("frame step failed; ending the %d requests in it", len(runnable))
-                    for slot in runnable:
-                        job = self.jobs.get(slot)  # rows the step already ended are gone
-                        if job is not None:
-                            self._finish(job, error=exc)
-                self.prefill_budget.observe_step(time.perf_counter() - began)
+                queued = self._step(runnable) if runnable else None
+                if self.overlap:  # read the step before while this one runs
+                    queued, self.in_flight = self.in_flight, queued
+                if queued is not None:
+                    self._read(queued)
+                elif self.in_flight is None and all(job.prefilled for job in self.jobs.values()):
+                    self.wake.wait(timeout=wait)
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self.in_flight = None  # its rows end below; their results are not wanted
         closed = EngineClosed("the engine was closed")
         for job in list(self.jobs.values()):
             self._finish(job, error=closed)
@@ -365,17 +406,17 @@ class Scheduler:
     def _run_pass(self, chunks: list[tuple[Job, int]], width: int) -> None:
         """One batched forward of each job's next ``n`` positions; a failure ends only its request:
         a failed batched pass is retried row by row (the KV it wrote lies beyond what is filled)."""
-        began = time.perf_counter()
         try:
             tokens, mask, pos = pass_inputs(
                 [(job.ready_prompt.tokens, job.ready_prompt.mask, job.written, n) for job, n in chunks],
                 width,
                 self.device,
             )
-            rows = torch.tensor([job.row for job, _ in chunks], device=self.device)
-            self.model.backbone_last_hidden(tokens, mask, pos, rows)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the pass's own time, not the next step's
+            rows = to_device([job.row for job, _ in chunks], self.device)
+            context = sum(job.written for job, _ in chunks) / len(chunks) + width / 2
+            positions = len(chunks) * width
+            with self.clock.measure(lambda seconds: self.prefill_budget.observe_pass(positions, seconds, context)):
+                self.model.backbone_last_hidden(tokens, mask, pos, rows)
         except Exception as exc:
             if len(chunks) > 1:
                 log.warning("batched prefill of %d requests failed (%s); retrying them one by one", len(chunks), exc)
@@ -385,8 +426,6 @@ class Scheduler:
                 log.exception("prefill failed; ending its request alone")
                 self._finish(chunks[0][0], error=exc)
             return
-        context = sum(job.written for job, _ in chunks) / len(chunks) + width / 2
-        self.prefill_budget.observe_pass(len(chunks) * width, time.perf_counter() - began, context)
         for job, n in chunks:
             try:
                 job.filled = job.written + n
@@ -408,8 +447,8 @@ class Scheduler:
         """The prompt is in: set the row's first step input, position and sampling; it joins the step."""
         stream, prompt, slot, end = job.stream, job.ready_prompt, job.row, job.prefill_end
         request = stream.request
-        self.next_tokens[slot] = prompt.tokens[end:].to(self.device)
-        self.next_mask[slot] = prompt.mask[end:].to(self.device)
+        self.next_tokens[slot] = prompt.tokens[end:].to(self.device, non_blocking=True)
+        self.next_mask[slot] = prompt.mask[end:].to(self.device, non_blocking=True)
         self.positions[slot] = end
         self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
         self.decoder.reset([slot])
@@ -417,59 +456,77 @@ class Scheduler:
         job.prefilled = True
 
     def _runnable(self) -> tuple[list[int], float | None]:
-        """Slots to step now, and (if none) how long to sleep before pacing lets one run."""
+        """Slots to step now, and (if none) how long to sleep before pacing lets one run.
+
+        A row whose queued steps reach its frame limit or the context's end waits for them to be
+        read (and ends then): only with overlap is a row still here after its last step."""
         now = time.perf_counter()
         runnable, wait = [], None
         for slot, job in sorted(self.jobs.items()):
-            if not job.prefilled:
+            request = job.stream.request
+            if not job.prefilled or job.launched >= request.max_frames or self.positions[slot] >= MAX_SEQ_LEN:
                 continue
-            ahead = job.stream.request.max_ahead_s
+            ahead = request.max_ahead_s
             if ahead is not None and job.first_audio_at is not None:
-                lead = job.frames * FRAME_MS / 1000 - (now - job.first_audio_at) - ahead
+                lead = job.launched * FRAME_MS / 1000 - (now - job.first_audio_at) - ahead
                 if lead > 0:
                     wait = lead if wait is None else min(wait, lead)
                     continue
             runnable.append(slot)
         return runnable, wait
 
-    def _step(self, slots: list[int]) -> None:
-        """One frame for every row in ``slots``; a failure never ends the engine, and ends the
-        requests it did not come from only when it cannot be avoided.
+    def _step(self, slots: list[int]) -> InFlight | None:
+        """Queue one frame for every row in ``slots``; a failure never ends the engine, and ends
+        the requests it did not come from only when it cannot be avoided.
 
         A failure of the batched computation is retried once without the newest request (the one
         whose arrival most likely brought it: a new shape, a bad value, the memory it added); only if
-        that fails too are the others failed. A failure in one row's own bookkeeping (chunking,
-        delivery) ends that request alone.
+        that fails too are the others failed. (A failure in one row's own bookkeeping, when the
+        step is read, ends that request alone: ``_read``.)
         """
         try:
-            codes, pcm = self._compute(slots)
+            return self._launch(slots)
         except Exception as exc:
             newest = max(slots, key=lambda s: self.jobs[s].stream.submitted_at)
             log.exception("frame step failed; ending the newest of its %d requests and retrying", len(slots))
             self._finish(self.jobs[newest], error=exc)
             slots = [s for s in slots if s != newest]
             if not slots:
-                return
+                return None
             try:
-                codes, pcm = self._compute(slots)
+                return self._launch(slots)
             except Exception as again:
                 log.exception("frame step failed again; ending the %d requests in it", len(slots))
                 for slot in slots:
                     self._finish(self.jobs[slot], error=again)
-                return
-        self._commit(slots, codes, pcm)
+                return None
 
-    def _compute(self, slots: list[int]) -> tuple[torch.Tensor, np.ndarray]:
-        """The batched part of a step: the model's frame step and one Mimi decode for all rows.
+    def _launch(self, slots: list[int]) -> InFlight:
+        """Queue the step, then move its rows on to their next step's inputs (on the device, from
+        the codes not yet read) so the next step can be queued before this one is read."""
+        rows = to_device(slots, self.device)
+        positions = [self.positions[s] for s in slots]
+        with self.clock.measure(self.prefill_budget.observe_step):
+            codes, pcm = self._compute(rows, slots, positions)
+        jobs = [self.jobs[s] for s in slots]
+        for s, job in zip(slots, jobs, strict=True):
+            self.positions[s] += 1
+            job.launched += 1
+        self.next_tokens[rows, 0, : self.k] = codes
+        self.next_mask[rows] = self.audio_mask
+        self.sampling.advance(rows)
+        return InFlight.copy_out(jobs, positions, codes, pcm)
+
+    def _compute(self, rows: torch.Tensor, slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batched part of a step: the model's frame step and one Mimi decode for all rows,
+        codes (n, K) and audio (max_batch, 1920) on the device.
 
         It changes no scheduler state (positions, inputs and sampling counters advance in
-        ``_commit``), so it can be run again with fewer rows: the KV entries it wrote are
+        ``_launch``), so it can be run again with fewer rows: the KV entries it wrote are
         rewritten at the same positions, and the keyed sampling draws the same codes again.
         """
         dev, k = self.device, self.k
-        rows = torch.tensor(slots, device=dev)
-        positions = [self.positions[s] for s in slots]
-        pos = torch.tensor(positions, device=dev).unsqueeze(1)
+        pos = to_device(positions, dev).unsqueeze(1)
         sampling = self.sampling.select(rows)
         # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
         host = HostRows(slots, positions, max(self.jobs[s].stream.request.topk for s in slots))
@@ -480,34 +537,38 @@ class Scheduler:
         batch[rows] = audio_codes
         active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
         active[rows] = speaking
-        # in range by construction: Mimi is queued right behind the step, the host waits once, here
-        pcm = self.decoder.decode(batch, active, validate=False).float().cpu().numpy()
-        return codes, pcm
+        # in range by construction: Mimi is queued right behind the step, without reading the device
+        return codes, self.decoder.decode(batch, active, validate=False)
 
-    def _commit(self, slots: list[int], codes: torch.Tensor, pcm: np.ndarray) -> None:
-        rows = torch.tensor(slots, device=self.device)
-        for s in slots:
-            self.positions[s] += 1
-        self.next_tokens[rows, 0, : self.k] = codes
-        self.next_mask[rows] = self.audio_mask
-        self.sampling.advance(rows)
-        codes_np = codes.cpu().numpy()
-        speaking_np: np.ndarray = np.any(codes_np, axis=1)  # numpy's stubs type a.any(axis=1) as maybe a scalar
+    def _read(self, step: InFlight) -> None:
+        """Wait for a queued step's results and hand each row that is still running its frame."""
+        try:
+            codes, pcm = step.wait()
+        except Exception as exc:  # the device failed the step after it was queued
+            log.exception("frame step failed on the device; ending the %d requests in it", len(step.jobs))
+            for job in step.jobs:
+                if self.jobs.get(job.row) is job:
+                    self._finish(job, error=exc)
+            return
+        live = [i for i, job in enumerate(step.jobs) if self.jobs.get(job.row) is job]  # not ended since
+        speaking: np.ndarray = np.any(codes, axis=1)  # numpy's stubs type a.any(axis=1) as maybe a scalar
+        frames = int(speaking[live].sum())
         now = time.perf_counter()
         with self._lock:  # counted before any stream hears of this step's audio
             self.steps += 1
-            self.total_frames += int(speaking_np.sum())
-            self._step_times.append((now, int(speaking_np.sum())))
-        for i, slot in enumerate(slots):
-            job = self.jobs[slot]
-            try:
-                self._advance(job, codes_np[i], pcm[slot], bool(speaking_np[i]), now)
+            self.total_frames += frames
+            self._step_times.append((now, frames))
+        for i in live:
+            job = step.jobs[i]
+            try:  # the row's audio is copied out: the step's buffer is not kept alive by its chunks
+                self._advance(job, codes[i], pcm[job.row].copy(), bool(speaking[i]), step.positions[i] + 1, now)
             except Exception as exc:  # this request's own bookkeeping: it alone ends
                 log.exception("request failed after its frame step; ending it alone")
                 self._finish(job, error=exc)
 
-    def _advance(self, job: Job, codes: np.ndarray, pcm: np.ndarray, speaking: bool, now: float) -> None:
-        """One row's frame: its codes and audio to its stream, a chunk when one is due, or its end."""
+    def _advance(self, job: Job, codes: np.ndarray, pcm: np.ndarray, speaking: bool, position: int, now: float) -> None:
+        """One row's frame: its codes and audio to its stream, a chunk when one is due, or its end.
+        ``position`` is the row's next position after this frame."""
         if not speaking:
             self._finish(job, reason="eos")
             return
@@ -518,7 +579,7 @@ class Scheduler:
         job.pieces.append(pcm)
         if job.frames >= job.stream.request.max_frames:
             self._finish(job, reason="max_frames")
-        elif self.positions[job.row] >= MAX_SEQ_LEN:
+        elif position >= MAX_SEQ_LEN:
             self._finish(job, reason="context_full")
         elif len(job.pieces) >= job.want:
             self._flush(job, final=False)

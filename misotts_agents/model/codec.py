@@ -345,7 +345,7 @@ class MimiStreamDecoder:
             if not 0 <= int(row) < self.batch_size:
                 raise IndexError(f"row {row} out of range for batch_size {self.batch_size}")
             mask[int(row)] = True
-        return mask.to(self.device)
+        return mask.to(self.device, non_blocking=True)  # staged at once; no wait for queued decodes
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Start a new utterance in ``rows`` (all rows if None): their state becomes that of a fresh

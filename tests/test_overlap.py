@@ -1,0 +1,150 @@
+"""The overlapped step loop (scheduler.py, on CUDA by default): each frame step is queued before the
+one before it is read. Run here on CPU with ``overlap=True``: the same audio as reading each step at
+once, a row that ends while its next step is queued frees its slot for a clean new request, cancel
+frees the slot; on CUDA, nothing in queuing a step or a prefill pass makes the host wait."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from signals import wait_until
+
+from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.request import ChunkSchedule, SynthesisRequest
+
+ONE_FRAME = ChunkSchedule(first_frames=1, growth=1.0, max_frames=1)
+TEXTS = ["Hello there.", "One moment please.", "Sure, I can do that.", "Thanks for waiting!"]
+
+
+@pytest.fixture(scope="module")
+def overlapped(tiny_dir):
+    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False, overlap=True)
+    assert engine._scheduler.overlap
+    yield engine
+    engine.close()
+
+
+def collect(stream):
+    chunks = list(stream)
+    return np.concatenate([c.pcm for c in chunks]), stream.codes, stream.stats
+
+
+def assert_same(result, reference):
+    pcm, codes, _ = result
+    np.testing.assert_array_equal(codes, reference.codes)
+    assert pcm.shape == reference.pcm.shape
+    np.testing.assert_allclose(pcm, reference.pcm, atol=1e-5 * max(1.0, float(np.abs(reference.pcm).max())))
+
+
+def test_overlapped_steps_give_the_audio_of_steps_read_at_once(engine, overlapped):
+    """Several requests of different lengths batched, seeded sampling: codes, audio, chunk sizes and
+    counts equal the session engine's (which reads every step before queuing the next)."""
+    assert not engine._scheduler.overlap  # CPU default
+    reqs = [
+        SynthesisRequest(t, seed=10 + i, max_audio_ms=80 * n)
+        for i, (t, n) in enumerate(zip(TEXTS, (7, 3, 9, 5), strict=True))
+    ]
+    reference = [engine.synthesize(r) for r in reqs]
+    before = overlapped.metrics()
+    streams = [overlapped.stream(r) for r in reqs]
+    results = [collect(s) for s in streams]
+    for result, ref in zip(results, reference, strict=True):
+        assert_same(result, ref)
+        assert result[2].stop_reason == ref.stats.stop_reason == "max_frames"
+    after = overlapped.metrics()
+    assert after.frames - before.frames == sum(r.codes.shape[0] for r in reference)
+    assert after.completed - before.completed == len(reqs)
+    assert wait_until(lambda: overlapped.free_slots == overlapped.max_batch)
+
+
+def test_a_row_ending_while_its_next_step_is_queued_frees_its_slot_cleanly(engine, overlapped, monkeypatch):
+    """End-of-speech is seen only when a step is read, after the next step (with that row) is
+    queued: the queued result is dropped, and the next request in that slot speaks exactly as alone."""
+    sched = overlapped._scheduler
+    real = sched._compute
+    launches: list[list[int]] = []
+
+    def eos_on_third(rows, slots, positions):  # slot 0's third frame comes out as end-of-speech
+        codes, pcm = real(rows, slots, positions)
+        launches.append(list(slots))
+        if 0 in slots and sum(0 in s for s in launches) == 3:
+            codes = codes.clone()
+            codes[slots.index(0)] = 0
+        return codes, pcm
+
+    monkeypatch.setattr(sched, "_compute", eos_on_third)
+    before = overlapped.metrics()
+    ending = overlapped.stream(SynthesisRequest("I stop early.", seed=1, chunks=ONE_FRAME, max_audio_ms=80 * 20))
+    next(ending)  # in slot 0 and speaking
+    other_request = SynthesisRequest("I keep talking a while.", seed=2, chunks=ONE_FRAME, max_audio_ms=80 * 14)
+    other = overlapped.stream(other_request)
+    _, ending_codes, ending_stats = collect(ending)
+    assert ending_stats.stop_reason == "eos"
+    assert ending_codes.shape[0] == 2
+    eos_at = next(i for i, s in enumerate(launches) if 0 in s and sum(0 in t for t in launches[: i + 1]) == 3)
+    assert 0 in launches[eos_at + 1]  # queued before the end was read: its result was dropped
+    newcomer_request = SynthesisRequest("A new request.", seed=3, max_audio_ms=80 * 6)
+    newcomer = overlapped.stream(newcomer_request)  # the lowest free slot: the one that just ended
+    assert_same(collect(newcomer), engine.synthesize(newcomer_request))
+    assert_same(collect(other), engine.synthesize(other_request))
+    assert wait_until(lambda: overlapped.free_slots == overlapped.max_batch)
+    after = overlapped.metrics()  # the dropped result reached no stream and no count
+    assert after.frames - before.frames == 2 + 14 + 6
+    assert after.completed - before.completed == 3
+    assert ending.codes.shape[0] == 2
+
+
+def test_cancel_with_a_step_queued_frees_the_slot_and_the_next_request_is_clean(engine, overlapped):
+    before = overlapped.metrics().cancelled
+    stream = overlapped.stream(SynthesisRequest("Interrupt me.", seed=4, chunks=ONE_FRAME, max_audio_ms=80 * 200))
+    next(stream)
+    next(stream)
+    stream.cancel()
+    assert wait_until(lambda: overlapped.free_slots == overlapped.max_batch)
+    assert overlapped.metrics().cancelled == before + 1
+    request = SynthesisRequest("After the interruption.", seed=5, max_audio_ms=80 * 4)
+    assert_same(collect(overlapped.stream(request)), engine.synthesize(request))
+
+
+# ------------------------------------------------------------------- on a GPU (scripts/gpu_check.sh)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_queuing_steps_and_prefill_passes_never_waits_for_the_device(monkeypatch):
+    """With CUDA's sync debug mode set to error while the scheduler queues a step or a prefill
+    pass, any host wait (a blocking copy, a read of a device value) fails the request."""
+    from misotts_agents.testing.random_weights import random_engine
+
+    engine = random_engine(
+        "tiny", device="cuda", dtype=torch.bfloat16, tokenizer=os.environ.get("MISOTTS_TOKENIZER"), max_batch=4
+    )
+    try:
+        sched = engine._scheduler
+        assert sched.overlap
+        engine.synthesize(SynthesisRequest("Warm up the decoder.", seed=1, max_audio_ms=400))  # moshi's own graphs
+        checked = threading.Event()
+
+        def strict(method):
+            def run(*args):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return method(*args)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    checked.set()
+
+            return run
+
+        monkeypatch.setattr(sched, "_launch", strict(sched._launch))
+        monkeypatch.setattr(sched, "_prefill", strict(sched._prefill))
+        streams = [engine.stream(SynthesisRequest(t, seed=i, max_audio_ms=80 * 6)) for i, t in enumerate(TEXTS)]
+        for stream in streams:
+            pcm = np.concatenate([c.pcm for c in stream])
+            assert pcm.size == 6 * 1920
+            assert stream.stats.stop_reason == "max_frames"
+        assert checked.is_set()
+    finally:
+        engine.close()
