@@ -99,6 +99,7 @@ class MisoEngine:
         self.max_queue = max_queue
         self.voices = VoiceCache(max_voices)
         self._encoder_mimi = copy.deepcopy(mimi)  # encoding never disturbs the streaming decoder
+        self._prep_streams = threading.local()  # on CUDA, each preparation thread's stream (_encode_audio)
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
         model.setup_caches(max_batch)  # slot i is cache row i
         decoder = codec.MimiStreamDecoder(mimi, batch_size=max_batch)
@@ -261,7 +262,16 @@ class MisoEngine:
     # -- preparation (prep thread) ----------------------------------------------------------
 
     def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        return codec.encode(self._encoder_mimi, audio.to(self.device)).cpu()
+        """Mimi codes of a context clip, on CUDA on a stream of this preparation thread's own: its
+        copies back wait for the encoding alone, not for the frame steps queued on the scheduler's
+        stream, and the encoding runs beside them instead of between them."""
+        if self.device.type != "cuda":
+            return codec.encode(self._encoder_mimi, audio).cpu()
+        stream = getattr(self._prep_streams, "stream", None)
+        if stream is None:
+            stream = self._prep_streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            return codec.encode(self._encoder_mimi, audio.to(self.device)).cpu()
 
     def _prepare(self, job: Job) -> None:
         stream = job.stream

@@ -139,12 +139,14 @@ class InFlight:
 
     @classmethod
     def copy_out(cls, jobs: list[Job], positions: list[int], codes: torch.Tensor, pcm: torch.Tensor) -> InFlight:
-        """Queue the copies of a step's results to the host (pinned memory on CUDA: no wait)."""
-        host_codes, host_pcm = codes.to("cpu", non_blocking=True), pcm.to("cpu", non_blocking=True)
-        done = None
-        if codes.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
+        """Queue the copies of a step's results to the host: into pinned memory on CUDA (a copy
+        into pageable memory would wait for it), marked done by an event; on CPU they are the host's."""
+        if codes.device.type != "cuda":
+            return cls(jobs, positions, codes, pcm, None)
+        host_codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
+        host_pcm = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True).copy_(pcm, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
         return cls(jobs, positions, host_codes, host_pcm, done)
 
     def wait(self) -> tuple[np.ndarray, np.ndarray]:
