@@ -9,7 +9,8 @@
 # The check, each stage under its own time limit so one hang cannot eat the others:
 #   1. environment: GPU, driver, torch, a measured device read bandwidth       -> env.txt
 #   2. the CUDA-marked tests (graph replay == eager codes, bf16 vs fp32, every
-#      shape captured at start-up, the engine speaking on CUDA)                -> cuda_tests.log
+#      shape captured at start-up, the engine speaking on CUDA, no host wait
+#      while a step or a prefill pass is queued)                                -> cuda_tests.log
 #   3. the 8B layout with random weights made on the device (no download):
 #      1, 8, 32, 64 and 128 concurrent streams, TTFA p50/p95, RTF, ms per step
 #      next to the bandwidth floor (weights + KV), kernels per frame           -> bench_8b.{log,json,png}
@@ -89,7 +90,7 @@ EOF
 tail -n 3 "$RESULTS/env.txt" | tee -a "$RESULTS/summary.txt"
 
 log "2. CUDA-marked tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py -rs > "$RESULTS/cuda_tests.log" 2>&1
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py tests/test_overlap.py -rs > "$RESULTS/cuda_tests.log" 2>&1
 log "   pytest exit status $? (0: passed; see cuda_tests.log)"
 tail -n 8 "$RESULTS/cuda_tests.log" | tee -a "$RESULTS/summary.txt"
 
