@@ -13,7 +13,8 @@
 #      while a step or a prefill pass is queued)                                -> cuda_tests.log
 #   3. the 8B layout with random weights made on the device (no download):
 #      1, 8, 32, 64 and 128 concurrent streams, TTFA p50/p95, RTF, ms per step
-#      next to the bandwidth floor (weights + KV), kernels per frame           -> bench_8b.{log,json,png}
+#      next to the bandwidth floor (weights + KV), kernels per frame, each
+#      level also with the step loop not overlapped (the baseline)             -> bench_8b.{log,json,png}
 #      (if the compiled run fails, the same without torch.compile)
 #   4. the last lines of each                                                    -> summary.txt
 # RESULTS_DIR defaults to $OUT (the device tool's folder that comes back) or out/gpu_check.
@@ -99,7 +100,7 @@ bench() {  # $1: time limit in s, then extra bench options
     local limit=$1
     shift
     timeout "$limit" "$PY" -m misotts_agents.tools.bench --random-weights "$LAYOUT" --levels "$LEVELS" \
-        --frames "$FRAMES" --modes batched --batch-buckets "${TOKENIZER_ARGS[@]}" "${EXTRA[@]}" \
+        --frames "$FRAMES" --modes batched,no-overlap --batch-buckets "${TOKENIZER_ARGS[@]}" "${EXTRA[@]}" \
         --plot "$RESULTS/bench_8b.png" --json "$RESULTS/bench_8b.json" "$@" > "$RESULTS/bench_8b.log" 2>&1
 }
 bench 280
@@ -111,6 +112,6 @@ if [ $status -ne 0 ] && [ "$(elapsed)" -lt 400 ]; then
     bench $(( 475 - $(elapsed) )) --no-compile
     log "   bench --no-compile exit status $?"
 fi
-grep -E "^ *[0-9]+ +batched|measured +[0-9]|kernels per frame|engine ready|FAILED|Error" "$RESULTS/bench_8b.log" |
+grep -E "^ *[0-9]+ +(batched|no-overlap)|measured +[0-9]|kernels per frame|engine ready|FAILED|Error" "$RESULTS/bench_8b.log" |
     tee -a "$RESULTS/summary.txt"
 log "done in $(elapsed) s; results in $RESULTS"

@@ -1,5 +1,6 @@
 """The command line, in process: make-tiny, say (streaming, watermarked, codes out), watermark-check."""
 
+import json
 import subprocess
 import sys
 import time
@@ -127,6 +128,19 @@ def test_bench_runs_and_plots(tiny_dir, tmp_path, capsys):
     assert "sequential" in out
     assert "bandwidth floor at 100 GB/s" in out
     assert plot.stat().st_size > 10_000
+
+
+def test_bench_measures_the_step_loop_without_overlap_side_by_side(tiny_dir, tmp_path, capsys):
+    plot = tmp_path / "bench.png"
+    args = ["--model", str(tiny_dir), "--levels", "2", "--frames", "2", "--plot", str(plot), "--bandwidth-gbs", "100"]
+    assert main(["bench", *args, "--modes", "batched,no-overlap"]) == 0
+    out = capsys.readouterr().out
+    assert "no-overlap" in out
+    record = json.loads(plot.with_suffix(".json").read_text())
+    assert [r["mode"] for r in record["results"]] == ["batched", "no-overlap"]
+    assert set(record["floor"]["levels_no_overlap"]) == {"2"}
+    with pytest.raises(SystemExit):
+        main(["bench", *args, "--modes", "batched,overlapped"])
 
 
 def test_serve_runs_the_server_with_named_voices(tiny_dir, tmp_path):

@@ -108,6 +108,22 @@ def test_cancel_with_a_step_queued_frees_the_slot_and_the_next_request_is_clean(
     assert_same(collect(overlapped.stream(request)), engine.synthesize(request))
 
 
+def test_switching_overlap_while_a_stream_speaks_loses_no_frame(engine, overlapped):
+    """``engine.overlap`` may be switched at any time (bench's no-overlap mode): a step queued
+    while overlapping is still read after the switch."""
+    request = SynthesisRequest("Switch while I talk.", seed=6, chunks=ONE_FRAME, max_audio_ms=80 * 12)
+    pieces = []
+    try:
+        for chunk in overlapped.stream(request):
+            pieces.append(chunk.pcm)
+            overlapped.overlap = not overlapped.overlap
+    finally:
+        overlapped.overlap = True
+    reference = engine.synthesize(request)
+    assert len(pieces) == 12
+    np.testing.assert_allclose(np.concatenate(pieces), reference.pcm, atol=1e-5 * max(1.0, np.abs(reference.pcm).max()))
+
+
 # ------------------------------------------------------------------- on a GPU (scripts/gpu_check.sh)
 
 

@@ -239,6 +239,16 @@ class MisoEngine:
     def free_slots(self) -> int:
         return len(self._scheduler.free)
 
+    @property
+    def overlap(self) -> bool:
+        """Whether each frame step is queued before the one before is read (scheduler.py; default
+        on CUDA). It may be switched at any time, e.g. by ``bench --modes no-overlap`` to measure it."""
+        return self._scheduler.overlap
+
+    @overlap.setter
+    def overlap(self, on: bool) -> None:
+        self._scheduler.overlap = bool(on)
+
     def close(self) -> None:
         """Stop the scheduler; requests still running or waiting end with :class:`EngineClosed`."""
         with self._lock:  # from here on stream() refuses; every job it submitted is seen below

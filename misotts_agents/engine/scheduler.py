@@ -201,7 +201,7 @@ class Scheduler:
         k = model.num_codebooks
         self.k = k
         dev = self.device
-        self.overlap = dev.type == "cuda" if overlap is None else overlap
+        self.overlap = dev.type == "cuda" if overlap is None else overlap  # may be switched at any time
         self.clock = DeviceClock(dev)
         self.in_flight: InFlight | None = None  # the step queued last, while overlapping
         self.stepper = FrameStepper(model, max_batch, cuda_graphs=cuda_graphs, compile=compile, buckets=batch_buckets)
@@ -293,11 +293,14 @@ class Scheduler:
                 self._prefill()
                 runnable, wait = self._runnable()
                 queued = self._step(runnable) if runnable else None
-                if self.overlap:  # read the step before while this one runs
-                    queued, self.in_flight = self.in_flight, queued
-                if queued is not None:
+                previous, self.in_flight = self.in_flight, None
+                if previous is not None:  # overlapping: read the step before while this one runs
+                    self._read(previous)
+                if queued is not None and self.overlap:
+                    self.in_flight = queued
+                elif queued is not None:
                     self._read(queued)
-                elif self.in_flight is None and all(job.prefilled for job in self.jobs.values()):
+                elif previous is None and all(job.prefilled for job in self.jobs.values()):
                     self.wake.wait(timeout=wait)
             self._shutdown()
 

@@ -5,7 +5,10 @@ length (default 25 frames = 2 s of audio, a different seed each) to one shared e
 
 - batched: all N streams are created at once and consumed concurrently (one asyncio task per
   stream, ``async for``), so the engine's scheduler advances them together, one frame per step;
-- sequential: the same N requests on the same engine, one after another, each alone.
+- sequential: the same N requests on the same engine, one after another, each alone;
+- no-overlap (only when asked, ``--modes batched,no-overlap``): batched, with the engine's step
+  loop not overlapped (each step read before the next is queued; the CPU default), to measure what
+  overlapping the host's work with the device's is worth on a GPU, in the same run,
 
 and measures, per mode:
 
@@ -33,7 +36,7 @@ measuring a GPU the moment it is available; ``tiny`` or a JSON config does the s
     uv run misotts-agents bench                      # tiny random checkpoint, CPU
     uv run misotts-agents bench --levels 1,4,16 --frames 50 --watermark
     uv run misotts-agents bench --model MisoLabs/MisoTTS --levels 1,2,4,8,16,32     # on your GPU
-    misotts-agents bench --random-weights llama-8B --levels 1,8,32,64,128 --modes batched --batch-buckets
+    misotts-agents bench --random-weights llama-8B --levels 1,8,32,64,128 --modes batched,no-overlap --batch-buckets
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ NOTES = """\
 agg frames/s: frames of all N streams / wall time from submission to the last chunk.
 RTF p50:      median of each stream's own stats.real_time_factor (wall s per audio s, from that stream's
               submission to its end; a sequential stream is submitted when the one before it ends).
-TTFA:         measured by this script from the moment all N requests were submitted, in BOTH modes, so it
+TTFA:         measured by this script from the moment all N requests were submitted, in every mode, so it
               includes waiting in line (sequential p95 = roughly what the user who arrived last sees).
-speed-up:     batched / sequential agg frames/s.  frames/step: frames / engine steps during the run."""
+speed-up:     batched / sequential agg frames/s.  frames/step: frames / engine steps during the run.
+no-overlap:   batched, each step read before the next is queued (the CPU default; on CUDA, overlap's baseline)."""
 
 
 @dataclass
@@ -89,7 +93,7 @@ class StreamResult:
 @dataclass
 class RunResult:
     level: int
-    mode: str  # "batched" | "sequential"
+    mode: str  # "batched" | "sequential" | "no-overlap"
     wall_s: float
     streams: list[StreamResult]
     engine_steps: int  # engine steps taken during the run (from engine.metrics())
@@ -153,10 +157,15 @@ async def run_sequential(
 def run(engine: MisoEngine, mode: str, level: int, frames: int, base_seed: int, bar: tqdm | None = None) -> RunResult:
     requests = requests_for(level, frames, base_seed)
     steps_before = engine.metrics().steps
-    runner = run_batched if mode == "batched" else run_sequential
+    runner = run_sequential if mode == "sequential" else run_batched
     if bar is not None:
         bar.set_description(f"{mode} N={level}")
-    wall_s, streams = asyncio.run(runner(engine, requests, bar))
+    overlap = engine.overlap
+    engine.overlap = overlap and mode != "no-overlap"
+    try:
+        wall_s, streams = asyncio.run(runner(engine, requests, bar))
+    finally:
+        engine.overlap = overlap
     check_idle(engine, f"{mode} N={level}")
     for i, s in enumerate(streams):
         if s.frames != frames:
@@ -205,7 +214,7 @@ def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: flo
     config, nbytes = engine.model.config, dtype_bytes(engine.model.dtype)
     weights = weight_bytes_per_frame(config, nbytes)
     print(f"weights read per frame step: {weights / 1e9:.3f} GB ({engine.model.dtype}); device: {name}")
-    out: dict = {"device": name, "bandwidth_gbs": gbs, "weight_bytes": weights, "levels": {}}
+    out: dict = {"device": name, "bandwidth_gbs": gbs, "weight_bytes": weights, "levels": {}, "levels_no_overlap": {}}
     if gbs is None:
         print("bandwidth floor: unknown memory bandwidth for this device (pass --bandwidth-gbs)")
     else:
@@ -215,7 +224,7 @@ def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: flo
             f"= RTF {floor / 80:.3f} per stream"
         )
     for r in results:
-        if r.mode != "batched":
+        if r.mode == "sequential":
             continue
         step_ms = r.wall_s / r.engine_steps * 1000 if r.engine_steps else float("nan")
         context = round(statistics.mean(s.prompt_frames + s.frames / 2 for s in r.streams))
@@ -225,10 +234,10 @@ def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: flo
             floor = floor_ms(config, nbytes, gbs, r.level, context)
             level.update(floor_ms=floor, x_floor=step_ms / floor)
             print(
-                f"  N={r.level:<3} measured {step_ms:7.2f} ms per step; floor {floor:6.2f} ms "
+                f"  N={r.level:<3} {r.mode:<10} measured {step_ms:7.2f} ms per step; floor {floor:6.2f} ms "
                 f"(weights + KV of {r.level} rows at ~{context} positions): {step_ms / floor:5.2f}x"
             )
-        out["levels"][r.level] = level
+        out["levels" if r.mode == "batched" else "levels_no_overlap"][r.level] = level
     return out
 
 
@@ -367,16 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for --random-weights (default: the bundled one)")
-    parser.add_argument("--modes", default="batched,sequential", help="batched, sequential or both (default both)")
+    parser.add_argument(
+        "--modes",
+        default="batched,sequential",
+        help="comma-separated: batched, sequential, no-overlap (batched, steps not overlapped); default: the first two",
+    )
     parser.add_argument("--no-compile", action="store_true", help="do not torch.compile the step (default: on CUDA)")
     parser.add_argument("--json", type=Path, default=None, help="figures as JSON (default: --plot with .json)")
     args = parser.parse_args(argv)
     levels = sorted({int(n) for n in args.levels.split(",")})
     if not levels or levels[0] < 1 or args.frames < 1:
         parser.error("levels and frames must be positive integers")
-    modes = [m for m in ("batched", "sequential") if m in args.modes.split(",")]
-    if not modes:
-        parser.error("--modes takes batched, sequential or both")
+    modes = [m for m in ("batched", "sequential", "no-overlap") if m in args.modes.split(",")]
+    if not modes or set(args.modes.split(",")) - set(modes):
+        parser.error("--modes takes batched, sequential and no-overlap, comma-separated")
     if args.model and args.random_weights:
         parser.error("--model and --random-weights exclude each other")
 
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"model={model_name} device={device} dtype={dtype} "
             f"torch threads={torch.get_num_threads()} max_batch={max_batch} watermark={args.watermark} "
-            f"batch_buckets={args.batch_buckets}"
+            f"batch_buckets={args.batch_buckets} overlap={engine.overlap}"
         )
         print(f"load average at start (1/5/15 min): {format_load()} on {os.cpu_count()} CPUs")
         print(f"each stream: {args.frames} frames = {args.frames * FRAME_S:.2f} s of audio; levels={levels}")
@@ -432,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "max_batch": max_batch,
             "batch_buckets": args.batch_buckets,
+            "overlap": engine.overlap,
             "frames_per_stream": args.frames,
             "engine_ready_s": load_s,
             "results": [
