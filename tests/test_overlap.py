@@ -13,6 +13,7 @@ from signals import tone, wait_until
 
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
+from misotts_agents.model import codec
 
 ONE_FRAME = ChunkSchedule(first_frames=1, growth=1.0, max_frames=1)
 TEXTS = ["Hello there.", "One moment please.", "Sure, I can do that.", "Thanks for waiting!"]
@@ -124,7 +125,42 @@ def test_switching_overlap_while_a_stream_speaks_loses_no_frame(engine, overlapp
     np.testing.assert_allclose(np.concatenate(pieces), reference.pcm, atol=1e-5 * max(1.0, np.abs(reference.pcm).max()))
 
 
+def assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel: float) -> None:
+    """More requests than slots, one-frame chunks: each stream's audio equals a whole-clip Mimi decode
+    of its own codes, so no decode read another row's or an earlier occupant's state (on CUDA the
+    decodes and resets run on their own stream, beside the next frame step)."""
+    streams = [
+        engine.stream(SynthesisRequest(t, seed=20 + i, chunks=ONE_FRAME, max_audio_ms=80 * (5 + i)))
+        for i, t in enumerate(TEXTS * 2)
+    ]
+    for stream in streams:
+        pcm = np.concatenate([c.pcm for c in stream])
+        codes = torch.from_numpy(np.where(stream.codes < codec.CODEBOOK_SIZE, stream.codes, 0).T.copy())
+        whole = codec.decode(engine._encoder_mimi, codes).cpu().numpy()  # a second Mimi: not streaming
+        assert pcm.shape == whole.shape
+        assert np.abs(pcm - whole).max() <= rel * np.abs(whole).max(), stream.request.text
+
+
+def test_each_streams_audio_is_the_whole_clip_decode_of_its_codes(overlapped):
+    assert_audio_is_the_whole_clip_decode_of_its_codes(overlapped, rel=1e-5)
+
+
 # ------------------------------------------------------------------- on a GPU (scripts/gpu_check.sh)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
+    from misotts_agents.testing.random_weights import random_engine
+
+    engine = random_engine(
+        "tiny", device="cuda", dtype=torch.bfloat16, tokenizer=os.environ.get("MISOTTS_TOKENIZER"), max_batch=4
+    )
+    try:
+        assert engine._scheduler.mimi_stream is not None
+        assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel=1e-2)  # TF32 convolutions
+    finally:
+        engine.close()
 
 
 @pytest.mark.cuda

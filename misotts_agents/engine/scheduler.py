@@ -18,7 +18,8 @@ next step (its codes, positions, sampling counters) advance on the device and th
 after it is queued, so step 4 of iteration i+1 is queued *before* the host reads step i's results
 in 5, and the host's per-row work (chunking, delivery, end-of-speech) and the next prefill pass
 run while the device computes the next step. The host waits once per step, for the oldest step's
-copies. The cost is bookkeeping, not audio: a row that ended in step i has already been queued in
+copies. On the device, Mimi decodes (and row resets) run on a stream of their own: a step's decode
+needs its codes, the next step needs only the codes too, so the two run side by side. The cost is bookkeeping, not audio: a row that ended in step i has already been queued in
 step i+1, whose result for it is dropped (its slot is reused only after, in queue order), and a
 row's limits (frames, context) are checked on the host before it is queued. On CPU the device is
 the host, so queuing a step runs it; overlapping would only delay each chunk by a step, and the
@@ -31,6 +32,7 @@ fails only the request it belongs to (a failed batched pass is retried row by ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -138,15 +140,25 @@ class InFlight:
     done: torch.cuda.Event | None  # None when the copies had finished on return (CPU)
 
     @classmethod
-    def copy_out(cls, jobs: list[Job], positions: list[int], codes: torch.Tensor, pcm: torch.Tensor) -> InFlight:
-        """Queue the copies of a step's results to the host: into pinned memory on CUDA (a copy
-        into pageable memory would wait for it), marked done by an event; on CPU they are the host's."""
-        if codes.device.type != "cuda":
+    def copy_out(
+        cls,
+        jobs: list[Job],
+        positions: list[int],
+        codes: torch.Tensor,
+        pcm: torch.Tensor,
+        stream: torch.cuda.Stream | None,
+    ) -> InFlight:
+        """Queue the copies of a step's results to the host, on CUDA on Mimi's ``stream`` (behind
+        the decode; the codes were final before it), into pinned memory (a copy into pageable
+        memory would wait), marked done by an event; on CPU (``stream`` None) they are the host's."""
+        if stream is None:
             return cls(jobs, positions, codes, pcm, None)
-        host_codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
-        host_pcm = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True).copy_(pcm, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        codes.record_stream(stream)  # made on the step's stream, read on this one
+        with torch.cuda.stream(stream):
+            host_codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True).copy_(codes, non_blocking=True)
+            host_pcm = torch.empty(pcm.shape, dtype=pcm.dtype, pin_memory=True).copy_(pcm, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         return cls(jobs, positions, host_codes, host_pcm, done)
 
     def wait(self) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +207,9 @@ class Scheduler:
         """
         self.model = model
         self.decoder = decoder
+        # On CUDA, Mimi decodes (and resets) on a stream of its own: a step's decode runs beside the
+        # next frame step, which needs only the step's codes, not its audio.
+        self.mimi_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         self.voices = voices
         self.max_batch = max_batch
         self.device = model.device
@@ -306,6 +321,8 @@ class Scheduler:
 
     def _shutdown(self) -> None:
         self.in_flight = None  # its rows end below; their results are not wanted
+        if self.mimi_stream is not None:
+            self.mimi_stream.synchronize()  # the decoder's state is released after this returns
         closed = EngineClosed("the engine was closed")
         for job in list(self.jobs.values()):
             self._finish(job, error=closed)
@@ -456,7 +473,8 @@ class Scheduler:
         self.next_mask[slot] = prompt.mask[end:].to(self.device, non_blocking=True)
         self.positions[slot] = end
         self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
-        self.decoder.reset([slot])
+        with self._on_mimi_stream():  # behind the slot's last occupant's decodes, before its own
+            self.decoder.reset([slot])
         job.want = next(job.sizes)
         job.prefilled = True
 
@@ -520,7 +538,7 @@ class Scheduler:
         self.next_tokens[rows, 0, : self.k] = codes
         self.next_mask[rows] = self.audio_mask
         self.sampling.advance(rows)
-        return InFlight.copy_out(jobs, positions, codes, pcm)
+        return InFlight.copy_out(jobs, positions, codes, pcm, self.mimi_stream)
 
     def _compute(self, rows: torch.Tensor, slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batched part of a step: the model's frame step and one Mimi decode for all rows,
@@ -543,7 +561,16 @@ class Scheduler:
         active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
         active[rows] = speaking
         # in range by construction: Mimi is queued right behind the step, without reading the device
-        return codes, self.decoder.decode(batch, active, validate=False)
+        if self.mimi_stream is None:
+            return codes, self.decoder.decode(batch, active, validate=False)
+        self.mimi_stream.wait_stream(torch.cuda.current_stream(dev))  # the codes are in
+        batch.record_stream(self.mimi_stream)
+        active.record_stream(self.mimi_stream)
+        with torch.cuda.stream(self.mimi_stream):
+            return codes, self.decoder.decode(batch, active, validate=False)
+
+    def _on_mimi_stream(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(self.mimi_stream) if self.mimi_stream is not None else contextlib.nullcontext()
 
     def _read(self, step: InFlight) -> None:
         """Wait for a queued step's results and hand each row that is still running its frame."""
