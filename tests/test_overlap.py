@@ -125,6 +125,26 @@ def test_switching_overlap_while_a_stream_speaks_loses_no_frame(engine, overlapp
     np.testing.assert_allclose(np.concatenate(pieces), reference.pcm, atol=1e-5 * max(1.0, np.abs(reference.pcm).max()))
 
 
+def test_a_failure_outside_the_isolated_parts_ends_the_speaking_requests_not_the_engine(overlapped, monkeypatch):
+    """If reading a step fails outside the per-row isolation, a queued step's results may be lost:
+    every speaking request ends with the error (none goes on with a gap), and the engine serves on."""
+    sched, real = overlapped._scheduler, overlapped._scheduler._read
+    armed = threading.Event()
+    armed.set()
+
+    def broken(step):
+        if armed.is_set():
+            armed.clear()
+            raise RuntimeError("simulated scheduler bug")
+        return real(step)
+
+    monkeypatch.setattr(sched, "_read", broken)
+    with pytest.raises(RuntimeError, match="simulated scheduler bug"):
+        overlapped.synthesize(SynthesisRequest("This one fails.", max_audio_ms=320))
+    assert overlapped.synthesize(SynthesisRequest("This one works.", max_audio_ms=320)).codes.shape == (4, 32)
+    assert wait_until(lambda: overlapped.free_slots == overlapped.max_batch)
+
+
 def assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel: float) -> None:
     """More requests than slots, one-frame chunks: each stream's audio equals a whole-clip Mimi decode
     of its own codes, so no decode read another row's or an earlier occupant's state (on CUDA the

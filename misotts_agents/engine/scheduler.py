@@ -18,12 +18,13 @@ next step (its codes, positions, sampling counters) advance on the device and th
 after it is queued, so step 4 of iteration i+1 is queued *before* the host reads step i's results
 in 5, and the host's per-row work (chunking, delivery, end-of-speech) and the next prefill pass
 run while the device computes the next step. The host waits once per step, for the oldest step's
-copies. On the device, Mimi decodes (and row resets) run on a stream of their own: a step's decode
-needs its codes, the next step needs only the codes too, so the two run side by side. The cost is bookkeeping, not audio: a row that ended in step i has already been queued in
-step i+1, whose result for it is dropped (its slot is reused only after, in queue order), and a
-row's limits (frames, context) are checked on the host before it is queued. On CPU the device is
-the host, so queuing a step runs it; overlapping would only delay each chunk by a step, and the
-loop reads each step's results at once (``overlap=True`` runs the CUDA schedule on CPU, for tests).
+copies. On the device, Mimi decodes (and row resets) run on a stream of their own: the next frame
+step needs a step's codes, not its audio, so it runs beside that step's decode. The cost is
+bookkeeping, not audio: a row that ended in step i has already been queued in step i+1, whose
+result for it is dropped (its slot is reused only after, in queue order), and a row's limits
+(frames, context) are checked on the host before it is queued. On CPU the device is the host, so
+queuing a step runs it; overlapping would only delay each chunk by a step, and the loop reads each
+step's results at once (``overlap=True`` runs the CUDA schedule on CPU, for tests).
 
 Prompt preparation (tokenising, Mimi-encoding context audio) happens before, on another thread.
 An exception in a step fails the requests of that step, not the engine; one in a prefill pass
@@ -307,17 +308,31 @@ class Scheduler:
                 self._admit()
                 self._prefill()
                 runnable, wait = self._runnable()
-                queued = self._step(runnable) if runnable else None
-                previous, self.in_flight = self.in_flight, None
-                if previous is not None:  # overlapping: read the step before while this one runs
-                    self._read(previous)
-                if queued is not None and self.overlap:
-                    self.in_flight = queued
-                elif queued is not None:
-                    self._read(queued)
-                elif previous is None and all(job.prefilled for job in self.jobs.values()):
+                try:
+                    idle = self._step_and_read(runnable)
+                except Exception as exc:  # a failure outside what _step and _read isolate: never the engine
+                    self.in_flight = None  # a step's results may be lost: no row in a step may go on
+                    speaking = [job for job in self.jobs.values() if job.prefilled]
+                    log.exception("frame step failed; ending the %d requests speaking", len(speaking))
+                    for job in speaking:
+                        self._finish(job, error=exc)
+                    idle = False
+                if idle:
                     self.wake.wait(timeout=wait)
             self._shutdown()
+
+    def _step_and_read(self, runnable: list[int]) -> bool:
+        """Queue a step for ``runnable`` (if any) and read the one queued before it (overlapping)
+        or itself; True when there was nothing to do (no step, no prefill waiting: sleep)."""
+        queued = self._step(runnable) if runnable else None
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None:  # overlapping: read the step before while this one runs
+            self._read(previous)
+        if queued is not None and self.overlap:
+            self.in_flight = queued
+        elif queued is not None:
+            self._read(queued)
+        return queued is None and previous is None and all(job.prefilled for job in self.jobs.values())
 
     def _shutdown(self) -> None:
         self.in_flight = None  # its rows end below; their results are not wanted
@@ -532,13 +547,14 @@ class Scheduler:
         with self.clock.measure(self.prefill_budget.observe_step):
             codes, pcm = self._compute(rows, slots, positions)
         jobs = [self.jobs[s] for s in slots]
-        for s, job in zip(slots, jobs, strict=True):
-            self.positions[s] += 1
-            job.launched += 1
+        step = InFlight.copy_out(jobs, positions, codes, pcm, self.mimi_stream)
         self.next_tokens[rows, 0, : self.k] = codes
         self.next_mask[rows] = self.audio_mask
         self.sampling.advance(rows)
-        return InFlight.copy_out(jobs, positions, codes, pcm, self.mimi_stream)
+        for s, job in zip(slots, jobs, strict=True):
+            self.positions[s] += 1
+            job.launched += 1
+        return step
 
     def _compute(self, rows: torch.Tensor, slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batched part of a step: the model's frame step and one Mimi decode for all rows,
