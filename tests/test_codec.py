@@ -145,6 +145,16 @@ def test_reset_one_row_equals_fresh_decoder(mimi: codec.MimiModel) -> None:
     assert_close_to_peak(torch.stack(out1), ref_new)
 
 
+def test_warm_up_leaves_every_row_as_a_fresh_decoder(mimi: codec.MimiModel) -> None:
+    codes = random_codes(4, seed=23)
+    ref = stream_single(mimi, codes).view(-1, FRAME_SAMPLES)
+    with MimiStreamDecoder(mimi, batch_size=2) as dec:
+        dec.warm_up()
+        out = [dec.decode(torch.stack([codes[:, t], codes[:, t]])) for t in range(4)]
+    assert_close_to_peak(torch.stack([o[0] for o in out]), ref)
+    assert_close_to_peak(torch.stack([o[1] for o in out]), ref)
+
+
 def test_decoder_rejects_bad_codes(mimi: codec.MimiModel) -> None:
     good = random_codes(1, seed=30).T.repeat(2, 1)  # (2, 32)
     with MimiStreamDecoder(mimi, batch_size=2) as dec:

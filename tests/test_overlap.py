@@ -178,6 +178,7 @@ def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
     )
     try:
         assert engine._scheduler.mimi_stream is not None
+        assert engine.mimi._streaming_state.graphed_decoder._graph is not None  # moshi's, captured at start-up
         assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel=1e-2)  # TF32 convolutions
     finally:
         engine.close()
@@ -198,7 +199,7 @@ def test_cuda_queuing_steps_and_prefill_passes_never_waits_for_the_device(monkey
         assert sched.overlap
         context = (Segment(1, "Context audio, encoded on the preparation thread's stream.", tone(2.0)),)
         warm = engine.synthesize(SynthesisRequest("Warm up the decoder.", context=context, seed=1, max_audio_ms=400))
-        assert warm.codes.shape == (5, 32)  # moshi captured its own graphs outside the strict part
+        assert warm.codes.shape == (5, 32)
         checked = threading.Event()
 
         def strict(method):

@@ -211,6 +211,10 @@ class Scheduler:
         # On CUDA, Mimi decodes (and resets) on a stream of its own: a step's decode runs beside the
         # next frame step, which needs only the step's codes, not its audio.
         self.mimi_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        if self.mimi_stream is not None:
+            with torch.cuda.stream(self.mimi_stream), torch.inference_mode():
+                decoder.warm_up()  # moshi's own graphs, captured now rather than in a request's step
+            self.mimi_stream.synchronize()
         self.voices = voices
         self.max_batch = max_batch
         self.device = model.device

@@ -403,6 +403,17 @@ class MimiStreamDecoder:
             pcm = torch.where(mask[:, None], pcm, torch.zeros_like(pcm))
         return pcm
 
+    def warm_up(self, calls: int = 3) -> None:
+        """Run ``calls`` decodes with every row inactive (no row's state changes): on CUDA moshi
+        captures its decoder's graphs on the second call it sees, in global capture mode, during
+        which any other thread's CUDA work fails; doing that now, before any request, means no
+        request's first frame pays for the capture or collides with another thread's work."""
+        self._require_open()
+        idle = torch.zeros(self.batch_size, self.num_codebooks, dtype=torch.long, device=self.device)
+        inactive = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        for _ in range(calls):
+            self.decode(idle, inactive, validate=False)
+
     def close(self) -> None:
         """Drop the streaming state so the model can be used by another decoder. Idempotent."""
         if self._stack is not None:
