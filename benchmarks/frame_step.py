@@ -10,6 +10,11 @@ revision's package in a subprocess (same script, same machine, same run):
   batch 1 and 8, fp32 and bf16, next to the memory-bandwidth floor: the bytes a step must read
   (weights + KV, bandwidth.py) over the best streaming-read rate measured in the same run with the
   same threads (the larger of a big fp32 ``sum`` and a big fp32 matrix-vector product).
+- ``blas``: the batch-1 step is matrix-vector products (95% of it in ``aten::mm``); the read rate
+  of each CSM-1B weight shape through ``F.linear`` (what the model runs) and with the matrix stored
+  transposed (``x @ W.T`` from a contiguous copy, a different BLAS kernel), weighted by the bytes a
+  frame reads of each shape, next to the floor's read rate. The transposed layout is
+  not used: it sums in another order, so fp32 results would stop matching the reference bit for bit.
 - ``attention``: frames/s of 8 streams on an attention-heavy flavor (a small backbone whose KV
   reads outweigh its weights at long context) with a short prompt (64 positions) vs ~1,900
   positions of context; and the same 8 streams in a 16-row step (8 padding rows).
@@ -190,6 +195,66 @@ def part_csm(steps: int, dtypes: list[str]) -> dict:
     return out
 
 
+def blas_shapes(config: ModelConfig) -> dict[tuple[int, int], int]:
+    """Each (out, in) weight shape of one batch-1 frame step and how many times a frame reads it:
+    the backbone's matrices once, the depth decoder's 31 times (one per codebook after the first)."""
+    reads: Counter[tuple[int, int]] = Counter()
+    for flavor, times in ((config.backbone, 1), (config.decoder, K - 1)):
+        hd = flavor.embed_dim // flavor.num_heads
+        qkv = (flavor.num_heads + 2 * flavor.num_kv_heads) * hd
+        for shape in (
+            (qkv, flavor.embed_dim),
+            (flavor.embed_dim, flavor.num_heads * hd),
+            (2 * flavor.intermediate_dim, flavor.embed_dim),
+            (flavor.embed_dim, flavor.intermediate_dim),
+        ):
+            reads[shape] += flavor.num_layers * times
+    return dict(reads)
+
+
+def part_blas(steps: int) -> dict:
+    def timed(fn) -> float:
+        began = time.perf_counter()
+        fn()
+        return time.perf_counter() - began
+
+    def rate(fn, nbytes: int) -> float:
+        fn()
+        return nbytes / min(timed(fn) for _ in range(max(steps, 3))) / 1e9
+
+    out: dict = {"shapes": []}
+    weighted = Counter()
+    for (rows, cols), times in blas_shapes(CSM_1B).items():
+        w, x = torch.randn(rows, cols), torch.randn(1, cols)
+        stored_t = w.t().contiguous()
+        nbytes = w.numel() * 4
+        rates = {
+            "linear": rate(lambda w=w, x=x: torch.nn.functional.linear(x, w), nbytes),
+            "transposed": rate(lambda t=stored_t, x=x: x @ t, nbytes),
+            "sum": rate(w.sum, nbytes),
+        }
+        out["shapes"].append({"shape": [rows, cols], "reads_per_frame": times, "gbs": rates})
+        for name in ("linear", "transposed"):
+            weighted[name] += nbytes * times / rates[name]  # seconds x 1e9 per frame at this rate
+        print(
+            f"    ({rows:5} x {cols:5}) x{times:3} per frame: F.linear {rates['linear']:5.1f}, "
+            f"stored transposed {rates['transposed']:5.1f}, sum {rates['sum']:5.1f} GB/s"
+        )
+        del w, stored_t
+    total = sum(4 * r * c * t for (r, c), t in blas_shapes(CSM_1B).items())
+    out["per_frame_gbs"] = {name: total / seconds for name, seconds in weighted.items()}
+    rates = out["per_frame_gbs"]
+    out["floor_read_gbs"] = floor_gbs = max(read_rates_gbs().values())  # the csm part's floor rate
+    out["linear_bound_x_floor"] = floor_gbs / rates["linear"]
+    print(
+        f"    a frame's matrices, bytes-weighted: F.linear {rates['linear']:.1f} GB/s, stored transposed "
+        f"{rates['transposed']:.1f} GB/s; the floor reads at {floor_gbs:.1f} GB/s, so at F.linear's rates a "
+        f"batch-1 step takes at least {out['linear_bound_x_floor']:.2f}x the floor (a lower bound: the small "
+        "matrices were measured warm in cache)"
+    )
+    return out
+
+
 def part_attention(steps: int) -> dict:
     out = {}
     for label, max_batch, buckets, context in (
@@ -215,6 +280,8 @@ def worker(parts: list[str], steps: int, dtypes: list[str]) -> dict:
             print(f"    8B layout, {batch}: {r['aten_ops']} ATen ops, {r['kernels']} compute/copy ops")
     if "csm" in parts:
         results["csm"] = part_csm(steps, dtypes)
+    if "blas" in parts:
+        results["blas"] = part_blas(steps)
     if "attention" in parts:
         results["attention"] = part_attention(steps)
     return results
@@ -275,7 +342,7 @@ def print_comparison(current: dict, baseline: dict | None, rev: str | None) -> N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ops,csm,attention", help="comma-separated: ops, csm, attention")
+    parser.add_argument("--parts", default="ops,csm,blas,attention", help="comma-separated: ops, csm, blas, attention")
     parser.add_argument("--baseline", default=None, help="git revision to compare with (e.g. 691fe13)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the CSM-1B-size runs")
