@@ -125,6 +125,19 @@ def test_switching_overlap_while_a_stream_speaks_loses_no_frame(engine, overlapp
     np.testing.assert_allclose(np.concatenate(pieces), reference.pcm, atol=1e-5 * max(1.0, np.abs(reference.pcm).max()))
 
 
+def test_prefill_passes_take_their_window_from_the_host(engine, overlapped, monkeypatch):
+    """Reading a pass's positions on the device to size its attention window would make the host
+    wait for every queued step: the scheduler gives the window it knows from its own positions."""
+
+    def device_read(input_pos):
+        raise AssertionError("a prefill pass read its positions from the device")
+
+    monkeypatch.setattr(overlapped.model.backbone, "window_for", device_read)
+    context = (Segment(1, "What the user said before.", tone(2.0, freq=220)),)
+    request = SynthesisRequest("And now my reply.", context=context, seed=7, max_audio_ms=80 * 3)
+    assert_same(collect(overlapped.stream(request)), engine.synthesize(request))
+
+
 def test_a_failure_outside_the_isolated_parts_ends_the_speaking_requests_not_the_engine(overlapped, monkeypatch):
     """If reading a step fails outside the per-row isolation, a queued step's results may be lost:
     every speaking request ends with the error (none goes on with a gap), and the engine serves on."""

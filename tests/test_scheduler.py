@@ -103,9 +103,9 @@ def test_voice_prompt_prefill_is_computed_once(engine, monkeypatch):
     prefill_lengths = []
     real = engine.model.backbone_last_hidden
 
-    def spy(tokens, mask, pos, rows=None):
+    def spy(tokens, mask, pos, rows=None, length=None):
         prefill_lengths.append(tokens.shape[1])
-        return real(tokens, mask, pos, rows)
+        return real(tokens, mask, pos, rows, length)
 
     monkeypatch.setattr(engine.model, "backbone_last_hidden", spy)
     hits = engine.voices.hits

@@ -198,13 +198,13 @@ def test_a_failure_during_prefill_fails_only_its_request(chunked, monkeypatch, c
     real = chunked.model.backbone_last_hidden
     batched_with_bad = []
 
-    def breaks_on_bad(tokens, mask, pos, rows=None):
+    def breaks_on_bad(tokens, mask, pos, rows=None, length=None):
         if tokens.size(1) > 1 and rows is not None:
             requests = [sched.jobs[r].stream.request for r in rows.tolist() if r in sched.jobs]
             if any(r is bad for r in requests):
                 batched_with_bad.append(len(requests))
                 raise RuntimeError("simulated prefill failure")
-        return real(tokens, mask, pos, rows)
+        return real(tokens, mask, pos, rows, length)
 
     monkeypatch.setattr(chunked.model, "backbone_last_hidden", breaks_on_bad)
     Trace(chunked, monkeypatch, hold_until=2)

@@ -64,7 +64,7 @@ from misotts_agents.errors import EngineClosed
 from misotts_agents.model import codec
 from misotts_agents.model.config import MAX_SEQ_LEN
 from misotts_agents.model.sampling import SamplingState
-from misotts_agents.model.transformer import MisoModel
+from misotts_agents.model.transformer import MisoModel, length_bucket
 
 log = logging.getLogger(__name__)
 
@@ -454,10 +454,12 @@ class Scheduler:
                 self.device,
             )
             rows = to_device([job.row for job, _ in chunks], self.device)
+            # the window, from the host's positions (reading the device's would wait for it)
+            length = length_bucket(max(job.written for job, _ in chunks) + width, self.model.backbone.max_len)
             context = sum(job.written for job, _ in chunks) / len(chunks) + width / 2
             positions = len(chunks) * width
             with self.clock.measure(lambda seconds: self.prefill_budget.observe_pass(positions, seconds, context)):
-                self.model.backbone_last_hidden(tokens, mask, pos, rows)
+                self.model.backbone_last_hidden(tokens, mask, pos, rows, length)
         except Exception as exc:
             if len(chunks) > 1:
                 log.warning("batched prefill of %d requests failed (%s); retrying them one by one", len(chunks), exc)

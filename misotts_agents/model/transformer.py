@@ -344,17 +344,23 @@ class Transformer(nn.Module):
         return length_bucket(int(input_pos.max()) + 1, self.max_len)
 
     def forward(
-        self, h: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor | CacheWindow | None = None
+        self,
+        h: torch.Tensor,
+        input_pos: torch.Tensor,
+        rows: torch.Tensor | CacheWindow | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """h (b, s, dim) at positions input_pos (b, s) -> normalised hidden states (model dtype).
 
         ``rows``: a :class:`CacheWindow` (batch row i is cache row i; pass one to avoid reading
         ``input_pos`` on the host), a tensor (b,) of cache rows (their used positions are gathered),
-        or None (rows 0..b-1 with the window that holds ``input_pos``).
+        or None (rows 0..b-1 with the window that holds ``input_pos``). With a tensor of rows,
+        ``length`` is the window (a :func:`length_bucket` above every position) when the caller
+        knows it, so that ``input_pos`` is not read on the host.
         """
         b, s, _ = h.shape
         if isinstance(rows, torch.Tensor):
-            window = CacheWindow(self.window_for(input_pos))
+            window = CacheWindow(length if length is not None else self.window_for(input_pos))
             write_rows, gather_rows = rows[:, None], rows
         else:
             window = rows if rows is not None else CacheWindow(self.window_for(input_pos))
@@ -461,12 +467,13 @@ class MisoModel(nn.Module):
         tokens_mask: torch.Tensor,
         input_pos: torch.Tensor,
         rows: torch.Tensor | CacheWindow | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """Run frames through the backbone (filling the cache rows) and return the last hidden state (b, dim).
 
-        Each batch row has its own positions; ``rows`` as in :meth:`Transformer.forward`.
+        Each batch row has its own positions; ``rows`` and ``length`` as in :meth:`Transformer.forward`.
         """
-        return self.backbone(self.embed_frames(tokens, tokens_mask), input_pos, rows)[:, -1, :]
+        return self.backbone(self.embed_frames(tokens, tokens_mask), input_pos, rows, length)[:, -1, :]
 
     def _embed_audio(self, codebook: int, codes: torch.Tensor) -> torch.Tensor:
         return self.audio_embeddings(codes + codebook * self.audio_vocab_size)
