@@ -64,18 +64,19 @@ def test_a_row_ending_while_its_next_step_is_queued_frees_its_slot_cleanly(engin
     """End-of-speech is seen only when a step is read, after the next step (with that row) is
     queued: the queued result is dropped, and the next request in that slot speaks exactly as alone."""
     sched = overlapped._scheduler
-    real = sched._compute
+    real = sched._frame
     launches: list[list[int]] = []
 
-    def eos_on_third(rows, slots, positions):  # slot 0's third frame comes out as end-of-speech
-        codes, pcm = real(rows, slots, positions)
+    def eos_on_third(slots):  # slot 0's third frame comes out as end-of-speech
+        frame = real(slots)
         launches.append(list(slots))
         if 0 in slots and sum(0 in s for s in launches) == 3:
-            codes = codes.clone()
+            codes = frame.codes.clone()
             codes[slots.index(0)] = 0
-        return codes, pcm
+            frame = frame._replace(codes=codes)
+        return frame
 
-    monkeypatch.setattr(sched, "_compute", eos_on_third)
+    monkeypatch.setattr(sched, "_frame", eos_on_third)
     before = overlapped.metrics()
     ending = overlapped.stream(SynthesisRequest("I stop early.", seed=1, chunks=ONE_FRAME, max_audio_ms=80 * 20))
     next(ending)  # in slot 0 and speaking
@@ -136,6 +137,26 @@ def test_prefill_passes_take_their_window_from_the_host(engine, overlapped, monk
     context = (Segment(1, "What the user said before.", tone(2.0, freq=220)),)
     request = SynthesisRequest("And now my reply.", context=context, seed=7, max_audio_ms=80 * 3)
     assert_same(collect(overlapped.stream(request)), engine.synthesize(request))
+
+
+def test_a_failed_decode_ends_its_steps_requests_without_a_retry(overlapped, monkeypatch):
+    """Mimi's streaming state may have moved before its decode failed: the step is not retried
+    (that would decode a frame twice for the rows left), its requests end, the engine goes on."""
+    sched, real = overlapped._scheduler, overlapped._scheduler._decode
+    calls = []
+
+    def fails_once(rows, codes):
+        calls.append(rows.tolist())
+        if len(calls) == 1:
+            raise RuntimeError("simulated decode failure")
+        return real(rows, codes)
+
+    monkeypatch.setattr(sched, "_decode", fails_once)
+    with pytest.raises(RuntimeError, match="simulated decode failure"):
+        overlapped.synthesize(SynthesisRequest("This one fails.", max_audio_ms=320))
+    assert len(calls) == 1  # not retried
+    assert overlapped.synthesize(SynthesisRequest("This one works.", max_audio_ms=320)).codes.shape == (4, 32)
+    assert wait_until(lambda: overlapped.free_slots == overlapped.max_batch)
 
 
 def test_a_failure_outside_the_isolated_parts_ends_the_speaking_requests_not_the_engine(overlapped, monkeypatch):
@@ -201,7 +222,9 @@ def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_queuing_steps_and_prefill_passes_never_waits_for_the_device(monkeypatch):
     """With CUDA's sync debug mode set to error while the scheduler queues a step or a prefill
-    pass, any host wait (a blocking copy, a read of a device value) fails the request."""
+    pass, any host wait (a blocking copy, a read of a device value) fails the request. (The mode
+    is process-wide: the requests here have no context audio, whose encoding on a preparation
+    thread ends with a wait of its own.)"""
     from misotts_agents.testing.random_weights import random_engine
 
     engine = random_engine(
@@ -226,7 +249,7 @@ def test_cuda_queuing_steps_and_prefill_passes_never_waits_for_the_device(monkey
 
             return run
 
-        monkeypatch.setattr(sched, "_launch", strict(sched._launch))
+        monkeypatch.setattr(sched, "_step", strict(sched._step))
         monkeypatch.setattr(sched, "_prefill", strict(sched._prefill))
         streams = [engine.stream(SynthesisRequest(t, seed=i, max_audio_ms=80 * 6)) for i, t in enumerate(TEXTS)]
         for stream in streams:

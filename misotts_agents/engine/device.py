@@ -1,8 +1,9 @@
 """Talking to the device without waiting for it: host values in, timings out.
 
 A plain ``torch.tensor(values, device="cuda")`` copies synchronously, so the host waits for every
-step already queued; :func:`to_device` queues the copy instead (the values are staged at once, so
-the host list may change right after).
+step already queued; :func:`to_device` queues the copy instead, from pinned memory (a copy from
+ordinary memory may still wait while the driver stages it), so the host values may change right
+after.
 
 The prefill budget (prefill.py) sizes its passes from the measured time of frame steps and
 passes. Timing them with the host's clock means waiting for the device after each one, which on
@@ -26,9 +27,12 @@ MAX_PENDING = 64  # spans queued and not yet collected; older ones are dropped (
 Report = Callable[[float], None]
 
 
-def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A long tensor of ``values`` on ``device``, the copy queued behind the device's work."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+def to_device(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` (ints, or a host tensor) on ``device``, the copy queued behind the device's work."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class DeviceClock:

@@ -54,6 +54,7 @@ from typing import Generic, Literal, TypeVar
 import torch
 
 from misotts_agents.audio import FRAME_MS
+from misotts_agents.engine.device import to_device
 from misotts_agents.model.config import Flavor
 
 PrefillChunk = int | Literal["auto"] | None
@@ -191,5 +192,4 @@ def pass_inputs(
         tokens[i, :length] = prompt_tokens[start : start + length]
         mask[i, :length] = prompt_mask[start : start + length]
         pos[i] = torch.arange(start, start + width)
-    # queued behind the device's work (staged at once): the host does not wait for the steps before
-    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), pos.to(device, non_blocking=True)
+    return to_device(tokens, device), to_device(mask, device), to_device(pos, device)  # queued: no wait

@@ -40,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -130,6 +131,15 @@ class Job:
         return self.ready_prompt.prefix_len if self.computes_voice else self.prefill_end
 
 
+class _Frame(NamedTuple):
+    """A frame step's codes, on the device, before Mimi and the copies are queued."""
+
+    slots: list[int]
+    rows: torch.Tensor  # the slots, on the device
+    positions: list[int]  # each row's position in the step
+    codes: torch.Tensor  # (n, K)
+
+
 @dataclass(eq=False)
 class InFlight:
     """A queued frame step whose codes and audio the host has not read yet."""
@@ -210,8 +220,10 @@ class Scheduler:
         self.decoder = decoder
         # On CUDA, Mimi decodes (and resets) on a stream of its own: a step's decode runs beside the
         # next frame step, which needs only the step's codes, not its audio.
-        self.mimi_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        # (high priority: its own pool of streams, so never one of those other threads draw from)
+        self.mimi_stream = torch.cuda.Stream(model.device, priority=-1) if model.device.type == "cuda" else None
         if self.mimi_stream is not None:
+            self.mimi_stream.wait_stream(torch.cuda.current_stream(model.device))  # the decoder's fresh state
             with torch.cuda.stream(self.mimi_stream), torch.inference_mode():
                 decoder.warm_up()  # moshi's own graphs, captured now rather than in a request's step
             self.mimi_stream.synchronize()
@@ -490,8 +502,8 @@ class Scheduler:
         """The prompt is in: set the row's first step input, position and sampling; it joins the step."""
         stream, prompt, slot, end = job.stream, job.ready_prompt, job.row, job.prefill_end
         request = stream.request
-        self.next_tokens[slot] = prompt.tokens[end:].to(self.device, non_blocking=True)
-        self.next_mask[slot] = prompt.mask[end:].to(self.device, non_blocking=True)
+        self.next_tokens[slot] = to_device(prompt.tokens[end:], self.device)
+        self.next_mask[slot] = to_device(prompt.mask[end:], self.device)
         self.positions[slot] = end
         self.sampling.set_row(slot, **{**sampling_kwargs(request), "seed": stream.stats.seed, "frame": 0})
         with self._on_mimi_stream():  # behind the slot's last occupant's decodes, before its own
@@ -523,13 +535,15 @@ class Scheduler:
         """Queue one frame for every row in ``slots``; a failure never ends the engine, and ends
         the requests it did not come from only when it cannot be avoided.
 
-        A failure of the batched computation is retried once without the newest request (the one
-        whose arrival most likely brought it: a new shape, a bad value, the memory it added); only if
-        that fails too are the others failed. (A failure in one row's own bookkeeping, when the
-        step is read, ends that request alone: ``_read``.)
+        A failure of the model's step is retried once without the newest request (the one whose
+        arrival most likely brought it: a new shape, a bad value, the memory it added); only if
+        that fails too are the others failed. A failure once the step's codes exist (Mimi's
+        decode, the copies out) ends that step's requests: Mimi's streaming state may already have
+        moved for their rows, so no retry could give them their audio. (A failure in one row's own
+        bookkeeping, when the step is read, ends that request alone: ``_read``.)
         """
         try:
-            return self._launch(slots)
+            frame = self._frame(slots)
         except Exception as exc:
             newest = max(slots, key=lambda s: self.jobs[s].stream.submitted_at)
             log.exception("frame step failed; ending the newest of its %d requests and retrying", len(slots))
@@ -538,22 +552,45 @@ class Scheduler:
             if not slots:
                 return None
             try:
-                return self._launch(slots)
+                frame = self._frame(slots)
             except Exception as again:
                 log.exception("frame step failed again; ending the %d requests in it", len(slots))
                 for slot in slots:
                     self._finish(self.jobs[slot], error=again)
                 return None
+        try:
+            return self._queue(frame)
+        except Exception as exc:
+            log.exception("decoding a frame step failed; ending the %d requests in it", len(slots))
+            for slot in slots:
+                self._finish(self.jobs[slot], error=exc)
+            return None
 
-    def _launch(self, slots: list[int]) -> InFlight:
-        """Queue the step, then move its rows on to their next step's inputs (on the device, from
-        the codes not yet read) so the next step can be queued before this one is read."""
+    def _frame(self, slots: list[int]) -> _Frame:
+        """The model's frame step for ``slots``: codes (n, K) on the device, queued.
+
+        It changes no state (positions, inputs and sampling counters advance in ``_queue``), so it
+        can be run again with fewer rows: the KV entries it wrote are rewritten at the same
+        positions, and the keyed sampling draws the same codes again.
+        """
         rows = to_device(slots, self.device)
         positions = [self.positions[s] for s in slots]
+        pos = to_device(positions, self.device).unsqueeze(1)
+        sampling = self.sampling.select(rows)
+        # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
+        host = HostRows(slots, positions, max(self.jobs[s].stream.request.topk for s in slots))
         with self.clock.measure(self.prefill_budget.observe_step):
-            codes, pcm = self._compute(rows, slots, positions)
+            codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)
+        return _Frame(slots, rows, positions, codes)
+
+    def _queue(self, frame: _Frame) -> InFlight:
+        """Queue the step's Mimi decode and the copies of its results, then move its rows on to
+        their next step's inputs (on the device, from the codes not yet read), so the next step
+        can be queued before this one is read."""
+        slots, rows, codes = frame.slots, frame.rows, frame.codes
+        pcm = self._decode(rows, codes)
         jobs = [self.jobs[s] for s in slots]
-        step = InFlight.copy_out(jobs, positions, codes, pcm, self.mimi_stream)
+        step = InFlight.copy_out(jobs, frame.positions, codes, pcm, self.mimi_stream)
         self.next_tokens[rows, 0, : self.k] = codes
         self.next_mask[rows] = self.audio_mask
         self.sampling.advance(rows)
@@ -562,34 +599,22 @@ class Scheduler:
             job.launched += 1
         return step
 
-    def _compute(self, rows: torch.Tensor, slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batched part of a step: the model's frame step and one Mimi decode for all rows,
-        codes (n, K) and audio (max_batch, 1920) on the device.
-
-        It changes no scheduler state (positions, inputs and sampling counters advance in
-        ``_launch``), so it can be run again with fewer rows: the KV entries it wrote are
-        rewritten at the same positions, and the keyed sampling draws the same codes again.
-        """
-        dev, k = self.device, self.k
-        pos = to_device(positions, dev).unsqueeze(1)
-        sampling = self.sampling.select(rows)
-        # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
-        host = HostRows(slots, positions, max(self.jobs[s].stream.request.topk for s in slots))
-        codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)  # (b, K)
-        speaking = codes.any(dim=1)
-        audio_codes = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
-        batch = torch.zeros(self.max_batch, k, dtype=torch.long, device=dev)
-        batch[rows] = audio_codes
+    def _decode(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """One Mimi decode for all rows, audio (max_batch, 1920) on the device; on CUDA on Mimi's
+        stream, beside the next frame step. Rows whose codes end the speech are left inactive."""
+        dev = self.device
+        batch = torch.zeros(self.max_batch, self.k, dtype=torch.long, device=dev)
+        batch[rows] = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
         active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
-        active[rows] = speaking
+        active[rows] = codes.any(dim=1)
         # in range by construction: Mimi is queued right behind the step, without reading the device
         if self.mimi_stream is None:
-            return codes, self.decoder.decode(batch, active, validate=False)
+            return self.decoder.decode(batch, active, validate=False)
         self.mimi_stream.wait_stream(torch.cuda.current_stream(dev))  # the codes are in
         batch.record_stream(self.mimi_stream)
         active.record_stream(self.mimi_stream)
         with torch.cuda.stream(self.mimi_stream):
-            return codes, self.decoder.decode(batch, active, validate=False)
+            return self.decoder.decode(batch, active, validate=False)
 
     def _on_mimi_stream(self) -> contextlib.AbstractContextManager[object]:
         return torch.cuda.stream(self.mimi_stream) if self.mimi_stream is not None else contextlib.nullcontext()
@@ -614,8 +639,8 @@ class Scheduler:
             self._step_times.append((now, frames))
         for i in live:
             job = step.jobs[i]
-            try:  # the row's audio is copied out: the step's buffer is not kept alive by its chunks
-                self._advance(job, codes[i], pcm[job.row].copy(), bool(speaking[i]), step.positions[i] + 1, now)
+            try:  # the row's codes and audio are copied out: no stream keeps the step's (pinned) buffers
+                self._advance(job, codes[i].copy(), pcm[job.row].copy(), bool(speaking[i]), step.positions[i] + 1, now)
             except Exception as exc:  # this request's own bookkeeping: it alone ends
                 log.exception("request failed after its frame step; ending it alone")
                 self._finish(job, error=exc)

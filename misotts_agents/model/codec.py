@@ -345,7 +345,9 @@ class MimiStreamDecoder:
             if not 0 <= int(row) < self.batch_size:
                 raise IndexError(f"row {row} out of range for batch_size {self.batch_size}")
             mask[int(row)] = True
-        return mask.to(self.device, non_blocking=True)  # staged at once; no wait for queued decodes
+        if self.device.type == "cuda":  # from pinned memory: the copy is queued, the host does not wait
+            mask = mask.pin_memory()
+        return mask.to(self.device, non_blocking=True)
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Start a new utterance in ``rows`` (all rows if None): their state becomes that of a fresh

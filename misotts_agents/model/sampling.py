@@ -87,7 +87,9 @@ class SamplingState:
         """Write one row's values (keyword per field; fields not named keep their value)."""
         tensors = self._tensors()
         for name, value in values.items():
-            tensors[name][row] = value
+            # fill_ on the row: an indexed assignment of a Python number copies it from the host
+            # synchronously on some torch versions (the host would wait for every queued step)
+            tensors[name].narrow(0, row, 1).fill_(value)
 
     def select(self, rows: torch.Tensor) -> SamplingState:
         """The given rows, gathered (a copy)."""
