@@ -244,11 +244,12 @@ class FrameStepper:
         began = time.perf_counter()
         log.info("frame step: capturing %d shapes (CUDA graphs, compiled=%s)", len(shapes), self.compiled)
         self.pos.fill_(self.scratch_position)  # warm-up and capture write only at the scratch position
+        stream = torch.cuda.Stream(self.device)  # one capture stream for every shape
         with torch.inference_mode():
             for shape in shapes:
                 started = time.perf_counter()
                 try:
-                    self.graphs[shape] = self._capture(shape)
+                    self.graphs[shape] = self._capture(shape, stream)
                 except Exception as exc:  # one shape's failure must not cost the others their graphs
                     self.eager_shapes.add(shape)
                     log.error(
@@ -268,8 +269,7 @@ class FrameStepper:
             f"; {len(self.eager_shapes)} run eagerly" if self.eager_shapes else "",
         )
 
-    def _capture(self, shape: StepShape) -> _Captured:
-        stream = torch.cuda.Stream(self.device)
+    def _capture(self, shape: StepShape, stream: torch.cuda.Stream) -> _Captured:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._run(shape)  # compiles, allocates and tunes outside the capture
