@@ -1,7 +1,8 @@
 """`misotts-agents bench`: N streams batched together vs the same N requests run one at a time.
 
 For each concurrency level N (default 1, 2, 4, 8, 16) the script submits N requests of the same
-length (default 25 frames = 2 s of audio, a different seed each) to one shared engine in two ways:
+length (default 25 frames = 2 s of audio, a different seed each) to one shared engine in each of
+the ``--modes`` (default: the first two):
 
 - batched: all N streams are created at once and consumed concurrently (one asyncio task per
   stream, ``async for``), so the engine's scheduler advances them together, one frame per step;
