@@ -143,6 +143,7 @@ class FrameStepper:
         self._staged = torch.cuda.Event() if on_cuda else None  # the last host-to-device copy of positions
         self.graphs: dict[StepShape, _Captured] = {}
         self.eager_shapes: set[StepShape] = set()  # shapes whose capture failed
+        self._capture_stream: torch.cuda.Stream | None = None
         if self.compiled:
             model.compile_layers()
         if self.cuda_graphs:
@@ -244,12 +245,11 @@ class FrameStepper:
         began = time.perf_counter()
         log.info("frame step: capturing %d shapes (CUDA graphs, compiled=%s)", len(shapes), self.compiled)
         self.pos.fill_(self.scratch_position)  # warm-up and capture write only at the scratch position
-        stream = torch.cuda.Stream(self.device)  # one capture stream for every shape
         with torch.inference_mode():
             for shape in shapes:
                 started = time.perf_counter()
                 try:
-                    self.graphs[shape] = self._capture(shape, stream)
+                    self.graphs[shape] = self._capture(shape)
                 except Exception as exc:  # one shape's failure must not cost the others their graphs
                     self.eager_shapes.add(shape)
                     log.error(
@@ -269,7 +269,10 @@ class FrameStepper:
             f"; {len(self.eager_shapes)} run eagerly" if self.eager_shapes else "",
         )
 
-    def _capture(self, shape: StepShape, stream: torch.cuda.Stream) -> _Captured:
+    def _capture(self, shape: StepShape) -> _Captured:
+        if self._capture_stream is None:  # one for every shape (the pool has 32 streams)
+            self._capture_stream = torch.cuda.Stream(self.device)
+        stream = self._capture_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._run(shape)  # compiles, allocates and tunes outside the capture
