@@ -340,7 +340,10 @@ class Scheduler:
     def _step_and_read(self, runnable: list[int]) -> bool:
         """Queue a step for ``runnable`` (if any) and read the one queued before it (overlapping)
         or itself; True when there was nothing to do (no step, no prefill waiting: sleep)."""
-        queued = self._step(runnable) if runnable else None
+        queued = None
+        if runnable:  # the step's time on the device's main stream (with Mimi on CPU; beside it on CUDA)
+            with self.clock.measure(self.prefill_budget.observe_step):
+                queued = self._step(runnable)
         previous, self.in_flight = self.in_flight, None
         if previous is not None:  # overlapping: read the step before while this one runs
             self._read(previous)
@@ -579,8 +582,7 @@ class Scheduler:
         sampling = self.sampling.select(rows)
         # the host's copy of rows, positions and top-k: the step picks its shape without reading the device
         host = HostRows(slots, positions, max(self.jobs[s].stream.request.topk for s in slots))
-        with self.clock.measure(self.prefill_budget.observe_step):
-            codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)
+        codes = self.stepper(rows, self.next_tokens[rows], self.next_mask[rows], pos, sampling, host)
         return _Frame(slots, rows, positions, codes)
 
     def _queue(self, frame: _Frame) -> InFlight:
