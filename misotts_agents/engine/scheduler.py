@@ -356,7 +356,10 @@ class Scheduler:
     def _shutdown(self) -> None:
         self.in_flight = None  # its rows end below; their results are not wanted
         if self.mimi_stream is not None:
-            self.mimi_stream.synchronize()  # the decoder's state is released after this returns
+            try:  # the decoder's state is released after this returns
+                self.mimi_stream.synchronize()
+            except Exception:  # a failed device: the requests below must still end
+                log.exception("waiting for Mimi's stream at shutdown failed")
         closed = EngineClosed("the engine was closed")
         for job in list(self.jobs.values()):
             self._finish(job, error=closed)
