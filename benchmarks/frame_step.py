@@ -223,8 +223,9 @@ def part_blas(steps: int) -> dict:
         return nbytes / min(timed(fn) for _ in range(max(steps, 3))) / 1e9
 
     out: dict = {"shapes": []}
-    weighted = Counter()
-    for (rows, cols), times in blas_shapes(CSM_1B).items():
+    weighted: dict[str, float] = {"linear": 0.0, "transposed": 0.0}
+    shapes = blas_shapes(CSM_1B)
+    for (rows, cols), times in shapes.items():
         w, x = torch.randn(rows, cols), torch.randn(1, cols)
         stored_t = w.t().contiguous()
         nbytes = w.numel() * 4
@@ -234,14 +235,14 @@ def part_blas(steps: int) -> dict:
             "sum": rate(w.sum, nbytes),
         }
         out["shapes"].append({"shape": [rows, cols], "reads_per_frame": times, "gbs": rates})
-        for name in ("linear", "transposed"):
+        for name in weighted:
             weighted[name] += nbytes * times / rates[name]  # seconds x 1e9 per frame at this rate
         print(
             f"    ({rows:5} x {cols:5}) x{times:3} per frame: F.linear {rates['linear']:5.1f}, "
             f"stored transposed {rates['transposed']:5.1f}, sum {rates['sum']:5.1f} GB/s"
         )
         del w, stored_t
-    total = sum(4 * r * c * t for (r, c), t in blas_shapes(CSM_1B).items())
+    total = sum(4 * r * c * t for (r, c), t in shapes.items())
     out["per_frame_gbs"] = {name: total / seconds for name, seconds in weighted.items()}
     rates = out["per_frame_gbs"]
     out["floor_read_gbs"] = floor_gbs = max(read_rates_gbs().values())  # the csm part's floor rate
