@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engines import load_tiny
 
 from misotts_agents.testing.tiny import bundled_tokenizer, make_tiny
 
@@ -34,8 +35,5 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir: Path):
-    from misotts_agents.engine.facade import MisoEngine
-
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=4) as engine:
+        yield engine

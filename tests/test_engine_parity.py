@@ -4,10 +4,10 @@ segment and a user turn, both with text and audio) are the reference model's cod
 import numpy as np
 import pytest
 import torch
+from engines import load_tiny
 from oracle import OracleModel
 from signals import tone
 
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import Segment, SynthesisRequest
 
 FRAMES = 10
@@ -16,9 +16,8 @@ FRAMES = 10
 @pytest.fixture(scope="module")
 def batch1_engine(tiny_dir):
     """max_batch=1: the step is the reference's batch-1 computation (see step.py on batch shapes)."""
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=1) as engine:
+        yield engine
 
 
 def test_greedy_codes_match_the_oracle(batch1_engine):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engines import load_tiny
 from livekit import rtc
 from livekit.agents import (
     APIConnectionError,
@@ -50,9 +51,8 @@ FAST = APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=20.0)
 
 @pytest.fixture(scope="module")
 def lk_engine(tiny_dir: Path):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=2) as engine:
+        yield engine
 
 
 lk_server = server_fixture("lk_engine")  # one loopback server of ``lk_engine`` for the file, started on first use
@@ -242,7 +242,7 @@ async def test_timeout_and_closed_engine(tiny_dir):
     tts = TTS(engine=hung)
     with pytest.raises(APITimeoutError):
         await tts.synthesize("Hello.", conn_options=APIConnectOptions(max_retry=0, timeout=0.2)).collect()
-    closed = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, progress=False)
+    closed = load_tiny(tiny_dir, max_batch=1)
     closed.close()
     stream = TTS(engine=closed).stream(conn_options=FAST)
     stream.push_text("Hello.")

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from engines import load_tiny
 from signals import tone, wait_until
 
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.model import codec
 
@@ -21,10 +21,9 @@ TEXTS = ["Hello there.", "One moment please.", "Sure, I can do that.", "Thanks f
 
 @pytest.fixture(scope="module")
 def overlapped(tiny_dir):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False, overlap=True)
-    assert engine._scheduler.overlap
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=4, overlap=True) as engine:
+        assert engine._scheduler.overlap
+        yield engine
 
 
 def collect(stream):

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from engines import load_tiny
 from pipecat.frames.frames import (
     AggregatedTextProgressFrame,
     ErrorFrame,
@@ -60,9 +61,8 @@ SHORT = MisoTTSService.Settings(max_audio_ms=480, seed=1)  # 6 frames per senten
 
 @pytest.fixture(scope="module")
 def miso(tiny_dir):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=2) as engine:
+        yield engine
 
 
 miso_server = server_fixture("miso")  # one loopback server of ``miso`` for the file, started on first use

@@ -12,9 +12,9 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from engines import load_tiny
 from signals import tone, wait_until
 
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import VoicePrompt
@@ -220,9 +220,8 @@ def test_streams_from_several_event_loops_and_threads(engine):
 
 @pytest.fixture
 def small_engine(tiny_dir):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=1, max_queue=1, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=1, max_queue=1) as engine:
+        yield engine
 
 
 def test_full_queue_is_a_clear_error_not_a_hang(small_engine):

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from engines import load_tiny
 from signals import tone, wait_until
 
 from misotts_agents.engine.facade import MisoEngine
@@ -22,16 +23,14 @@ CONTEXT = (Segment(1, "What the user said before.", tone(4.0, freq=240)),)  # ~6
 
 @pytest.fixture(scope="module")
 def chunked(tiny_dir):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, prefill_chunk=BUDGET, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=4, prefill_chunk=BUDGET) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def whole(tiny_dir):
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, prefill_chunk=0, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=4, prefill_chunk=0) as engine:
+        yield engine
 
 
 class Trace:
@@ -240,4 +239,4 @@ def test_whole_prompt_schedule_prefills_one_request_per_iteration(whole, monkeyp
 
 def test_a_bad_budget_is_refused_before_loading(tiny_dir):
     with pytest.raises(ValueError, match="prefill_chunk"):
-        MisoEngine.load(tiny_dir, device="cpu", watermark=False, prefill_chunk=-5, progress=False)
+        load_tiny(tiny_dir, prefill_chunk=-5)

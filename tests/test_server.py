@@ -14,6 +14,7 @@ import threading
 import httpx
 import numpy as np
 import pytest
+from engines import load_tiny
 from remote_server import LoopbackServer
 from server_client import collect, free, http_url, next_json, start, ws_url
 from signals import tone, wait_until
@@ -48,11 +49,8 @@ def said(text: str, frames: int) -> str:
 
 @pytest.fixture(scope="module")
 def srv_engine(tiny_dir):
-    from misotts_agents.engine.facade import MisoEngine
-
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=2) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

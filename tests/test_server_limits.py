@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from engines import load_tiny
 from remote_server import LoopbackServer
 from server_client import collect, free, http_url, next_json, silent_client, start, ws_url
 from signals import tone, wait_until
@@ -55,11 +56,8 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def lim_engine(tiny_dir):
-    from misotts_agents.engine.facade import MisoEngine
-
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=2) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from bad_inputs import BAD_BODIES, BAD_START_FIELDS, BAD_WS, OK
+from engines import load_tiny
 from remote_server import LoopbackServer
 from server_client import collect, http_url, next_json, silent_client, start, ws_url
 from signals import tone, wait_until
@@ -58,11 +59,8 @@ FRAMES = 5
 
 @pytest.fixture(scope="module")
 def load_engine(tiny_dir):
-    from misotts_agents.engine.facade import MisoEngine
-
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=4) as engine:
+        yield engine
 
 
 def auth(token: str) -> dict[str, str]:

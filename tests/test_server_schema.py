@@ -11,6 +11,7 @@ import logging
 import httpx
 import pytest
 from bad_inputs import BAD_BODIES, BAD_START_FIELDS, BAD_WS, OK
+from engines import load_tiny
 from remote_server import LoopbackServer
 from server_client import collect, free, http_url, next_json, start, ws_url
 from websockets.asyncio.client import connect
@@ -26,11 +27,8 @@ LIMITS = Limits(max_text_chars=500, max_message_bytes=200_000, ws_max_size=400_0
 
 @pytest.fixture(scope="module")
 def schema_engine(tiny_dir):
-    from misotts_agents.engine.facade import MisoEngine
-
-    engine = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=2, progress=False)
-    yield engine
-    engine.close()
+    with load_tiny(tiny_dir, max_batch=2) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

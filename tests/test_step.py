@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from engines import load_tiny
 
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.engine.step import FrameStepper, HostRows, StepShape, _Captured, bucket_sizes
 from misotts_agents.model.config import ModelConfig
@@ -189,9 +189,7 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
     it meets CUDA graphs on a GPU.
     """
     # the same max_batch as the eager session engine, so both run the same step shape
-    compiled = MisoEngine.load(
-        tiny_dir, device="cpu", watermark=False, max_batch=engine.max_batch, compile=True, progress=False
-    )
+    compiled = load_tiny(tiny_dir, max_batch=engine.max_batch, compile=True)
     try:
         for text in TEXTS[:2]:
             request = SynthesisRequest(text, topk=1, max_audio_ms=400)
@@ -202,7 +200,7 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
 
 
 def test_power_of_two_buckets(tiny_dir):
-    bucketed = MisoEngine.load(tiny_dir, device="cpu", watermark=False, max_batch=4, batch_buckets=True, progress=False)
+    bucketed = load_tiny(tiny_dir, max_batch=4, batch_buckets=True)
     try:
         assert bucketed._scheduler.stepper.batch_sizes == [1, 2, 4]
         streams = [bucketed.stream(SynthesisRequest(t, max_audio_ms=240)) for t in TEXTS]
