@@ -281,7 +281,7 @@ class MisoEngine:
         if stream is None:
             stream = self._prep_streams.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            return codec.encode(self._encoder_mimi, audio.to(self.device)).cpu()
+            return codec.encode(self._encoder_mimi, audio).cpu()  # encode moves the clip to the device
 
     def _prepare(self, job: Job) -> None:
         stream = job.stream
