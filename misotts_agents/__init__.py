@@ -1,7 +1,7 @@
 """misotts-agents: the MisoTTS expressive speech model as a streaming engine for voice agents.
 
 The engine is framework-free; Pipecat and LiveKit integrations build on it. Names are imported
-lazily so that `misotts-agents --help` and light imports do not pay for torch, moshi and silentcipher;
+lazily so that `misotts-agents --help` and light imports do not pay for torch and the models;
 the ``TYPE_CHECKING`` block below gives editors and type checkers the same names eagerly.
 """
 

@@ -144,11 +144,11 @@ def test_a_failed_decode_ends_its_steps_requests_without_a_retry(overlapped, mon
     sched, real = overlapped._scheduler, overlapped._scheduler._decode
     calls = []
 
-    def fails_once(rows, codes):
+    def fails_once(rows, codes, top_row):
         calls.append(rows.tolist())
         if len(calls) == 1:
             raise RuntimeError("simulated decode failure")
-        return real(rows, codes)
+        return real(rows, codes, top_row)
 
     monkeypatch.setattr(sched, "_decode", fails_once)
     with pytest.raises(RuntimeError, match="simulated decode failure"):
@@ -189,7 +189,7 @@ def assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel: float) -> No
     for stream in streams:
         pcm = np.concatenate([c.pcm for c in stream])
         codes = torch.from_numpy(np.where(stream.codes < codec.CODEBOOK_SIZE, stream.codes, 0).T.copy())
-        whole = codec.decode(engine._encoder_mimi, codes).cpu().numpy()  # a second Mimi: not streaming
+        whole = codec.decode(engine.mimi, codes).cpu().numpy()  # the model holds no streaming state
         assert pcm.shape == whole.shape
         assert np.abs(pcm - whole).max() <= rel * np.abs(whole).max(), stream.request.text
 
@@ -211,7 +211,7 @@ def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
     )
     try:
         assert engine._scheduler.mimi_stream is not None
-        assert engine.mimi._streaming_state.graphed_decoder._graph is not None  # moshi's, captured at start-up
+        assert engine._scheduler.decoder.captured_sizes == [4]  # the decode's CUDA graph, captured at start-up
         assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel=1e-2)  # TF32 convolutions
     finally:
         engine.close()

@@ -2,13 +2,12 @@
 
 It loads the model, codec, tokenizer and watermarker once. ``stream(request)`` can be called from
 any thread or event loop: a preparation thread tokenises the text and Mimi-encodes context audio
-(with a second Mimi instance, so the streaming decoder's state is never touched), then the
+(Mimi holds no streaming state of its own: the scheduler's decoder owns its rows' state), then the
 scheduler thread (scheduler.py) batches the request with every other active one, one frame per step.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 import threading
@@ -17,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from moshi.models.compression import MimiModel
 
 from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
 from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.scheduler import EngineStats, Job, Scheduler
+from misotts_agents.engine.step import bucket_sizes
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache
 from misotts_agents.errors import EngineBusy, EngineClosed, ModelSourceError
@@ -75,7 +74,7 @@ class MisoEngine:
         self,
         model: MisoModel,
         tokenizer: TextTokenizer,
-        mimi: MimiModel,
+        mimi: codec.MimiModel,
         watermarker: Watermarker | None,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -98,11 +97,16 @@ class MisoEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.voices = VoiceCache(max_voices)
-        self._encoder_mimi = copy.deepcopy(mimi)  # encoding never disturbs the streaming decoder
         self._prep_streams = threading.local()  # on CUDA, each preparation thread's stream (_encode_audio)
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
         model.setup_caches(max_batch)  # slot i is cache row i
-        decoder = codec.MimiStreamDecoder(mimi, batch_size=max_batch)
+        # The decode shapes captured are the frame step's batch sizes (step.py).
+        decoder = codec.MimiStreamDecoder(
+            mimi,
+            batch_size=max_batch,
+            graph_sizes=bucket_sizes(max_batch) if batch_buckets else None,
+            cuda_graphs=self.device.type == "cuda" and cuda_graphs is not False,
+        )
         self._prep: FairPreparation[Job] = FairPreparation(self._prepare)  # clients in turn (preparation.py)
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
         self._lock = threading.Lock()
@@ -143,7 +147,7 @@ class MisoEngine:
 
         ``tokenizer`` and ``mimi`` default to the files in the model directory when present
         (``tokenizer.json``; ``mimi.safetensors`` + ``mimi_config.json``), else the Llama-3.2 tokenizer
-        mirror and moshi's standard Mimi. ``watermark`` is True (SilentCipher from the model
+        mirror and the standard Mimi (kyutai's, downloaded). ``watermark`` is True (SilentCipher from the model
         directory's ``silentcipher/`` when present, else from the Hub), a directory or repo id, or
         False to disable it explicitly.
         """
@@ -276,12 +280,12 @@ class MisoEngine:
         copies back wait for the encoding alone, not for the frame steps queued on the scheduler's
         stream, and the encoding runs beside them instead of between them."""
         if self.device.type != "cuda":
-            return codec.encode(self._encoder_mimi, audio).cpu()
+            return codec.encode(self.mimi, audio).cpu()
         stream = getattr(self._prep_streams, "stream", None)
         if stream is None:
             stream = self._prep_streams.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            return codec.encode(self._encoder_mimi, audio).cpu()  # encode moves the clip to the device
+            return codec.encode(self.mimi, audio).cpu()  # encode moves the clip to the device
 
     def _prepare(self, job: Job) -> None:
         stream = job.stream

@@ -147,7 +147,7 @@ class InFlight:
     jobs: list[Job]  # its rows' requests, in row order; a row whose job has since ended is dropped
     positions: list[int]  # each row's position in this step
     codes: torch.Tensor  # (n, K), on the host once ``done`` has passed
-    pcm: torch.Tensor  # (max_batch, 1920), likewise
+    pcm: torch.Tensor  # (rows decoded, 1920), likewise
     done: torch.cuda.Event | None  # None when the copies had finished on return (CPU)
 
     @classmethod
@@ -225,7 +225,7 @@ class Scheduler:
         if self.mimi_stream is not None:
             self.mimi_stream.wait_stream(torch.cuda.current_stream(model.device))  # the decoder's fresh state
             with torch.cuda.stream(self.mimi_stream), torch.inference_mode():
-                decoder.warm_up()  # moshi's own graphs, captured now rather than in a request's step
+                decoder.warm_up()  # its CUDA graphs, captured now rather than in a request's step
             self.mimi_stream.synchronize()
         self.voices = voices
         self.max_batch = max_batch
@@ -593,7 +593,7 @@ class Scheduler:
         their next step's inputs (on the device, from the codes not yet read), so the next step
         can be queued before this one is read."""
         slots, rows, codes = frame.slots, frame.rows, frame.codes
-        pcm = self._decode(rows, codes)
+        pcm = self._decode(rows, codes, max(slots))
         jobs = [self.jobs[s] for s in slots]
         step = InFlight.copy_out(jobs, frame.positions, codes, pcm, self.mimi_stream)
         self.next_tokens[rows, 0, : self.k] = codes
@@ -604,13 +604,15 @@ class Scheduler:
             job.launched += 1
         return step
 
-    def _decode(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """One Mimi decode for all rows, audio (max_batch, 1920) on the device; on CUDA on Mimi's
-        stream, beside the next frame step. Rows whose codes end the speech are left inactive."""
+    def _decode(self, rows: torch.Tensor, codes: torch.Tensor, top_row: int) -> torch.Tensor:
+        """One Mimi decode for the rows up to the highest speaking one (all ``max_batch`` rows unless
+        the step buckets its batch, then the step's bucket), audio (n, 1920) on the device; on CUDA
+        on Mimi's stream, beside the next frame step. Rows whose codes end the speech are left inactive."""
         dev = self.device
-        batch = torch.zeros(self.max_batch, self.k, dtype=torch.long, device=dev)
+        n = self.decoder.rows_for(top_row)
+        batch = torch.zeros(n, self.k, dtype=torch.long, device=dev)
         batch[rows] = codes * (codes < codec.CODEBOOK_SIZE)  # ids 2048..2050 are not Mimi codes
-        active = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
+        active = torch.zeros(n, dtype=torch.bool, device=dev)
         active[rows] = codes.any(dim=1)
         # in range by construction: Mimi is queued right behind the step, without reading the device
         if self.mimi_stream is None:

@@ -1,50 +1,45 @@
 """Mimi audio codec: loading, whole-clip encode/decode, and batched streaming decode.
 
 MisoTTS (like Sesame CSM) speaks in Mimi codes: 32 codebooks x 2048 bins per 80 ms frame at 24 kHz.
-This module is the only place that touches moshi's ``MimiModel``; everything else in the package sees
-plain tensors of codes and PCM. It is framework-free on purpose (no Pipecat / LiveKit imports) so the
-engine, the CLI and the tests can all share it.
+The network is our own (:mod:`misotts_agents.model.mimi`, proven exact against kyutai's moshi package,
+which stays a test oracle: its stale dependency caps cannot travel in our wheel). This module is what the
+rest of the package calls: it resolves and strictly loads the official checkpoint, validates inputs,
+and drives one batched streaming decoder per engine. Framework-free (no Pipecat / LiveKit imports).
 
-Design notes (moshi 0.2.13, verified against its source):
-
-* ``moshi.models.loaders.get_mimi(filename, mimi_config=None, device=..., num_codebooks=8)`` builds the
-  model from ``mimi_config`` and then does a *strict* ``load_state_dict``. ``mimi_config`` is not merged
-  with defaults: it must be the complete dict with the keys ``sample_rate``, ``channels``, ``frame_rate``
-  (top level), ``seanet`` (kwargs of ``SEANetEncoder`` *and* ``SEANetDecoder``), ``transformer`` (kwargs
-  of both ``ProjectedTransformer`` s, encoder and decoder) and ``quantizer`` (kwargs of
-  ``SplitResidualVectorQuantizer``). ``causal=True`` and ``resample_method="conv"`` are hard-coded by
-  get_mimi, and the encoder frame rate is derived as ``sample_rate / prod(seanet ratios)``, so a conv
-  down/up-sampler by ``encoder_frame_rate / frame_rate`` is created when they differ.
-* Streaming state is per batch row: ``streaming(batch_size)`` allocates it, ``reset_streaming(mask)``
-  zeroes chosen rows and ``set_exec_mask(mask)`` makes every streaming sub-module (convs, transposed
-  convs, KV caches, RoPE offsets) keep the state of masked-off rows unchanged. So one decode call per
-  engine step serves every concurrent stream (:class:`MimiStreamDecoder`).
-* On CUDA, moshi wraps the decoder and its transformer in ``CUDAGraphed``: the second call captures a
-  graph and every later call must have exactly the same shapes. That is why a decoder has a fixed batch
-  size and always decodes exactly one frame per row per call.
+* The checkpoint is moshi's file (``kyutai/moshiko-pytorch-bf16``,
+  ``tokenizer-e351c8d8-checkpoint125.safetensors``) under moshi's key names, or a directory holding
+  ``mimi.safetensors`` plus an optional ``mimi_config.json`` in moshi's config layout (``sample_rate``,
+  ``channels``, ``frame_rate``, ``seanet``, ``transformer``, ``quantizer``), which is how make-tiny
+  writes a small one. A missing, unexpected or mis-shaped tensor is an error naming it.
+* The model holds no streaming state: a :class:`MimiStreamDecoder` owns its rows' state
+  (:class:`~misotts_agents.model.mimi.DecodeState`), so whole-clip calls (context audio, on preparation
+  threads) and any number of decoders share one set of weights safely.
+* On CUDA the decoder captures one CUDA graph per batch shape at start-up (:meth:`MimiStreamDecoder.warm_up`),
+  in thread-local capture mode: other threads' GPU work neither breaks the capture nor waits for it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
+import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import torch
-from moshi.models import loaders
-from moshi.models.compression import MimiModel
 
 from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.errors import ModelSourceError
 from misotts_agents.model.config import NUM_CODEBOOKS
+from misotts_agents.model.mimi import DecodeState, MimiModel, default_config, rename_checkpoint_keys
 
 __all__ = [
     "CODEBOOK_SIZE",
     "CONFIG_FILENAME",
+    "MIMI_FILENAME",
+    "MIMI_REPO",
     "NUM_CODEBOOKS",
     "WEIGHTS_FILENAME",
     "CodecUnavailable",
@@ -55,7 +50,10 @@ __all__ = [
     "load_mimi",
     "mimi_config_of",
     "num_frames",
+    "save_mimi",
 ]
+
+log = logging.getLogger(__name__)
 
 CODEBOOK_SIZE = 2048
 """Bins per codebook. The LM's audio vocabulary is larger (2051: it has EOS/padding ids), so codes
@@ -64,13 +62,15 @@ CODEBOOK_SIZE = 2048
 WEIGHTS_FILENAME = "mimi.safetensors"
 CONFIG_FILENAME = "mimi_config.json"
 
+#: Where the standard Mimi checkpoint lives on the Hugging Face Hub (the one CSM and MisoTTS load).
+MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
+MIMI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
 _DOWNLOAD_HINT = (
     f"Pass a directory holding {WEIGHTS_FILENAME} (plus an optional {CONFIG_FILENAME}), "
     "run `misotts-agents make-tiny DIR` for an offline test model, "
-    f"or use the default source to download {loaders.DEFAULT_REPO}/{loaders.MIMI_NAME}."
+    f"or use the default source to download {MIMI_REPO}/{MIMI_FILENAME}."
 )
-# Stashed on models we build or load, so testing.mimi.save_mimi() can write the matching config without asking.
-_CONFIG_ATTR = "misotts_mimi_config"
 
 
 class CodecUnavailable(ModelSourceError, RuntimeError):
@@ -82,26 +82,14 @@ class CodecUnavailable(ModelSourceError, RuntimeError):
 
 
 def num_frames(num_samples: int) -> int:
-    """Number of Mimi frames ``encode`` produces for ``num_samples`` samples: moshi pads the clip up
+    """Number of Mimi frames ``encode`` produces for ``num_samples`` samples: the clip is padded up
     to a whole number of frames, so it is ``ceil(num_samples / FRAME_SAMPLES)``."""
     return math.ceil(num_samples / FRAME_SAMPLES)
 
 
-# --------------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------------
-
-
-def _default_mimi_config() -> dict[str, Any]:
-    """A deep copy of moshi's own Mimi config (the one the pretrained checkpoint was trained with)."""
-    return copy.deepcopy(loaders._mimi_config)
-
-
-def mimi_config_of(mimi: MimiModel) -> dict[str, Any] | None:
-    """The config a model was built from, when it came from :func:`load_mimi` or
-    :func:`misotts_agents.testing.mimi.build_tiny_mimi` (moshi's MimiModel does not remember it itself)."""
-    cfg = getattr(mimi, _CONFIG_ATTR, None)
-    return copy.deepcopy(cfg) if cfg is not None else None
+def mimi_config_of(mimi: MimiModel) -> dict[str, Any]:
+    """The config (moshi's layout) a model was built from: what ``mimi_config.json`` holds."""
+    return mimi.config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,13 +102,13 @@ def _unavailable(path: Path | str, reason: str) -> CodecUnavailable:
 
 
 def _download_default() -> Path:
-    """Fetch moshi's standard Mimi checkpoint through huggingface_hub (its cache, progress bar,
+    """Fetch the standard Mimi checkpoint through huggingface_hub (its cache, progress bar,
     HF_HUB_OFFLINE / HF_HOME / HF_TOKEN handling all apply)."""
     from huggingface_hub import hf_hub_download
 
-    where = f"{loaders.DEFAULT_REPO}/{loaders.MIMI_NAME} (Hugging Face Hub)"
+    where = f"{MIMI_REPO}/{MIMI_FILENAME} (Hugging Face Hub)"
     try:
-        return Path(hf_hub_download(loaders.DEFAULT_REPO, loaders.MIMI_NAME))
+        return Path(hf_hub_download(MIMI_REPO, MIMI_FILENAME))
     except Exception as exc:  # network, offline mode without cache, auth, disk full, ...
         raise _unavailable(where, f"download failed ({type(exc).__name__}: {exc})") from exc
 
@@ -134,8 +122,8 @@ def _resolve_source(source: str | Path | None) -> tuple[Path, Path | None]:
     if path.is_dir():
         weights = path / WEIGHTS_FILENAME
         if not weights.is_file():
-            # Also accept a directory holding moshi's checkpoint under its original name.
-            alt = path / loaders.MIMI_NAME
+            # Also accept a directory holding the Hub's checkpoint under its original name.
+            alt = path / MIMI_FILENAME
             if not alt.is_file():
                 raise _unavailable(path, f"the directory has no {WEIGHTS_FILENAME}")
             weights = alt
@@ -154,8 +142,10 @@ def _read_config(config_path: Path) -> dict[str, Any]:
         cfg = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise _unavailable(config_path, f"unreadable config ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise _unavailable(config_path, "the config is not a JSON object")
     missing = {"sample_rate", "channels", "frame_rate", "seanet", "transformer", "quantizer"} - set(cfg)
-    if not isinstance(cfg, dict) or missing:
+    if missing:
         raise _unavailable(config_path, f"config is missing the keys {sorted(missing)}")
     return cfg
 
@@ -176,65 +166,93 @@ def _check_interface(mimi: MimiModel, where: Path | str, num_codebooks: int) -> 
         raise _unavailable(where, "incompatible Mimi: " + "; ".join(problems))
 
 
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # truncated file, bad header, not a safetensors file
+        raise _unavailable(weights, f"unreadable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_keys(mimi: MimiModel, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with ``tensors`` as the model's state dict, in words naming the keys; None if nothing.
+
+    Strict: every tensor the model has must be there with its shape, and nothing else may be (a
+    checkpoint of another model must not load partially)."""
+    expected = {name: tuple(t.shape) for name, t in mimi.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    shapes = sorted(
+        f"{name} (checkpoint {tuple(tensors[name].shape)}, model {shape})"
+        for name, shape in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != shape
+    )
+    problems = []
+    for what, names in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped tensors", shapes)):
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            problems.append(f"{len(names)} {what}: {', '.join(names[:5])}{more}")
+    return "; ".join(problems) or None
+
+
 def load_mimi(
     source: str | Path | None,
     device: torch.device | str = "cpu",
     num_codebooks: int = NUM_CODEBOOKS,
 ) -> MimiModel:
-    """Load a Mimi codec in eval mode with ``num_codebooks`` active codebooks.
+    """Load a Mimi codec in eval mode (fp32) with ``num_codebooks`` active codebooks.
 
     ``source``:
-      * ``None`` or ``"default"``: moshi's pretrained Mimi (``kyutai/moshiko-pytorch-bf16``,
+      * ``None`` or ``"default"``: the pretrained Mimi (``kyutai/moshiko-pytorch-bf16``,
         ``tokenizer-e351c8d8-checkpoint125.safetensors``) via huggingface_hub's cache/download.
-      * a directory: ``mimi.safetensors`` in it (or moshi's original file name), plus an optional
-        ``mimi_config.json`` with the full dict moshi's ``get_mimi(mimi_config=...)`` takes (see the
-        module docstring for its keys); without it moshi's standard config is used.
+      * a directory: ``mimi.safetensors`` in it (or the Hub's original file name), plus an optional
+        ``mimi_config.json`` in moshi's config layout (see the module docstring); without it the
+        standard config is used.
       * a ``.safetensors`` file: loaded directly; a ``mimi_config.json`` next to it is used if present.
 
-    Every failure (missing or corrupt file, config not matching the weights, failed download) raises
-    :class:`CodecUnavailable` naming the path and the fixes, so the CLI and the engine can report one
-    actionable error instead of a moshi assertion or a size-mismatch traceback.
+    Every failure (missing or corrupt file, a config we cannot build, tensors not matching the model,
+    failed download) raises :class:`CodecUnavailable` naming the path and the fixes.
     """
     if not 1 <= num_codebooks <= NUM_CODEBOOKS:
         raise ValueError(f"num_codebooks must be in 1..{NUM_CODEBOOKS}, got {num_codebooks}")
     weights, config_path = _resolve_source(source)
-    cfg = _read_config(config_path) if config_path is not None else _default_mimi_config()
+    cfg = _read_config(config_path) if config_path is not None else default_config()
+    with_config = f" (with config {config_path})" if config_path is not None else ""
     try:
-        mimi = loaders.get_mimi(weights, mimi_config=cfg, device=device, num_codebooks=num_codebooks)
-    except Exception as exc:  # safetensors header errors, strict load_state_dict, bad config kwargs
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {detail}"[:500]
-        if config_path is not None:
-            reason += f" (with config {config_path})"
-        raise _unavailable(weights, reason) from exc
+        with torch.device(device):
+            mimi = MimiModel(cfg, num_codebooks=num_codebooks)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _unavailable(weights, f"unusable config: {exc}{with_config}") from exc
     _check_interface(mimi, weights, num_codebooks)
-    mimi.eval()
-    setattr(mimi, _CONFIG_ATTR, copy.deepcopy(cfg))
-    return mimi
+    # kyutai's file names attention projections ``self_attn.in_proj_weight`` / ``out_proj.weight``
+    tensors = rename_checkpoint_keys(_read_weights(weights))
+    problem = _check_keys(mimi, tensors)
+    if problem is not None:
+        raise _unavailable(weights, f"the checkpoint does not match the model: {problem}{with_config}")
+    mimi.load_state_dict(tensors, strict=True)  # copied into the model's fp32 tensors on its device
+    return mimi.eval().requires_grad_(False)
+
+
+def save_mimi(mimi: MimiModel, directory: Path | str) -> Path:
+    """Write ``mimi.safetensors`` + ``mimi_config.json`` so ``load_mimi(directory)`` rebuilds ``mimi``.
+
+    The whole state dict is saved, codebook buffers (``embedding_sum``, ``cluster_usage``,
+    ``_initialized``) included, under the official key names. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in mimi.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILENAME))
+    (directory / CONFIG_FILENAME).write_text(json.dumps(mimi.config, indent=2, sort_keys=True) + "\n")
+    return directory
 
 
 # --------------------------------------------------------------------------------------------------
 # Whole-clip encode / decode
 # --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _outside_streaming(mimi: MimiModel) -> Iterator[None]:
-    """Temporarily lift a live streaming state (e.g. a MimiStreamDecoder's) off ``mimi``.
-
-    In streaming mode moshi routes ``encode``/``decode`` through the per-row streaming state (fixed
-    batch size, frame-multiple inputs, state updates), so a whole-clip call on a Mimi that a decoder is
-    using would corrupt that decoder. Not thread-safe against a concurrent streaming decode.
-    """
-    if not mimi.is_streaming:
-        yield
-        return
-    saved = mimi.get_streaming_state()
-    mimi._stop_streaming()
-    try:
-        yield
-    finally:
-        mimi.set_streaming_state(saved)
 
 
 def _param_of(mimi: MimiModel) -> torch.Tensor:
@@ -245,8 +263,9 @@ def encode(mimi: MimiModel, audio: torch.Tensor) -> torch.Tensor:
     """Encode a whole mono 24 kHz clip to codes.
 
     ``audio``: 1-D float tensor of samples. Returns int64 codes (K, T) on the model's device, with
-    K = ``mimi.num_codebooks`` and T = ``ceil(len(audio) / 1920)`` (moshi zero-pads the tail frame).
+    K = ``mimi.num_codebooks`` and T = ``ceil(len(audio) / 1920)`` (the tail frame is zero-padded).
     Non-streaming: one pass over the clip, which is what voice prompts / context segments need.
+    Safe from any thread, beside a streaming decoder of the same model.
     """
     if audio.dim() != 1:
         raise ValueError(f"encode expects 1-D mono audio, got shape {tuple(audio.shape)}")
@@ -256,7 +275,7 @@ def encode(mimi: MimiModel, audio: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"encode expects float samples, got {audio.dtype}")
     param = _param_of(mimi)
     x = audio.to(device=param.device, dtype=param.dtype)[None, None]
-    with torch.inference_mode(), _outside_streaming(mimi):
+    with torch.inference_mode():
         codes = mimi.encode(x)
     return codes[0].to(torch.int64)
 
@@ -280,9 +299,11 @@ def decode(mimi: MimiModel, codes: torch.Tensor) -> torch.Tensor:
     """
     if codes.dim() != 2:
         raise ValueError(f"decode expects codes of shape (K, T), got {tuple(codes.shape)}")
+    if codes.shape[0] != mimi.num_codebooks:
+        raise ValueError(f"decode expects {mimi.num_codebooks} codebooks, got {codes.shape[0]}")
     _check_codes(codes)
     param = _param_of(mimi)
-    with torch.inference_mode(), _outside_streaming(mimi):
+    with torch.inference_mode():
         pcm = mimi.decode(codes.to(device=param.device, dtype=torch.int64)[None])
     return pcm[0, 0].float()
 
@@ -292,37 +313,56 @@ def decode(mimi: MimiModel, codes: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Graph:
+    """One captured decode shape: its static inputs, the graph, and the output it writes."""
+
+    graph: torch.cuda.CUDAGraph
+    codes: torch.Tensor
+    active: torch.Tensor
+    pcm: torch.Tensor
+
+
 class MimiStreamDecoder:
     """Streaming Mimi decode for a fixed number of rows, one 80 ms frame per row per call.
 
     Each row is an independent stream (one utterance at a time) sharing a single batched decode call,
-    so a continuous-batching engine pays one Mimi call per step instead of one per stream. Built on
-    moshi's per-row streaming state: ``reset`` zeroes chosen rows (a new utterance), and rows left out
-    of ``active`` are masked with ``set_exec_mask`` so their conv/KV-cache/position state stays exactly
-    as it was, as if that step never happened.
+    so a continuous-batching engine pays one Mimi call per step instead of one per stream. The rows'
+    state (conv tails, transposed-conv overlaps, ring KV caches, positions) is this object's own
+    :class:`DecodeState`: ``reset`` puts chosen rows back to a fresh stream (a new utterance), and rows
+    left out of ``active`` keep their state exactly as it was, as if that step never happened.
 
-    The batch size is fixed for the decoder's life because on CUDA moshi CUDA-graphs the decoder and
-    every later call must repeat the captured shapes. A MimiModel can hold only one streaming state,
-    so only one decoder per model may be open at a time; ``close()`` (or ``with``) releases it.
-    Whole-clip :func:`encode` / :func:`decode` on the same model remain safe between calls. Not
-    thread-safe: drive it from one thread (the engine's step loop).
+    A call decodes rows ``[0, n)`` for codes of ``n`` rows (``n`` up to ``batch_size``): the engine
+    computes the rows up to its highest busy slot, the others keep their state. On CUDA each size in
+    ``graph_sizes`` (default: ``batch_size`` alone; the frame step's batch sizes when it buckets) is a
+    CUDA graph captured by :meth:`warm_up` before any request; other sizes run eagerly. Not
+    thread-safe: drive it from one thread (the engine's step loop). Several decoders may share a model.
     """
 
-    def __init__(self, mimi: MimiModel, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        mimi: MimiModel,
+        batch_size: int = 1,
+        *,
+        graph_sizes: Sequence[int] | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if mimi.is_streaming:
-            raise RuntimeError(
-                "this MimiModel is already streaming (another MimiStreamDecoder is open on it); "
-                "close that one first or load a second model"
-            )
+        sizes = sorted({int(n) for n in graph_sizes}) if graph_sizes is not None else [batch_size]
+        if not sizes or sizes[0] < 1 or sizes[-1] > batch_size:
+            raise ValueError(f"graph_sizes must be in 1..{batch_size}, got {graph_sizes}")
         self.mimi = mimi
         self.batch_size = batch_size
         self.device = _param_of(mimi).device
-        with torch.inference_mode():
-            # streaming() starts streaming immediately and returns an ExitStack whose close() stops it.
-            self._stack: contextlib.ExitStack | None = mimi.streaming(batch_size)
-        self._all_rows = torch.ones(batch_size, dtype=torch.bool, device=self.device)
+        self.graph_sizes = sizes
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a model on a CUDA device")
+        self._state: DecodeState | None = mimi.decode_state(batch_size)
+        self._views: dict[int, DecodeState] = {}
+        self._graphs: dict[int, _Graph] = {}
+        self._capture_stream: torch.cuda.Stream | None = None
 
     @property
     def num_codebooks(self) -> int:
@@ -331,17 +371,40 @@ class MimiStreamDecoder:
 
     @property
     def closed(self) -> bool:
-        return self._stack is None
+        return self._state is None
 
-    def _require_open(self) -> None:
-        if self._stack is None:
+    @property
+    def captured_sizes(self) -> list[int]:
+        """The row counts that replay a CUDA graph (empty on CPU, or before :meth:`warm_up`)."""
+        return sorted(self._graphs)
+
+    def rows_for(self, top_row: int) -> int:
+        """How many rows a call should decode to include row ``top_row``: the smallest graph size
+        above it (every row when sizes are not bucketed)."""
+        if not 0 <= top_row < self.batch_size:
+            raise IndexError(f"row {top_row} out of range for batch_size {self.batch_size}")
+        return next(n for n in self.graph_sizes if n > top_row) if self.graph_sizes[-1] > top_row else self.batch_size
+
+    def _require_state(self) -> DecodeState:
+        if self._state is None:
             raise RuntimeError("MimiStreamDecoder is closed")
+        return self._state
+
+    def _rows_state(self, n: int) -> DecodeState:
+        """The state of rows ``[0, n)`` (a view: updating it updates the decoder's rows)."""
+        state = self._require_state()
+        if n == self.batch_size:
+            return state
+        view = self._views.get(n)
+        if view is None:
+            view = self._views[n] = state.rows(n)
+        return view
 
     def _row_mask(self, rows: Sequence[int] | None) -> torch.Tensor:
-        if rows is None:
-            return self._all_rows
         mask = torch.zeros(self.batch_size, dtype=torch.bool)
-        for row in rows:
+        if rows is None:
+            mask.fill_(True)
+        for row in rows or ():
             if not 0 <= int(row) < self.batch_size:
                 raise IndexError(f"row {row} out of range for batch_size {self.batch_size}")
             mask[int(row)] = True
@@ -352,75 +415,104 @@ class MimiStreamDecoder:
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Start a new utterance in ``rows`` (all rows if None): their state becomes that of a fresh
         decoder, the other rows are untouched."""
-        self._require_open()
+        state = self._require_state()
         mask = self._row_mask(rows)
         with torch.inference_mode():
-            self.mimi.reset_streaming(mask)
+            state.reset(mask)
 
-    def _active_mask(self, active: torch.Tensor | Sequence[bool] | None) -> torch.Tensor:
+    def _active_mask(self, active: torch.Tensor | Sequence[bool] | None, n: int) -> torch.Tensor:
         if active is None:
-            return self._all_rows
+            return torch.ones(n, dtype=torch.bool, device=self.device)
         mask = torch.as_tensor(active, device=self.device)
-        if mask.dtype != torch.bool or mask.shape != (self.batch_size,):
-            raise ValueError(
-                f"active must be a bool mask of shape ({self.batch_size},), got {mask.dtype} {tuple(mask.shape)}"
-            )
+        if mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"active must be a bool mask of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
         return mask
 
     def decode(
         self, codes: torch.Tensor, active: torch.Tensor | Sequence[bool] | None = None, validate: bool = True
     ) -> torch.Tensor:
-        """Decode one frame for every row.
+        """Decode one frame for each of the rows ``[0, n)``.
 
-        ``codes``: integer (B, K), B == batch_size, K == num_codebooks, values in 0..2047 for active
+        ``codes``: integer (n, K), n <= batch_size, K == num_codebooks, values in 0..2047 for active
         rows (inactive rows may hold anything, e.g. padding; they are replaced by 0 before decoding).
-        ``active``: optional bool mask (B,); rows that are False keep their streaming state unchanged
-        and get zeros in the output. Returns float32 PCM (B, 1920) on the model's device.
+        ``active``: optional bool mask (n,); rows that are False keep their streaming state unchanged
+        and get zeros in the output. Returns float32 PCM (n, 1920) on the model's device.
         Raises ValueError on out-of-range codes: the engine must drop EOS/padding ids first; this is
         the last line of defence before an out-of-bounds embedding lookup (a hard crash on CUDA).
         ``validate=False`` skips that check and the all-rows-inactive shortcut, both of which read
         the device: for a caller that has just mapped its codes into range (the frame step, whose
         host must not wait for the step before it queues Mimi).
         """
-        self._require_open()
-        if codes.dim() != 2 or codes.shape != (self.batch_size, self.num_codebooks):
+        self._require_state()
+        n = codes.shape[0] if codes.dim() == 2 else -1
+        if codes.dim() != 2 or not 1 <= n <= self.batch_size or codes.shape[1] != self.num_codebooks:
             raise ValueError(
-                f"codes must have shape ({self.batch_size}, {self.num_codebooks}) "
+                f"codes must have shape (n, {self.num_codebooks}) with n in 1..{self.batch_size} "
                 f"(one frame per row), got {tuple(codes.shape)}"
             )
-        mask = self._active_mask(active)
+        mask = self._active_mask(active, n)
         codes = codes.to(self.device)
         if active is not None:
             codes = torch.where(mask[:, None], codes, torch.zeros_like(codes))
         if validate:
             _check_codes(codes)
-        if validate and active is not None and not bool(mask.any()):
-            # Nothing to run: skipping leaves every row's state untouched, same as an all-False mask.
-            return torch.zeros(self.batch_size, FRAME_SAMPLES, dtype=torch.float32, device=self.device)
+            if active is not None and not bool(mask.any()):
+                # Nothing to run: skipping leaves every row's state untouched, same as an all-False mask.
+                return torch.zeros(n, FRAME_SAMPLES, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            self.mimi.set_exec_mask(mask)
-            pcm = self.mimi.decode(codes.to(torch.int64)[:, :, None])  # (B, 1, 1920)
-        pcm = pcm[:, 0].float()
-        if active is not None:
-            pcm = torch.where(mask[:, None], pcm, torch.zeros_like(pcm))
-        return pcm
+            captured = self._graphs.get(n)
+            if captured is not None:
+                captured.codes.copy_(codes)
+                captured.active.copy_(mask)
+                captured.graph.replay()
+                pcm = captured.pcm
+            else:
+                pcm = self.mimi.decode_step(codes.to(torch.int64), self._rows_state(n), mask)
+        # A fresh tensor either way: a captured graph's output is overwritten by its next replay.
+        return torch.where(mask[:, None], pcm.float(), torch.zeros((), device=self.device))
 
-    def warm_up(self, calls: int = 3) -> None:
-        """Run ``calls`` decodes with every row inactive (no row's state changes): on CUDA moshi
-        captures its decoder's graphs on the second call it sees, in global capture mode, during
-        which any other thread's CUDA work fails; doing that now, before any request, means no
-        request's first frame pays for the capture or collides with another thread's work."""
-        self._require_open()
-        idle = torch.zeros(self.batch_size, self.num_codebooks, dtype=torch.long, device=self.device)
-        inactive = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        for _ in range(calls):
-            self.decode(idle, inactive, validate=False)
+    def warm_up(self, calls: int = 2) -> None:
+        """Before any request: run each graph size ``calls`` times with every row inactive (no row's
+        state changes), then, on CUDA, capture each size as a CUDA graph. A size whose capture fails
+        runs eagerly (logged as an error); the others stay captured."""
+        self._require_state()
+        for n in self.graph_sizes:
+            idle = torch.zeros(n, self.num_codebooks, dtype=torch.long, device=self.device)
+            inactive = torch.zeros(n, dtype=torch.bool, device=self.device)
+            with torch.inference_mode():
+                for _ in range(calls):
+                    self.mimi.decode_step(idle, self._rows_state(n), inactive)
+            if not self.cuda_graphs or n in self._graphs:
+                continue
+            try:
+                self._graphs[n] = self._capture(n)
+            except Exception as exc:
+                log.error(
+                    "Mimi decode: CUDA graph capture FAILED for %d rows (%s: %s); that size runs eagerly",
+                    n,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def _capture(self, n: int) -> _Graph:
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        stream = self._capture_stream
+        codes = torch.zeros(n, self.num_codebooks, dtype=torch.long, device=self.device)
+        active = torch.zeros(n, dtype=torch.bool, device=self.device)
+        state = self._rows_state(n)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            pcm = self.mimi.decode_step(codes, state, active)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return _Graph(graph, codes, active, pcm)
 
     def close(self) -> None:
-        """Drop the streaming state so the model can be used by another decoder. Idempotent."""
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
+        """Drop the streaming state and graphs (their memory). Idempotent."""
+        self._state = None
+        self._views.clear()
+        self._graphs.clear()
 
     def __enter__(self) -> Self:
         return self

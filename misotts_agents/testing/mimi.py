@@ -1,27 +1,18 @@
-"""A tiny random-weight Mimi with the real interface, and saving any Mimi so ``load_mimi`` rebuilds it.
+"""A tiny random-weight Mimi with the real interface, and random full-size ones (test fixtures, make-tiny).
 
-Test fixtures (and ``make-tiny``): the real codec is loaded by :mod:`misotts_agents.model.codec`.
+The real codec is loaded by :mod:`misotts_agents.model.codec`; these build :class:`MimiModel` s whose
+weights are random, with codebooks that decode distinct codes to distinct vectors.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from moshi.models import loaders
-from moshi.models.compression import MimiModel
-from moshi.quantization.core_vq import EuclideanCodebook
+from torch import nn
 
-from misotts_agents.model.codec import (
-    _CONFIG_ATTR,
-    CONFIG_FILENAME,
-    NUM_CODEBOOKS,
-    WEIGHTS_FILENAME,
-    _default_mimi_config,
-    mimi_config_of,
-)
+from misotts_agents.model.codec import NUM_CODEBOOKS
+from misotts_agents.model.mimi import MimiModel, default_config
 
 
 def tiny_mimi_config() -> dict[str, Any]:
@@ -31,12 +22,11 @@ def tiny_mimi_config() -> dict[str, Any]:
     learnt x2 conv down/up-sampler (so 12.5 Hz, 1920-sample frames), a streaming RoPE transformer with
     the same 250-step context, and a split RVQ with 32 codebooks x 2048 bins. So every tensor the rest
     of the package sees (codes (B, 32, T), PCM (B, 1, 1920*T)) has the real shapes, and every streaming
-    code path (conv state, transposed-conv partials, ring KV cache, exec masks) is exercised.
+    code path (conv state, transposed-conv partials, ring KV cache, row masks) is exercised.
     Shrunk: SEANet filters 64 -> 4 and latent 512 -> 32, one transformer layer of width 32 instead of
-    eight of 512, codebook vectors 256 -> 8 dims. About 0.13 M parameters (real: 79.3 M); a streaming
-    one-frame decode is dominated by per-module Python overhead (a few ms on 2 CPU cores).
+    eight of 512, codebook vectors 256 -> 8 dims. About 0.13 M parameters (real: 79.3 M).
     """
-    cfg = _default_mimi_config()
+    cfg = default_config()
     latent = 32
     cfg["seanet"].update(n_filters=4, dimension=latent)
     cfg["transformer"].update(
@@ -51,54 +41,42 @@ def tiny_mimi_config() -> dict[str, Any]:
     return cfg
 
 
-def _randomize_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
-    """Give a randomly initialised Mimi usable codebooks.
+@torch.no_grad()
+def fill_codebooks(mimi: nn.Module, generator: torch.Generator) -> None:
+    """Give a randomly initialised Mimi usable codebooks (ours, or moshi's in the parity tests).
 
-    moshi's ``EuclideanCodebook`` starts with ``embedding_sum`` all zeros (k-means fills it during
-    training), so a random-init Mimi encodes everything to code 0 and decodes every code to the same
-    vector: useless for tests. Fill the sums with N(0, 1) (``cluster_usage`` stays 1, so the centroids
-    equal the sums), mark them initialised and drop the cached ``_embedding`` so it is recomputed.
+    A codebook is ``embedding_sum / cluster_usage``, and a fresh one has ``embedding_sum`` all zeros
+    (k-means fills it during training), so a random-init Mimi encodes everything to code 0 and decodes
+    every code to the same vector: useless for tests. Fill the sums with N(0, 1) (``cluster_usage``
+    stays 1, so the centroids equal the sums) and mark them initialised; moshi's cached centroids
+    (``_embedding``, not saved) are dropped so it recomputes them.
     """
-    with torch.no_grad():
-        for module in mimi.modules():
-            if isinstance(module, EuclideanCodebook):
-                module.embedding_sum.normal_(generator=generator)
-                module._initialized.fill_(1.0)
-                module.register_buffer("_embedding", None, persistent=False)  # as moshi clears it
+    for module in mimi.modules():
+        buffers = dict(module.named_buffers(recurse=False))
+        if "embedding_sum" not in buffers:
+            continue
+        buffers["embedding_sum"].normal_(generator=generator)
+        if "_initialized" in buffers:
+            buffers["_initialized"].fill_(1.0)
+        if "_embedding" in buffers:
+            module.register_buffer("_embedding", None, persistent=False)
 
 
-def build_tiny_mimi(seed: int = 0) -> MimiModel:
-    """A random-weight Mimi with :func:`tiny_mimi_config`, on CPU in eval mode, 32 codebooks.
+def random_mimi_model(config: dict[str, Any], device: torch.device | str = "cpu", seed: int = 0) -> MimiModel:
+    """A random-weight Mimi built from ``config`` on ``device`` in eval mode, 32 codebooks, filled codebooks.
 
     Deterministic for a given ``seed`` without disturbing the caller's global RNG (weights are drawn
     inside ``torch.random.fork_rng``), so tests and ``make-tiny`` produce the same model every time.
     """
-    cfg = tiny_mimi_config()
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        mimi = loaders.get_mimi(None, mimi_config=cfg, device="cpu", num_codebooks=NUM_CODEBOOKS)
-        generator = torch.Generator().manual_seed(seed + 1)
-        _randomize_codebooks(mimi, generator)
-    mimi.eval()
-    setattr(mimi, _CONFIG_ATTR, cfg)
-    return mimi
+        with torch.device(device):
+            mimi = MimiModel(config, num_codebooks=NUM_CODEBOOKS)
+        fill_codebooks(mimi, torch.Generator(device=device).manual_seed(seed + 1))
+    return mimi.eval().requires_grad_(False)
 
 
-def save_mimi(mimi: MimiModel, directory: Path | str, config: dict[str, Any] | None = None) -> Path:
-    """Write ``mimi.safetensors`` + ``mimi_config.json`` so ``load_mimi(directory)`` rebuilds it exactly.
-
-    The full state dict is saved, including the codebook buffers (``embedding_sum``, ``cluster_usage``,
-    ``_initialized``) that the decoder depends on. ``config`` defaults to the one the model was built or
-    loaded with. Returns the directory.
-    """
-    from safetensors.torch import save_file
-
-    cfg = config if config is not None else mimi_config_of(mimi)
-    if cfg is None:
-        raise ValueError("this MimiModel's config is unknown; pass config= explicitly")
-    directory = Path(directory).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to("cpu").contiguous() for name, t in mimi.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILENAME))
-    (directory / CONFIG_FILENAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return directory
+def build_tiny_mimi(seed: int = 0) -> MimiModel:
+    """A random-weight Mimi with :func:`tiny_mimi_config` on CPU (see :func:`random_mimi_model`)."""
+    return random_mimi_model(tiny_mimi_config(), "cpu", seed)

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from moshi.models import loaders
-from moshi.models.compression import MimiModel
 
 from misotts_agents.engine.facade import MisoEngine
-from misotts_agents.model.codec import _CONFIG_ATTR, NUM_CODEBOOKS, _default_mimi_config
 from misotts_agents.model.config import CSM_1B, FLAVORS, MISOTTS_8B, ModelConfig
+from misotts_agents.model.mimi import MimiModel, default_config
 from misotts_agents.model.tokenizer import TextTokenizer
 from misotts_agents.model.transformer import MisoModel
-from misotts_agents.testing.mimi import _randomize_codebooks, build_tiny_mimi
+from misotts_agents.testing.mimi import build_tiny_mimi, random_mimi_model
 from misotts_agents.testing.tiny import TINY_CONFIG, bundled_tokenizer
 
 # A backbone flavor name picks the released model it belongs to.
@@ -76,17 +74,11 @@ def random_model_on(
 
 
 def random_mimi(device: torch.device | str, full_size: bool, seed: int = 0) -> MimiModel:
-    """A random-weight Mimi on ``device``: moshi's real configuration (79 M parameters, the real
-    decode cost) or the tiny test one; codebooks filled so codes decode to distinct vectors."""
+    """A random-weight Mimi on ``device``: the real configuration (79 M parameters, the real decode
+    cost) or the tiny test one; codebooks filled so codes decode to distinct vectors."""
     if not full_size:
         return build_tiny_mimi(seed).to(device)
-    cfg = _default_mimi_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mimi = loaders.get_mimi(None, mimi_config=cfg, device=device, num_codebooks=NUM_CODEBOOKS)
-    _randomize_codebooks(mimi, torch.Generator(device=device).manual_seed(seed + 1))
-    setattr(mimi, _CONFIG_ATTR, cfg)
-    return mimi.eval()
+    return random_mimi_model(default_config(), device, seed)
 
 
 def random_engine(

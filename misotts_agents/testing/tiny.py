@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from misotts_agents.model.codec import save_mimi
 from misotts_agents.model.config import ModelConfig
 from misotts_agents.model.sources import DEFAULT_TOKENIZER, fetch_file
 from misotts_agents.model.transformer import MisoModel
 from misotts_agents.model.watermark import MODEL_DIR_SUBDIR
-from misotts_agents.testing.mimi import build_tiny_mimi, save_mimi
+from misotts_agents.testing.mimi import build_tiny_mimi
 from misotts_agents.testing.silentcipher import make_tiny_silentcipher
 
 TINY_CONFIG = ModelConfig(
