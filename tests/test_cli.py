@@ -92,7 +92,7 @@ def test_watermark_check_reports(tiny_dir, tmp_path, capsys):
 
 
 def test_watermark_check_reports_a_message_without_confidence(tiny_dir, tmp_path, capsys, monkeypatch):
-    """silentcipher can decode a message and give no confidence: the report says so instead of failing."""
+    """A detection may carry a message without a confidence (its type allows it): the report says so."""
     import misotts_agents.model.watermark as watermark
 
     found = watermark.WatermarkDetection(True, (0, 0, 0, 0, 0), None, "message matches the key")

@@ -10,14 +10,16 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from misotts_agents.model import watermark as wm
+from misotts_agents.model.silentcipher import DecodedMessage
 from misotts_agents.model.watermark import (
     DEFAULT_WATERMARK_KEY,
     MIN_DETECT_SAMPLES_44K,
@@ -283,88 +285,124 @@ def test_check_file_stereo_wav(watermarker: Watermarker, tmp_path: Path) -> None
 
 
 class FakeModel:
-    """Records calls; returns a configurable decode result; checks calls never overlap."""
+    """Stands in for SilentCipher: records calls and returns a configurable decode result."""
 
-    def __init__(self, decode_result: dict[str, object]) -> None:
-        self.decode_result = decode_result
+    def __init__(self, decoded: DecodedMessage) -> None:
+        self.decoded = decoded
         self.calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
-        self.active = 0
-        self.overlapped = False
 
-    def _enter(self) -> None:
-        self.active += 1
-        self.overlapped |= self.active > 1
-        time.sleep(0.002)
-        self.active -= 1
+    def embed(self, audio: torch.Tensor, message: tuple[int, ...], sdr: float = 36.0) -> torch.Tensor:
+        self.calls.append(("embed", (audio, message), {"sdr": sdr}))
+        return audio * 1.01
 
-    def encode_wav(self, y: np.ndarray, sr: int, message: list[int], **kw: object) -> tuple[np.ndarray, int]:
-        self._enter()
-        self.calls.append(("encode", (y, sr, message), kw))
-        return y * 1.01, 0
-
-    def decode_wav(self, y: np.ndarray, sr: int, phase_shift_decoding: bool) -> dict[str, object]:
-        self._enter()
-        self.calls.append(("decode", (y, sr), {"phase_shift_decoding": phase_shift_decoding}))
-        return self.decode_result
+    def detect(self, audio: torch.Tensor, phase_shift: bool = False) -> DecodedMessage:
+        self.calls.append(("detect", (audio,), {"phase_shift": phase_shift}))
+        return self.decoded
 
 
-def test_encode_arguments_match_reference() -> None:
-    fake = FakeModel({})
-    w = Watermarker(fake, key=(1, 2, 3, 4, 5))
+def stand_in(decoded: DecodedMessage, key: tuple[int, ...] = DEFAULT_WATERMARK_KEY) -> tuple[Watermarker, FakeModel]:
+    fake = FakeModel(decoded)
+    return Watermarker(fake, key=key), fake  # type: ignore[arg-type]
+
+
+def test_embed_arguments_match_reference() -> None:
+    """44.1 kHz float64 audio (power scaling in float64, as silentcipher did with our float64 arrays),
+    our key, and the reference's SDR 36."""
+    w, fake = stand_in(DecodedMessage(None, None, "unused"), key=(1, 2, 3, 4, 5))
     out = w.apply(speechlike(0.2), SR)
     assert out.shape == (4800,)
-    (kind, (y, sr, message), kw) = fake.calls[0]
-    assert kind == "encode"
-    assert isinstance(y, np.ndarray)
-    assert y.ndim == 1
-    assert sr == 44100
-    assert abs(y.shape[0] - 8820) <= 1
-    assert message == [1, 2, 3, 4, 5]
-    assert kw == {"message_sdr": 36, "calc_sdr": False, "disable_checks": True}
+    (kind, (y, message), kw) = fake.calls[0]
+    assert kind == "embed"
+    assert isinstance(y, torch.Tensor)
+    assert y.dtype == torch.float64
+    assert y.shape[0] == 1  # one clip: a batch of one row
+    assert abs(y.shape[1] - 8820) <= 1
+    assert message == (1, 2, 3, 4, 5)
+    assert kw == {"sdr": 36}
 
 
 def test_detect_key_matching_and_failures() -> None:
     clip = speechlike(1.0)
-    ours = Watermarker(FakeModel({"messages": [[0, 0, 0, 0, 0]], "confidences": [0.9], "status": True}))
+    ours, fake = stand_in(DecodedMessage((0, 0, 0, 0, 0), 0.9))
     res = ours.detect(clip, SR, phase_shift=True)
     assert res == WatermarkDetection(True, (0, 0, 0, 0, 0), 0.9, res.reason)
-    assert ours._model.calls[0][2] == {"phase_shift_decoding": True}
+    assert fake.calls[0][2] == {"phase_shift": True}
+    audio = fake.calls[0][1][0]
+    assert isinstance(audio, torch.Tensor)
+    assert audio.dtype == torch.float32
 
-    other = Watermarker(FakeModel({"messages": [[9, 9, 9, 9, 9]], "confidences": [1.0], "status": True}))
+    other, _ = stand_in(DecodedMessage((9, 9, 9, 9, 9), 1.0))
     res = other.detect(clip, SR)
     assert not res.detected
     assert res.message == (9, 9, 9, 9, 9)
     assert "not our key" in res.reason
 
-    none = Watermarker(
-        FakeModel({"messages": [], "confidences": [], "error": "Could not find message", "status": False})
-    )
+    none, _ = stand_in(DecodedMessage(None, None, "no end marker in the voted message window"))
     res = none.detect(clip, SR)
     assert res == WatermarkDetection(False, None, None, res.reason)
-    assert "Could not find message" in res.reason
+    assert "no end marker" in res.reason
 
 
-def test_calls_are_serialised_across_threads() -> None:
-    fake = FakeModel({})
-    w = Watermarker(fake)
-    x = speechlike(0.05)
-    threads = [threading.Thread(target=w.apply, args=(x, SR)) for _ in range(6)]
+def test_instances_are_independent_and_thread_safe(watermarker: Watermarker, sc_dir: Path) -> None:
+    """Two watermarkers (different keys) used from two threads at once give exactly what they give one
+    call at a time: there is no shared state left to lock."""
+    other = Watermarker.load(sc_dir, key=(7, 7, 7, 7, 7))
+    clips = [speechlike(seconds, seed=i) for i, seconds in enumerate((0.12, 0.3, 0.05, 0.2))]
+    work = [(watermarker, clips), (other, clips[::-1])]
+    sequential = [[w.apply(clip, SR) for clip in batch] for w, batch in work]
+    concurrent: list[list[np.ndarray]] = [[], []]
+    start = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        w, batch = work[index]
+        start.wait()
+        concurrent[index] = [w.apply(clip, SR) for clip in batch]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(fake.calls) == 6
-    assert not fake.overlapped
+    for got, expected in zip(concurrent, sequential, strict=True):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(sequential[0][0], sequential[1][-1])  # the keys do make a difference
 
 
-def test_model_with_foreign_stft_is_rejected(tmp_path: Path) -> None:
-    """silentcipher's STFT is a process-wide singleton; a 16 kHz model loaded first would leave it at
-    n_fft=2048, which the 44.1 kHz checkpoint must not silently use."""
-    from types import SimpleNamespace
+def test_model_with_other_framing_is_rejected(tmp_path: Path) -> None:
+    """The model runs any N_FFT/HOP_LENGTH, but the watermarker's 44.1 kHz resampling and detection
+    minimum assume the 44.1 kHz model's 4096/2048."""
+    from misotts_agents.model.silentcipher import SilentCipherConfig
 
-    config = SimpleNamespace(SR=44100, message_len=21, n_messages=1, N_FFT=4096, HOP_LENGTH=2048)
-    model = SimpleNamespace(config=config, stft=SimpleNamespace(filter_length=2048, hop_len=1024))
-    with pytest.raises(WatermarkUnavailable, match="n_fft=2048"):
-        wm._check_model(model, tmp_path)
-    model.stft = SimpleNamespace(filter_length=4096, hop_len=2048)
-    wm._check_model(model, tmp_path)
+    config = SilentCipherConfig(
+        sample_rate=44100,
+        n_fft=2048,
+        hop_length=1024,
+        message_band_size=1024,
+        enc_n_layers=3,
+        dec_c_n_layers=4,
+        message_sdr=47.0,
+    )
+    with pytest.raises(WatermarkUnavailable, match="N_FFT/HOP_LENGTH are 2048/1024"):
+        wm._check_config(config, tmp_path)
+    with pytest.raises(WatermarkUnavailable, match="SR is 16000"):
+        wm._check_config(replace(config, sample_rate=16000, n_fft=4096, hop_length=2048), tmp_path)
+    wm._check_config(replace(config, n_fft=4096, hop_length=2048), tmp_path)
+
+
+def test_apply_batch_marks_each_clip_as_apply_alone(watermarker):
+    rng = np.random.default_rng(5)
+    clips = [
+        (rng.standard_normal(1920) * 0.1).astype(np.float32),
+        (rng.standard_normal(1920) * 0.2).astype(np.float32),
+        np.zeros(1920, dtype=np.float32),  # silent: unchanged, and no harm to its neighbours
+        (rng.standard_normal(4000) * 0.1).astype(np.float32),  # another length: its own call
+        np.zeros(0, dtype=np.float32),
+    ]
+    batched = watermarker.apply_batch(clips)
+    assert [b.shape for b in batched] == [c.shape for c in clips]
+    for clip, got in zip(clips, batched, strict=True):
+        np.testing.assert_allclose(got, watermarker.apply(clip), atol=1e-6)
+    assert np.array_equal(batched[2], clips[2])
+    assert not np.array_equal(batched[0], clips[0])

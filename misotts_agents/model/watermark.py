@@ -1,24 +1,29 @@
 """Inaudible SilentCipher watermark for generated speech (framework-free): the reference's key and
 strength, so its detector recognises our audio; each streamed chunk marked as it leaves (no added
-latency, weaker marks on short chunks); one process-wide lock around silentcipher, which is not
-thread-safe; silentcipher imported lazily. Why each of these, with measurements: docs/watermark.md.
+latency, weaker marks on short chunks). Why, with measurements: docs/watermark.md.
+
+The model is our own PyTorch port of Sony's silentcipher 1.0.5 (:mod:`misotts_agents.model.silentcipher`,
+same output; the package itself pins torch<=2.0 and is only a test oracle). It keeps no state between
+calls, so one :class:`Watermarker` may be used from several threads at once and instances are
+independent.
 """
 
 from __future__ import annotations
 
 import operator
-import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from misotts_agents.audio import SAMPLE_RATE, check_mono_float
 from misotts_agents.errors import ModelSourceError
+
+if TYPE_CHECKING:
+    from misotts_agents.model.silentcipher import SilentCipher, SilentCipherConfig
 
 __all__ = [
     "DEFAULT_WATERMARK_KEY",
@@ -55,20 +60,20 @@ SILENTCIPHER_SUBDIR = "44_1_khz/73999_iteration"
 # A model directory may carry its SilentCipher weights in this subdirectory (make-tiny writes one).
 MODEL_DIR_SUBDIR = "silentcipher"
 
-#: Files ``silentcipher.get_model`` / ``Model.load_models`` read for the 44.1k model with one message.
-#: ``dec_m_0.ckpt`` is only used for detection, but ``load_models`` loads it unconditionally.
+#: The checkpoint directory's files (what silentcipher's ``get_model`` reads for the 44.1k model).
+#: ``dec_m_0.ckpt`` is only used for detection, but it is loaded with the others, as the package does.
 REQUIRED_FILES: tuple[str, ...] = ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "dec_m_0.ckpt")
 
 #: Shortest 44.1 kHz input that yields one whole 21-frame message window.  The STFT zero-pads the
 #: input to the next multiple of N_FFT=4096 (always adding at least one sample) and, with center=True,
 #: yields 1 + padded/2048 frames; 21 frames need padded >= 40960, i.e. at least 9 * 4096 input samples.
-#: Anything shorter makes ``decode_wav`` fail inside its own try/except.
+#: Anything shorter cannot be decoded (silentcipher's ``decode_wav`` fails inside its own try/except).
 MIN_DETECT_SAMPLES_44K = 9 * 4096  # 36,864 samples
 MIN_DETECT_SECONDS = MIN_DETECT_SAMPLES_44K / WATERMARK_SAMPLE_RATE  # ~0.836 s
 
 # Below this mean power (RMS 1e-6, -120 dBFS) a clip is treated as silence and left untouched:
-# silentcipher normalises by the clip's power and would divide by (nearly) zero, producing NaN, and a
-# mark 36 dB under -120 dBFS would be below 24-bit quantisation anyway.
+# SilentCipher normalises by the clip's power and would divide by (nearly) zero (the package gives NaN),
+# and a mark 36 dB under -120 dBFS would be below 24-bit quantisation anyway.
 _SILENCE_POWER = 1e-12
 
 # `hf` is huggingface_hub's CLI since 1.0 (the old `huggingface-cli` entry point is gone there).
@@ -80,13 +85,9 @@ _HOW_TO_PROVIDE = (
     "--no-watermark / watermark=False."
 )
 
-# One lock for all SilentCipher calls in the process: its STFT module is a process-wide singleton
-# (see docs/watermark.md), so per-instance locks would not be enough.
-_SILENTCIPHER_LOCK = threading.Lock()
-
 
 class WatermarkUnavailable(ModelSourceError, RuntimeError):
-    """The SilentCipher weights (or the package) cannot be loaded.
+    """The SilentCipher weights cannot be found or loaded.
 
     A distinct type so callers can tell "watermarking was requested but cannot be done" apart from
     other errors and show the message, which always says what is missing and how to fix it.
@@ -113,9 +114,9 @@ class WatermarkDetection:
 def _validate_key(key: Sequence[int]) -> tuple[int, int, int, int, int]:
     """Return ``key`` as a 5-tuple of ints in 0..255 or raise ``ValueError``.
 
-    SilentCipher carries exactly 40 bits (five bytes); anything else would fail deep inside
-    ``letters_encoding`` with a bare ``assert``.  Wrong types raise ``ValueError`` too, so callers
-    (CLI flags, config files) have one exception type to turn into a usage error.
+    SilentCipher carries exactly 40 bits (five bytes), and checking at load time fails before any
+    audio is produced.  Wrong types raise ``ValueError`` too, so callers (CLI flags, config files)
+    have one exception type to turn into a usage error.
     """
     if isinstance(key, (str, bytes)) or not isinstance(key, Sequence):
         raise ValueError(f"watermark key must be a sequence of 5 ints in 0..255, got {key!r}")
@@ -175,9 +176,9 @@ def resolve_silentcipher_dir(source: str | Path) -> Path:
       model and optimiser state are not downloaded).  Cache, progress bar, ``HF_HUB_OFFLINE``,
       ``HF_TOKEN`` etc. are huggingface_hub's own.
 
-    We resolve the directory ourselves rather than letting ``silentcipher.get_model`` do it, because
-    ``get_model`` silently falls back to downloading the whole repo whenever a path is wrong, which turns
-    a typo into a surprise network access.  Every failure raises :class:`WatermarkUnavailable`.
+    A path that is wrong is an error, never a reason to download (silentcipher's own ``get_model``
+    silently falls back to downloading the whole repo, which turns a typo into a surprise network
+    access).  Every failure raises :class:`WatermarkUnavailable`.
     """
     if isinstance(source, Path):
         return _check_checkpoint_dir(source.expanduser(), "local path")
@@ -237,19 +238,19 @@ def _fit_length(signal: np.ndarray, length: int) -> np.ndarray:
 class Watermarker:
     """Embeds and detects a 5-byte SilentCipher message (44.1 kHz model) in mono audio.
 
-    Build it with :meth:`load`.  Calls are serialised by a process-wide lock (silentcipher is not
-    thread-safe), so one instance may be shared by several sessions; the encode compute is the
-    bottleneck either way.
+    Build it with :meth:`load`.  Calls share no mutable state (the model is read-only after loading),
+    so one instance may be used by several sessions and threads at once, and separate instances
+    never affect each other.
     """
 
     def __init__(
         self,
-        model: Any,
+        model: SilentCipher,
         *,
         key: Sequence[int] = DEFAULT_WATERMARK_KEY,
         source_dir: Path | None = None,
     ) -> None:
-        """Wrap an already loaded ``silentcipher.server.Model``; prefer :meth:`load`."""
+        """Wrap an already loaded :class:`~misotts_agents.model.silentcipher.SilentCipher`; prefer :meth:`load`."""
         self._model = model
         self._key = _validate_key(key)
         self._source_dir = source_dir
@@ -265,42 +266,32 @@ class Watermarker:
 
         The key is validated first so a bad key fails fast, before any download or model load.
         Raises :class:`WatermarkUnavailable` if the weights cannot be found or loaded (missing or
-        corrupt checkpoint, wrong hparams), ``ValueError`` for a bad key.
+        corrupt checkpoint, a key or shape that does not fit, wrong hparams), ``ValueError`` for a
+        bad key.
         """
         valid_key = _validate_key(key)
         ckpt_dir = resolve_silentcipher_dir(source)
+        from misotts_agents.model.silentcipher import SilentCipher
+
         try:
-            with warnings.catch_warnings():
-                # pydub (imported by silentcipher, never used here: we pass arrays, not files)
-                # warns at import time when ffmpeg is not installed.
-                warnings.filterwarnings("ignore", message="Couldn't find ffmpeg or avconv")
-                import silentcipher
-        except ImportError as exc:
+            model = SilentCipher.load(ckpt_dir, device)
+        except Exception as exc:  # missing/corrupt/mismatched file, bad yaml or hparams, device errors
             raise WatermarkUnavailable(
-                f"The silentcipher package cannot be imported ({exc}); install it with "
-                "`pip install --no-deps silentcipher==1.0.5` (its torch<=2.0 pin is stale), or disable "
-                "watermarking explicitly with --no-watermark / watermark=False."
+                f"Could not load the SilentCipher checkpoints in {ckpt_dir} "
+                f"({type(exc).__name__}: {exc}). {_HOW_TO_PROVIDE}"
             ) from exc
-        with _SILENTCIPHER_LOCK:
-            try:
-                model = silentcipher.get_model(
-                    model_type="44.1k",
-                    ckpt_path=str(ckpt_dir),
-                    config_path=str(ckpt_dir / "hparams.yaml"),
-                    device=device,
-                )
-            except Exception as exc:  # corrupt/mismatched checkpoint, bad yaml, missing hparams key, device
-                raise WatermarkUnavailable(
-                    f"Could not load the SilentCipher checkpoints in {ckpt_dir} "
-                    f"({type(exc).__name__}: {exc}). {_HOW_TO_PROVIDE}"
-                ) from exc
-        _check_model(model, ckpt_dir)
+        _check_config(model.config, ckpt_dir)
         return cls(model, key=valid_key, source_dir=ckpt_dir)
 
     @property
     def key(self) -> tuple[int, int, int, int, int]:
         """The 5-byte message embedded by :meth:`apply` and looked for by :meth:`detect`."""
         return self._key
+
+    @property
+    def model(self) -> SilentCipher:
+        """The SilentCipher model (for batched marking of 44.1 kHz audio with :meth:`SilentCipher.embed`)."""
+        return self._model
 
     @property
     def source_dir(self) -> Path | None:
@@ -311,33 +302,41 @@ class Watermarker:
         """Return ``audio`` with the watermark embedded: same length, rate and dtype.
 
         ``audio`` is mono floating-point (1-D).  Empty input returns an empty copy; (near-)silent
-        input is returned unchanged, because there is no signal to hide a message in and silentcipher
-        would divide by its zero power.  Any length works; very short inputs get a weak mark (see
+        input is returned unchanged, because there is no signal to hide a message in (the mark is
+        scaled to the clip's power).  Any length works; very short inputs get a weak mark (see
         docs/watermark.md).
         """
-        x = check_mono_float(audio)
+        return self.apply_batch([audio], sample_rate)[0]
+
+    def apply_batch(self, clips: Sequence[npt.ArrayLike], sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+        """:meth:`apply` for several independent clips (e.g. every stream's chunk of an engine step),
+        with one model call per distinct length instead of one per clip.
+
+        Each clip comes back exactly as :meth:`apply` would return it alone (the model normalises
+        every row with its own statistics), so what one stream hears never depends on the others.
+        """
+        import torch
+
         rate = _check_rate(sample_rate)
-        if x.size == 0:
-            return x.copy()
-        x64 = x.astype(np.float64)
-        y44 = _resample(x64, rate, WATERMARK_SAMPLE_RATE)
-        if float(np.mean(np.square(y44))) < _SILENCE_POWER:
-            return x.copy()
-        with _SILENTCIPHER_LOCK:
-            # silentcipher 1.0.5 needs numpy input (it calls .copy() on it; a torch tensor fails).
-            # calc_sdr=False skips a pass we do not use; disable_checks=True stops it from returning the
-            # input unchanged with a print() on silence, which we handle above.
-            marked44, _ = self._model.encode_wav(
-                y44,
-                WATERMARK_SAMPLE_RATE,
-                list(self._key),
-                message_sdr=WATERMARK_MESSAGE_SDR,
-                calc_sdr=False,
-                disable_checks=True,
-            )
-        residual44 = np.asarray(marked44, dtype=np.float64) - y44
-        residual = _fit_length(_resample(residual44, WATERMARK_SAMPLE_RATE, rate), x.shape[0])
-        return (x64 + residual).astype(x.dtype, copy=False)
+        inputs = [check_mono_float(clip) for clip in clips]
+        out = [x.copy() for x in inputs]  # empty and silent clips stay as they are
+        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, x in enumerate(inputs):
+            if x.size == 0:
+                continue
+            y44 = _resample(x.astype(np.float64), rate, WATERMARK_SAMPLE_RATE)
+            if float(np.mean(np.square(y44))) >= _SILENCE_POWER:
+                by_length.setdefault(y44.shape[0], []).append((i, y44))
+        for group in by_length.values():
+            # float64 in: the model then scales each clip's power in float64 around its float32
+            # networks, as silentcipher does with a float64 array.
+            batch = np.stack([y44 for _, y44 in group])
+            marked44 = self._model.embed(torch.from_numpy(batch), self._key, sdr=WATERMARK_MESSAGE_SDR).cpu().numpy()
+            for (i, y44), marked in zip(group, marked44, strict=True):
+                x = inputs[i]
+                residual = _fit_length(_resample(marked - y44, WATERMARK_SAMPLE_RATE, rate), x.shape[0])
+                out[i] = (x.astype(np.float64) + residual).astype(x.dtype, copy=False)
+        return out
 
     def detect(self, audio: npt.ArrayLike, sample_rate: int, *, phase_shift: bool = False) -> WatermarkDetection:
         """Decode the SilentCipher message in ``audio`` and compare it with our key.
@@ -349,6 +348,8 @@ class Watermarker:
         minutes on CPU.  The default (False) assumes the clip starts where the mark started, which
         holds for files written by this package.
         """
+        import torch
+
         x = check_mono_float(audio)
         rate = _check_rate(sample_rate)
         y44 = _resample(x.astype(np.float32, copy=False), rate, WATERMARK_SAMPLE_RATE)
@@ -364,44 +365,33 @@ class Watermarker:
             )
         if float(np.mean(np.square(y44, dtype=np.float64))) < _SILENCE_POWER:
             return WatermarkDetection(False, None, None, "silent: no signal to carry a watermark")
-        with _SILENTCIPHER_LOCK:
-            result = self._model.decode_wav(y44, WATERMARK_SAMPLE_RATE, phase_shift_decoding=phase_shift)
-        if not result.get("status") or not result.get("messages"):
-            why = result.get("error", "decoder returned no message")
-            return WatermarkDetection(False, None, None, f"no SilentCipher message found ({why})")
-        message = tuple(int(v) for v in result["messages"][0])
-        first = (result.get("confidences") or [None])[0]
-        confidence = None if first is None else float(first)
+        # float32 in: the power scaling is then done in float32, as silentcipher does with float32 audio.
+        result = self._model.detect(torch.from_numpy(np.ascontiguousarray(y44)), phase_shift=phase_shift)
+        if result.message is None:
+            return WatermarkDetection(False, None, None, f"no SilentCipher message found ({result.error})")
+        message = result.message
         if message == self._key:
-            return WatermarkDetection(True, message, confidence, "SilentCipher message matches our key")
+            return WatermarkDetection(True, message, result.confidence, "SilentCipher message matches our key")
         return WatermarkDetection(
             False,
             message,
-            confidence,
+            result.confidence,
             f"SilentCipher message {list(message)} is not our key {list(self._key)}",
         )
 
 
-def _check_model(model: Any, ckpt_dir: Path) -> None:
-    """Reject a model that loaded but cannot carry our message correctly.
+def _check_config(config: SilentCipherConfig, ckpt_dir: Path) -> None:
+    """Reject a checkpoint that loaded but is not the 44.1 kHz model this module is built around.
 
-    silentcipher's ``STFT`` is a singleton created with the first model's FFT size; if a 16 kHz model
-    (N_FFT 2048) was built earlier in the process, the 44.1 kHz model silently reuses the wrong STFT.
-    A non-44.1 kHz or non-5-byte config would fail later with a bare assert or wrong audio.
+    The model itself refuses hparams it cannot run (message format, normalisation branches); this
+    adds what the wrapper assumes: audio is resampled to 44.1 kHz, and the detection minimum
+    (:data:`MIN_DETECT_SAMPLES_44K`) follows from N_FFT 4096 and HOP_LENGTH 2048.
     """
-    config = model.config
     problems = []
-    if int(config.SR) != WATERMARK_SAMPLE_RATE:
-        problems.append(f"SR is {config.SR}, expected {WATERMARK_SAMPLE_RATE}")
-    if int(config.message_len) != 21 or int(config.n_messages) < 1:
-        problems.append("expected message_len 21 (5-byte messages) and n_messages >= 1")
-    stft = model.stft
-    if stft.filter_length != int(config.N_FFT) or stft.hop_len != int(config.HOP_LENGTH):
-        problems.append(
-            f"silentcipher's process-wide STFT was created with n_fft={stft.filter_length}, "
-            f"hop={stft.hop_len} (another SilentCipher model was loaded first in this process), "
-            f"but the checkpoint needs n_fft={config.N_FFT}, hop={config.HOP_LENGTH}"
-        )
+    if config.sample_rate != WATERMARK_SAMPLE_RATE:
+        problems.append(f"SR is {config.sample_rate}, expected {WATERMARK_SAMPLE_RATE}")
+    if (config.n_fft, config.hop_length) != (4096, 2048):
+        problems.append(f"N_FFT/HOP_LENGTH are {config.n_fft}/{config.hop_length}, expected 4096/2048")
     if problems:
         raise WatermarkUnavailable(
             f"The SilentCipher model in {ckpt_dir} is not usable: {'; '.join(problems)}. {_HOW_TO_PROVIDE}"

@@ -245,7 +245,7 @@ def cmd_watermark_check(args: argparse.Namespace) -> int:
     result = check_file(args.file, marker, phase_shift=args.phase_shift)
     verdict = "watermarked" if result.detected else "not watermarked"
     detail = ""
-    if result.message is not None:  # silentcipher may decode a message without a confidence
+    if result.message is not None:  # a detection's type allows a message without a confidence
         confidence = "n/a" if result.confidence is None else f"{result.confidence:.2f}"
         detail = f" (message {list(result.message)}, confidence {confidence})"
     print(f"{args.file}: {verdict}{detail}; {result.reason}")
