@@ -10,13 +10,16 @@
 #   1. environment: GPU, driver, torch, a measured device read bandwidth       -> env.txt
 #   2. the CUDA-marked tests (graph replay == eager codes, bf16 vs fp32, every
 #      shape captured at start-up, the engine speaking on CUDA, no host wait
-#      while a step or a prefill pass is queued)                                -> cuda_tests.log
+#      while a step or a prefill pass is queued, Mimi's decode graphs replay
+#      like eager decodes)                                                       -> cuda_tests.log
 #   3. the 8B layout with random weights made on the device (no download):
 #      1, 8, 32, 64 and 128 concurrent streams, TTFA p50/p95, RTF, ms per step
 #      next to the bandwidth floor (weights + KV), kernels per frame, each
 #      level also with the step loop not overlapped (the baseline)             -> bench_8b.{log,json,png}
 #      (if the compiled run fails, the same without torch.compile)
-#   4. the last lines of each                                                    -> summary.txt
+#   4. our Mimi and SilentCipher on the GPU (benchmarks/codecs.py; the
+#      originals are not carried, their columns say absent)                    -> codecs.log
+#   5. the last lines of each                                                    -> summary.txt
 # RESULTS_DIR defaults to $OUT (the device tool's folder that comes back) or out/gpu_check.
 # Missing packages travel as wheels in .whl/ (device tool: carry [".whl"]); the package itself
 # runs from this checkout (PYTHONPATH), nothing is installed into the machine's Python.
@@ -32,7 +35,7 @@ if [ "${1:-}" = "prepare" ]; then
     # What the check imports that the machine's image lacks (KINDS.md lists the image), at uv.lock's versions.
     pins=$("$PY" -c 'import tomllib, sys
 lock = {p["name"]: p["version"] for p in tomllib.load(open("uv.lock", "rb"))["package"] if "version" in p}
-print(" ".join(f"{n}=={lock[n]}" for n in sys.argv[1:]))' moshi soxr cachetools) || exit 1
+print(" ".join(f"{n}=={lock[n]}" for n in sys.argv[1:]))' soxr cachetools pyyaml) || exit 1
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" --platform manylinux2014_x86_64 -d "$WHEELS" $pins || exit 1
     uv run python -c "from misotts_agents.testing.tiny import bundled_tokenizer; print(bundled_tokenizer())" |
@@ -49,7 +52,7 @@ STARTED=$(date +%s)
 elapsed() { echo $(( $(date +%s) - STARTED )); }
 log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$RESULTS/summary.txt"; }
 
-if ! "$PY" -c "import moshi, soxr" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import soxr, cachetools, yaml" 2>/dev/null && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     SITE=/tmp/misotts_site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$WHEELS"/*.whl || { log "installing the carried wheels failed"; exit 1; }
@@ -91,7 +94,7 @@ EOF
 tail -n 3 "$RESULTS/env.txt" | tee -a "$RESULTS/summary.txt"
 
 log "2. CUDA-marked tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py tests/test_overlap.py -rs > "$RESULTS/cuda_tests.log" 2>&1
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py tests/test_overlap.py tests/test_codec.py -rs > "$RESULTS/cuda_tests.log" 2>&1
 log "   pytest exit status $? (0: passed; see cuda_tests.log)"
 tail -n 8 "$RESULTS/cuda_tests.log" | tee -a "$RESULTS/summary.txt"
 
@@ -114,4 +117,8 @@ if [ $status -ne 0 ] && [ "$(elapsed)" -lt 400 ]; then
 fi
 grep -E "^ *[0-9]+ +(batched|no-overlap)|measured +[0-9]|kernels per frame|engine ready|FAILED|Error" "$RESULTS/bench_8b.log" |
     tee -a "$RESULTS/summary.txt"
+log "4. Mimi and SilentCipher on the device"
+timeout 90 "$PY" benchmarks/codecs.py --device cuda --seconds 4 > "$RESULTS/codecs.log" 2>&1
+log "   codecs exit status $?"
+tail -n 9 "$RESULTS/codecs.log" | tee -a "$RESULTS/summary.txt"
 log "done in $(elapsed) s; results in $RESULTS"

@@ -28,3 +28,12 @@ def test_the_integrations_url_mode_has_its_client():
 
 def test_ray_serves_the_same_app():
     assert extra_requirements("server") <= extra_requirements("ray")  # its ingress is the server's app
+
+
+def test_runtime_requirements_name_neither_original_nor_any_upper_cap():
+    # Users resolve our metadata beside the newest frameworks and torch: moshi and silentcipher (stale
+    # caps) are dev-only oracles, and a cap of our own would be the next unresolvable install.
+    reqs = [Requirement(line) for line in requires("misotts-agents") or ()]
+    assert not {"moshi", "silentcipher"} & {req.name for req in reqs}
+    capped = [str(req) for req in reqs if any(spec.operator in ("<", "<=", "==", "~=") for spec in req.specifier)]
+    assert not capped
