@@ -411,19 +411,20 @@ def test_load_names_the_tensor_that_does_not_match(tmp_path: Path, saved_dir: Pa
     assert named in str(info.value)
 
 
-def test_load_takes_the_released_files_attention_key_names(tmp_path: Path, saved_dir: Path) -> None:
-    # kyutai's checkpoint stores each attention's projections as in_proj_weight / out_proj.weight.
+def test_saved_like_the_released_file_and_loads_either_naming(tmp_path: Path, saved_dir: Path) -> None:
+    # kyutai's checkpoint stores each attention's projections as in_proj_weight / out_proj.weight;
+    # moshi's state dict (and ours) says in_projs.0.weight / out_projs.0.weight. Both load.
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(saved_dir / codec.WEIGHTS_FILENAME))
-    released = {
-        name.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight").replace(
-            "self_attn.out_projs.0.weight", "self_attn.out_proj.weight"
-        ): t
-        for name, t in tensors.items()
+    released = load_file(str(saved_dir / codec.WEIGHTS_FILENAME))
+    assert "decoder_transformer.transformer.layers.0.self_attn.in_proj_weight" in released
+    assert "decoder_transformer.transformer.layers.0.self_attn.out_proj.weight" in released
+    assert not any("in_projs" in name or "out_projs" in name for name in released)
+    ours = {
+        name.replace("in_proj_weight", "in_projs.0.weight").replace("out_proj.weight", "out_projs.0.weight"): t
+        for name, t in released.items()
     }
-    assert released.keys() != tensors.keys()
-    save_file(released, str(tmp_path / codec.MIMI_FILENAME))
+    save_file(ours, str(tmp_path / codec.MIMI_FILENAME))
     (tmp_path / codec.CONFIG_FILENAME).write_bytes((saved_dir / codec.CONFIG_FILENAME).read_bytes())
     loaded = codec.load_mimi(tmp_path)  # the directory holds the file under the Hub's name
     codes = random_codes(2, seed=70)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +17,9 @@ import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel as MoshiMimi
 
+from misotts_agents.model.codec import save_mimi
 from misotts_agents.model.mimi import DecodeState, MimiModel, default_config, rename_checkpoint_keys
-from misotts_agents.testing.mimi import fill_codebooks
+from misotts_agents.testing.mimi import build_tiny_mimi, fill_codebooks
 
 BINS = 2048
 FRAME = 1920
@@ -93,6 +95,19 @@ def test_state_dict_matches_default_config() -> None:
         ours = MimiModel(default_config())
     assert _shapes(ours) == _shapes(theirs)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_make_tiny_files_load_in_moshi(tmp_path: Path) -> None:
+    """make-tiny writes Mimi as the released file is written: moshi's own loader takes it, strictly,
+    and decodes what ours decodes."""
+    make_tiny_mimi = build_tiny_mimi(seed=3)
+    save_mimi(make_tiny_mimi, tmp_path)
+    theirs = loaders.get_mimi(
+        tmp_path / "mimi.safetensors", mimi_config=make_tiny_mimi.config, device="cpu", num_codebooks=32
+    )
+    codes = torch.randint(0, BINS, (1, 32, 3), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (theirs.decode(codes) - make_tiny_mimi.decode(codes)).abs().max().item() <= TOLERANCE
 
 
 def test_interface() -> None:

@@ -234,17 +234,26 @@ def load_mimi(
     return mimi.eval().requires_grad_(False)
 
 
+def _released_name(name: str) -> str:
+    """The name kyutai's checkpoint gives a tensor that our (and moshi's) state dict names ``name``."""
+    return name.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight").replace(
+        "self_attn.out_projs.0.weight", "self_attn.out_proj.weight"
+    )
+
+
 def save_mimi(mimi: MimiModel, directory: Path | str) -> Path:
     """Write ``mimi.safetensors`` + ``mimi_config.json`` so ``load_mimi(directory)`` rebuilds ``mimi``.
 
     The whole state dict is saved, codebook buffers (``embedding_sum``, ``cluster_usage``,
-    ``_initialized``) included, under the official key names. Returns the directory.
+    ``_initialized``) included, under the released file's key names (its attention projections as
+    ``self_attn.in_proj_weight`` / ``self_attn.out_proj.weight``), so make-tiny writes what the Hub
+    holds. Returns the directory.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to("cpu").contiguous() for name, t in mimi.state_dict().items()}
+    state = {_released_name(name): t.detach().to("cpu").contiguous() for name, t in mimi.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILENAME))
     (directory / CONFIG_FILENAME).write_text(json.dumps(mimi.config, indent=2, sort_keys=True) + "\n")
     return directory
