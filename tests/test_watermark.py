@@ -17,34 +17,24 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from signals import speechlike
 
 from misotts_agents.model import watermark as wm
 from misotts_agents.model.silentcipher import DecodedMessage
+from misotts_agents.model.silentcipher.stft import Spectrogram
 from misotts_agents.model.watermark import (
     DEFAULT_WATERMARK_KEY,
     MIN_DETECT_SAMPLES_44K,
-    StreamWatermarker,
     WatermarkDetection,
     Watermarker,
     WatermarkUnavailable,
     check_file,
     resolve_silentcipher_dir,
 )
+from misotts_agents.model.watermark_stream import StreamWatermarker
 from misotts_agents.testing.silentcipher import make_tiny_silentcipher
 
 SR = 24000
-
-
-def speechlike(seconds: float, sr: int = SR, seed: int = 0) -> np.ndarray:
-    """A few harmonics of a gliding 140 Hz fundamental, amplitude-modulated, plus a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * sr)) / sr
-    f0 = 140.0 + 20.0 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    sig = sum(np.sin(k * phase) / k for k in range(1, 6))
-    sig = sig * (0.6 + 0.4 * np.sin(2 * np.pi * 3.0 * t)) * 0.2
-    sig = sig + 0.005 * rng.standard_normal(t.shape)
-    return sig.astype(np.float32)
 
 
 @pytest.fixture(scope="session")
@@ -290,9 +280,10 @@ class FakeModel:
     def __init__(self, decoded: DecodedMessage) -> None:
         self.decoded = decoded
         self.calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+        self.spectrogram = Spectrogram(4096, 2048)
 
-    def embed(self, audio: torch.Tensor, message: tuple[int, ...], sdr: float = 36.0) -> torch.Tensor:
-        self.calls.append(("embed", (audio, message), {"sdr": sdr}))
+    def embed(self, audio: torch.Tensor, message: tuple[int, ...], sdr: float = 36.0, **window: object) -> torch.Tensor:
+        self.calls.append(("embed", (audio, message), {"sdr": sdr, **window}))
         return audio * 1.01
 
     def detect(self, audio: torch.Tensor, phase_shift: bool = False) -> DecodedMessage:
@@ -318,7 +309,7 @@ def test_embed_arguments_match_reference() -> None:
     assert y.shape[0] == 1  # one clip: a batch of one row
     assert abs(y.shape[1] - 8820) <= 1
     assert message == (1, 2, 3, 4, 5)
-    assert kw == {"sdr": 36}
+    assert kw == {"sdr": 36, "phases": [0], "powers": None, "lengths": [y.shape[1]]}
 
 
 def test_detect_key_matching_and_failures() -> None:

@@ -24,6 +24,7 @@ from misotts_agents.errors import ModelSourceError
 
 if TYPE_CHECKING:
     from misotts_agents.model.silentcipher import SilentCipher, SilentCipherConfig
+    from misotts_agents.model.watermark_stream import StreamWatermarker
 
 __all__ = [
     "DEFAULT_WATERMARK_KEY",
@@ -34,7 +35,7 @@ __all__ = [
     "SILENTCIPHER_SUBDIR",
     "WATERMARK_MESSAGE_SDR",
     "WATERMARK_SAMPLE_RATE",
-    "StreamWatermarker",
+    "MarkRow",
     "WatermarkDetection",
     "WatermarkUnavailable",
     "Watermarker",
@@ -70,6 +71,14 @@ REQUIRED_FILES: tuple[str, ...] = ("hparams.yaml", "enc_c.ckpt", "dec_c.ckpt", "
 #: Anything shorter cannot be decoded (silentcipher's ``decode_wav`` fails inside its own try/except).
 MIN_DETECT_SAMPLES_44K = 9 * 4096  # 36,864 samples
 MIN_DETECT_SECONDS = MIN_DETECT_SAMPLES_44K / WATERMARK_SAMPLE_RATE  # ~0.836 s
+
+# How many STFT frames (rows x frames) one marking call holds. On 2 CPU cores a batch pays off only
+# while it stays small (measured: 2 rows of 80 ms 1.5x faster per row than one; 2 rows of 1.1 s 1.2x
+# slower, the activations, 96 channels x 2049 bins a frame, leave the cache), so a CPU call holds
+# about one second-long window; on a GPU one call for the whole step is the point (launches, not
+# arithmetic, bound small calls), capped so its activations stay near 0.5 GB. Not yet measured there.
+CPU_BATCH_FRAMES = 26
+GPU_BATCH_FRAMES = 640
 
 # Below this mean power (RMS 1e-6, -120 dBFS) a clip is treated as silence and left untouched:
 # SilentCipher normalises by the clip's power and would divide by (nearly) zero (the package gives NaN),
@@ -235,6 +244,20 @@ def _fit_length(signal: np.ndarray, length: int) -> np.ndarray:
     return np.pad(signal, (0, length - signal.shape[0]))
 
 
+@dataclass(frozen=True)
+class MarkRow:
+    """One clip to mark at 44.1 kHz (float64), as a row of a batched call (:meth:`Watermarker.mark_rows`).
+
+    ``phase``: the message position of its first STFT frame (0 for a whole clip); ``power``: the
+    utterance's mean power when the clip is a window of a longer streamed utterance, else None (the
+    clip's own, as the whole-clip algorithm has it).
+    """
+
+    audio44: np.ndarray
+    phase: int
+    power: float | None
+
+
 class Watermarker:
     """Embeds and detects a 5-byte SilentCipher message (44.1 kHz model) in mono audio.
 
@@ -254,6 +277,9 @@ class Watermarker:
         self._model = model
         self._key = _validate_key(key)
         self._source_dir = source_dir
+        device = getattr(model, "device", None)
+        self.batch_frames = GPU_BATCH_FRAMES if device is not None and device.type == "cuda" else CPU_BATCH_FRAMES
+        """STFT frames one model call may hold in all (:meth:`mark_rows`)."""
 
     @classmethod
     def load(
@@ -309,34 +335,78 @@ class Watermarker:
         return self.apply_batch([audio], sample_rate)[0]
 
     def apply_batch(self, clips: Sequence[npt.ArrayLike], sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
-        """:meth:`apply` for several independent clips (e.g. every stream's chunk of an engine step),
-        with one model call per distinct length instead of one per clip.
-
-        Each clip comes back exactly as :meth:`apply` would return it alone (the model normalises
-        every row with its own statistics), so what one stream hears never depends on the others.
-        """
-        import torch
-
+        """:meth:`apply` for several independent clips, in as few model calls as their lengths allow
+        (:meth:`mark_rows`). Each clip comes back exactly as :meth:`apply` would return it alone."""
         rate = _check_rate(sample_rate)
         inputs = [check_mono_float(clip) for clip in clips]
         out = [x.copy() for x in inputs]  # empty and silent clips stay as they are
-        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        todo: list[tuple[int, MarkRow]] = []
         for i, x in enumerate(inputs):
             if x.size == 0:
                 continue
             y44 = _resample(x.astype(np.float64), rate, WATERMARK_SAMPLE_RATE)
             if float(np.mean(np.square(y44))) >= _SILENCE_POWER:
-                by_length.setdefault(y44.shape[0], []).append((i, y44))
-        for group in by_length.values():
-            # float64 in: the model then scales each clip's power in float64 around its float32
-            # networks, as silentcipher does with a float64 array.
-            batch = np.stack([y44 for _, y44 in group])
-            marked44 = self._model.embed(torch.from_numpy(batch), self._key, sdr=WATERMARK_MESSAGE_SDR).cpu().numpy()
-            for (i, y44), marked in zip(group, marked44, strict=True):
-                x = inputs[i]
-                residual = _fit_length(_resample(marked - y44, WATERMARK_SAMPLE_RATE, rate), x.shape[0])
-                out[i] = (x.astype(np.float64) + residual).astype(x.dtype, copy=False)
+                todo.append((i, MarkRow(y44, 0, None)))
+        for (i, row), marked in zip(todo, self.mark_rows([row for _, row in todo]), strict=True):
+            x = inputs[i]
+            residual = _fit_length(_resample(marked - row.audio44, WATERMARK_SAMPLE_RATE, rate), x.shape[0])
+            out[i] = (x.astype(np.float64) + residual).astype(x.dtype, copy=False)
         return out
+
+    def mark_rows(self, rows: Sequence[MarkRow]) -> list[np.ndarray]:
+        """Each row's 44.1 kHz audio with our key embedded, in as few model calls as pay off.
+
+        Rows whose lengths pad to the same STFT length (and that are all whole clips, or all windows
+        of streamed utterances) are zero-padded into one batch: the analysis would pad each with
+        zeros to that length anyway, so each row is marked exactly as alone (up to the float rounding
+        of batched kernels). A batch holds at most :attr:`batch_frames` STFT frames in all (at least
+        one row). Raises if a model call fails.
+        """
+        spectrogram = self._model.spectrogram
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((spectrogram.padded_length(row.audio44.size), row.power is None), []).append(i)
+        out: list[np.ndarray] = [np.zeros(0)] * len(rows)
+        for (padded, _), members in groups.items():
+            per_call = max(1, self.batch_frames // spectrogram.frames(padded - 1))
+            for first in range(0, len(members), per_call):
+                batch = members[first : first + per_call]
+                for i, marked in zip(batch, self._embed_batch([rows[i] for i in batch]), strict=True):
+                    out[i] = marked
+        return out
+
+    def _embed_batch(self, rows: list[MarkRow]) -> list[np.ndarray]:
+        import torch
+
+        lengths = [row.audio44.size for row in rows]
+        batch = np.zeros((len(rows), max(lengths)))
+        for r, row in enumerate(rows):
+            batch[r, : lengths[r]] = row.audio44
+        powers = None if rows[0].power is None else torch.tensor([float(row.power or 0.0) for row in rows])
+        # float64 in: the model then scales each clip's power in float64 around its float32
+        # networks, as silentcipher does with a float64 array.
+        marked = self._model.embed(
+            torch.from_numpy(batch),
+            self._key,
+            sdr=WATERMARK_MESSAGE_SDR,
+            phases=[row.phase for row in rows],
+            powers=powers,
+            lengths=lengths,
+        )
+        return [marked[r, :n].cpu().numpy() for r, n in enumerate(lengths)]
+
+    def mark_streams(self, items: Sequence[tuple[StreamWatermarker, npt.ArrayLike]]) -> list[np.ndarray | Exception]:
+        """Mark the next chunk of several streams at once (an engine step's chunks), in one batched
+        pass (model/watermark_stream.py: each chunk marked in its utterance's context).
+
+        Each item is a stream's state and its next chunk; each stream's state advances by its chunk.
+        Returns, per item, the marked chunk (same length and dtype), or the exception that marking
+        that item raised: one stream's failure never costs another its audio. A stream may appear
+        once per call.
+        """
+        from misotts_agents.model.watermark_stream import mark_streams
+
+        return mark_streams(self, items)
 
     def detect(self, audio: npt.ArrayLike, sample_rate: int, *, phase_shift: bool = False) -> WatermarkDetection:
         """Decode the SilentCipher message in ``audio`` and compare it with our key.
@@ -396,37 +466,6 @@ def _check_config(config: SilentCipherConfig, ckpt_dir: Path) -> None:
         raise WatermarkUnavailable(
             f"The SilentCipher model in {ckpt_dir} is not usable: {'; '.join(problems)}. {_HOW_TO_PROVIDE}"
         )
-
-
-class StreamWatermarker:
-    """Watermarks one utterance's audio chunk by chunk, as it is emitted.
-
-    Each chunk is marked on its own and returned immediately (nothing is held back), trading some
-    watermark strength on short early chunks for zero added time-to-first-audio; see the module
-    docstring for the measurements behind that choice.  Errors from :meth:`Watermarker.apply`
-    propagate: emitting unmarked audio while claiming to watermark is the caller's decision to make,
-    not this class's.
-    """
-
-    def __init__(self, watermarker: Watermarker, sample_rate: int = SAMPLE_RATE) -> None:
-        self._watermarker = watermarker
-        self._sample_rate = _check_rate(sample_rate)
-        self._samples = 0
-
-    @property
-    def sample_rate(self) -> int:
-        return self._sample_rate
-
-    @property
-    def samples_processed(self) -> int:
-        """Total samples returned so far for this utterance."""
-        return self._samples
-
-    def process(self, chunk: npt.ArrayLike) -> np.ndarray:
-        """Return ``chunk`` watermarked, same length and dtype."""
-        out = self._watermarker.apply(chunk, self._sample_rate)
-        self._samples += out.shape[0]
-        return out
 
 
 def check_file(path: str | Path, watermarker: Watermarker, *, phase_shift: bool = False) -> WatermarkDetection:

@@ -54,17 +54,22 @@ def message_symbols(message: Sequence[int]) -> list[int]:
     return [(int(byte) >> shift) & 3 for byte in message for shift in (6, 4, 2, 0)]
 
 
-def message_one_hot(message: Sequence[int], frames: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(1, 1, MESSAGE_DIM, frames) float32 one-hot classes: the 21-frame window repeated from frame 0.
+def message_one_hot(
+    message: Sequence[int], frames: int, device: torch.device | str = "cpu", phases: Sequence[int] = (0,)
+) -> torch.Tensor:
+    """(rows, 1, MESSAGE_DIM, frames) float32 one-hot classes: the 21-frame window repeated, row r's
+    first frame being the window's position ``phases[r]`` (0 for a whole clip).
 
-    The last window is cut short where the clip ends (the package tiles whole windows and appends
-    the first ``frames % 21`` columns, which is the same thing).
+    At phase 0 the last window is cut short where the clip ends (the package tiles whole windows and
+    appends the first ``frames % 21`` columns, which is the same thing). A streamed chunk's frames sit
+    further along its utterance: its phase continues the utterance's message instead of restarting it.
     """
     classes = [s + 1 for s in message_symbols(message)] + [END_MARKER]
     window = torch.tensor(classes, device=device)
-    per_frame = window[torch.arange(frames, device=device) % MESSAGE_LEN]
-    one_hot = torch.nn.functional.one_hot(per_frame, MESSAGE_DIM).to(torch.float32)
-    return one_hot.T[None, None]
+    offsets = torch.tensor([int(p) for p in phases], device=device)[:, None]
+    per_frame = window[(offsets + torch.arange(frames, device=device)) % MESSAGE_LEN]
+    one_hot = torch.nn.functional.one_hot(per_frame, MESSAGE_DIM).to(torch.float32)  # (rows, frames, dim)
+    return one_hot.transpose(1, 2)[:, None]
 
 
 def window_votes(classes: np.ndarray) -> np.ndarray:

@@ -99,49 +99,101 @@ class SilentCipher:
 
     # -- embedding -----------------------------------------------------------------------------
 
-    def embed(self, audio: torch.Tensor, message: Sequence[int], sdr: float = 36.0) -> torch.Tensor:
+    def embed(
+        self,
+        audio: torch.Tensor,
+        message: Sequence[int],
+        sdr: float = 36.0,
+        *,
+        phases: Sequence[int] | None = None,
+        powers: torch.Tensor | None = None,
+        lengths: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """``audio`` (B, T) or (T,) at 44.1 kHz with ``message`` (5 bytes) embedded; same shape and dtype.
 
-        Each row comes out as the package's ``encode_wav(row, 44100, message, message_sdr=sdr,
-        calc_sdr=False, disable_checks=True)`` would give it for that row alone: every statistic the
-        model takes (clip power, normalisation, loudness) is per row.  Rows with no usable power
-        (silence) are returned unchanged instead of the package's NaN.  float64 input keeps the
-        package's float64 power scaling (it receives float64 numpy arrays); the networks run in
-        float32 as the package's do.
+        By default each row comes out as the package's ``encode_wav(row, 44100, message,
+        message_sdr=sdr, calc_sdr=False, disable_checks=True)`` would give it for that row alone:
+        every statistic the model takes (clip power, normalisation, loudness) is per row.  Rows with
+        no usable power (silence) are returned unchanged instead of the package's NaN.  float64 input
+        keeps the package's float64 power scaling (it receives float64 numpy arrays); the networks
+        run in float32 as the package's do.
+
+        For a window of a longer utterance (streaming, model/watermark.py): ``phases`` (B,) says at
+        which position of the 21-frame message each row's first STFT frame sits, and ``powers`` (B,)
+        is the utterance's mean power as known so far, used where the whole-clip algorithm uses the
+        clip's power: to scale the audio, and (relative to the window's own power) to estimate the
+        utterance's carrier RMS that scales the mark.
+
+        ``lengths`` (B,): each row's true length when rows of different lengths are zero-padded on
+        the right into one batch. A row padded to any length with the same STFT padding target
+        (:meth:`Spectrogram.padded_length`) is marked exactly as alone: the analysis pads it with
+        zeros to that target either way, and its power is taken over its true length.
         """
         if audio.dim() == 1:
-            return self.embed(audio[None], message, sdr)[0]
+            one_power = None if powers is None else powers.reshape(1)
+            return self.embed(audio[None], message, sdr, phases=phases, powers=one_power)[0]
         if audio.dim() != 2 or not audio.is_floating_point():
             raise ValueError(f"audio must be a float tensor (B, T) or (T,), got {audio.dtype} {tuple(audio.shape)}")
         message_symbols(message)  # a bad message fails here, before any compute
-        if audio.shape[1] == 0 or audio.shape[0] == 0:
+        rows = audio.shape[0]
+        if phases is not None and len(phases) != rows:
+            raise ValueError(f"phases must have one value per row ({rows}), got {len(phases)}")
+        if powers is not None and tuple(powers.shape) != (rows,):
+            raise ValueError(f"powers must have shape ({rows},), got {tuple(powers.shape)}")
+        if lengths is not None and (
+            len(lengths) != rows
+            or any(self.spectrogram.padded_length(n) != self.spectrogram.padded_length(audio.shape[1]) for n in lengths)
+        ):
+            raise ValueError("lengths must give each row a length with the batch's STFT padding target")
+        if audio.shape[1] == 0 or rows == 0:
             return audio.clone()
         # no_grad rather than inference_mode: callers may modify the returned audio in place.
         with torch.no_grad():
-            return self._embed(audio.to(self.device), message, float(sdr))
+            audio = audio.to(self.device)
+            clip_power = None if powers is None else powers.to(self.device, audio.dtype)[:, None]
+            true = None if lengths is None else torch.tensor(lengths, device=self.device, dtype=audio.dtype)[:, None]
+            return self._embed(audio, message, float(sdr), phases or [0] * rows, clip_power, true)
 
-    def _embed(self, audio: torch.Tensor, message: Sequence[int], sdr: float) -> torch.Tensor:
+    def _embed(
+        self,
+        audio: torch.Tensor,
+        message: Sequence[int],
+        sdr: float,
+        phases: Sequence[int],
+        clip_power: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
         length = audio.shape[1]
         # Quirk kept: the clip is scaled to the training corpus's mean power before the networks and
         # back afterwards, in the input's precision (float64 in the package).
-        power = torch.mean(audio**2, dim=1, keepdim=True)
+        if lengths is None:
+            own_power = torch.mean(audio**2, dim=1, keepdim=True)
+        else:
+            own_power = torch.sum(audio**2, dim=1, keepdim=True) / lengths
+        power = own_power if clip_power is None else clip_power
         to_reference = torch.sqrt(REFERENCE_POWER / power)
-        usable = (power > 0) & torch.isfinite(to_reference)
+        usable = (own_power > 0) & (power > 0) & torch.isfinite(to_reference)
         to_reference = torch.where(usable, to_reference, torch.ones_like(to_reference))
         scaled = (audio * to_reference).to(torch.float32)
 
         magnitude, phase = self.spectrogram.analyse(scaled)
         carrier = magnitude[:, None]  # (B, 1, bins, frames)
-        one_hot = message_one_hot(message, carrier.shape[3], self.device)
-        plane = self.encoder.message_plane(one_hot, carrier.shape[2])
         batch, _, bins, frames = carrier.shape
+        one_hot = message_one_hot(message, frames, self.device, phases)
+        plane = self.encoder.message_plane(one_hot, bins)
         channels = (batch, ENCODER_CHANNELS, bins, frames)
         merged = torch.cat([self.encoder(carrier), carrier.expand(channels), plane.expand(channels)], dim=1)
         mark = self.carrier_decoder(merged, sdr)
         # Quirk kept: the mark, normalised per frame in the decoder, is scaled by the whole clip's
         # carrier RMS (utterance-level normalisation) and subtracted from the magnitude, clipped at 0
-        # (relu(carrier - mark): the package's ensure_negative_message).
-        mark = mark * torch.mean(carrier**2, dim=(2, 3), keepdim=True) ** 0.5
+        # (relu(carrier - mark): the package's ensure_negative_message). A window of a longer
+        # utterance scaled by the utterance's power has a carrier power in proportion to its own
+        # power: divided out, that estimates the whole utterance's.
+        carrier_power = torch.mean(carrier**2, dim=(2, 3), keepdim=True)
+        if clip_power is not None:
+            ratio = torch.where(usable, power / own_power, torch.ones_like(power)).to(torch.float32)
+            carrier_power = carrier_power * ratio[:, :, None, None]
+        mark = mark * carrier_power**0.5
         marked = torch.relu(carrier - mark)[:, 0]
         # Quirk kept: resynthesis reuses the original phase.
         out = self.spectrogram.synthesise(marked, phase, length)

@@ -32,6 +32,11 @@ class Spectrogram:
         """
         return self.n_fft - length % self.n_fft
 
+    def padded_length(self, length: int) -> int:
+        """What a clip of ``length`` samples is padded to before analysis: clips with the same
+        padded length are analysed identically whatever zeros were appended first."""
+        return length + self.padding(length)
+
     def frames(self, length: int) -> int:
         """Number of STFT frames for a clip of ``length`` samples (centred frames over the padded clip)."""
         return (length + self.padding(length)) // self.hop_length + 1
