@@ -1,8 +1,8 @@
 """One request never harms another, in the engine: fault injection in a running batch.
 
 Each test runs three good requests next to one that carries a fault (a value that slipped past
-validation, a failing delivery, a failing watermark, a batched step that fails because of it). The
-bad one ends with its error; the good ones finish with exactly the audio they get alone.
+validation, a failing delivery, a batched step that fails because of it). The bad one ends with its
+error; the good ones finish with exactly the audio they get alone. (A failing watermark: test_marking.py.)
 """
 
 from __future__ import annotations
@@ -85,21 +85,6 @@ def test_failing_bookkeeping_of_one_row_ends_that_request_alone(engine, alone, w
     assert where in str(error)
     assert_goods_complete(goods, alone)
     assert all_free(engine)
-
-
-def test_a_failing_watermark_ends_that_request_alone_and_frees_its_slot(engine, alone):
-    class Broken:
-        def process(self, pcm):
-            raise RuntimeError("injected watermark failure")
-
-    def hook(stream):
-        stream._watermark = Broken()
-
-    goods, error = asyncio.run(run_batch(engine, hook))
-    assert isinstance(error, RuntimeError)
-    assert "watermark" in str(error)
-    assert_goods_complete(goods, alone)
-    assert all_free(engine)  # cancelled by the failure itself, not only by the caller's `with`
 
 
 def test_a_batched_step_failing_because_of_the_newest_request_is_retried_without_it(engine, alone, monkeypatch):

@@ -4,6 +4,8 @@ It loads the model, codec, tokenizer and watermarker once. ``stream(request)`` c
 any thread or event loop: a preparation thread tokenises the text and Mimi-encodes context audio
 (Mimi holds no streaming state of its own: the scheduler's decoder owns its rows' state), then the
 scheduler thread (scheduler.py) batches the request with every other active one, one frame per step.
+With a watermarker, a marker thread (marking.py) watermarks each step's chunks together on their way
+to the callers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from misotts_agents.engine.marking import StepMarker
 from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
@@ -35,9 +38,9 @@ from misotts_agents.model.watermark import (
     DEFAULT_WATERMARK_KEY,
     DEFAULT_WATERMARK_SOURCE,
     MODEL_DIR_SUBDIR,
-    StreamWatermarker,
     Watermarker,
 )
+from misotts_agents.model.watermark_stream import StreamWatermarker
 from misotts_agents.model.weights import load_model
 
 log = logging.getLogger(__name__)
@@ -111,17 +114,25 @@ class MisoEngine:
         self._unprepared: set[Job] = set()  # submitted, not yet handed to the scheduler
         self._lock = threading.Lock()
         self._closed = False
-        self._scheduler = Scheduler(
-            model,
-            decoder,
-            self.voices,
-            max_batch,
-            cuda_graphs=cuda_graphs,
-            compile=compile,
-            batch_buckets=batch_buckets,
-            prefill_chunk=prefill_chunk,
-            overlap=overlap,
-        )
+        # Watermarked requests' chunks are marked once per step, all rows together, off the scheduler.
+        self._marker = StepMarker(watermarker, self.device) if watermarker is not None else None
+        try:
+            self._scheduler = Scheduler(
+                model,
+                decoder,
+                self.voices,
+                max_batch,
+                cuda_graphs=cuda_graphs,
+                compile=compile,
+                batch_buckets=batch_buckets,
+                prefill_chunk=prefill_chunk,
+                overlap=overlap,
+                marker=self._marker,
+            )
+        except BaseException:
+            if self._marker is not None:  # no engine: its marker thread goes too
+                self._marker.close()
+            raise
 
     @classmethod
     def load(
@@ -199,15 +210,10 @@ class MisoEngine:
         """
         if request.watermark and self.watermarker is None:
             raise ModelSourceError("this request asks for a watermark but the engine was loaded without one")
-        watermarker = self.watermarker if request.watermark is not False else None
         seed = request.seed if request.seed is not None else secrets.randbits(62)
-        stream = SpeechStream(
-            request,
-            seed,
-            self.num_codebooks,
-            StreamWatermarker(watermarker) if watermarker is not None else None,
-            self._scheduler.wake.set,
-        )
+        marker = self._marker if request.watermark is not False else None
+        marking = (marker, StreamWatermarker(marker.watermarker)) if marker is not None else None
+        stream = SpeechStream(request, seed, self.num_codebooks, self._scheduler.wake.set, marking)
         job = Job(stream)
         # Check and submit under one lock: concurrent calls cannot all pass the capacity check (and
         # exceed max_queue), and close() (which closes under this lock) sees every submitted job.
@@ -254,7 +260,8 @@ class MisoEngine:
         self._scheduler.overlap = bool(on)
 
     def close(self) -> None:
-        """Stop the scheduler; requests still running or waiting end with :class:`EngineClosed`."""
+        """Stop the scheduler; requests still running or waiting end with :class:`EngineClosed`
+        (after the chunks already on their way to be watermarked), then the marker's thread."""
         with self._lock:  # from here on stream() refuses; every job it submitted is seen below
             if self._closed:
                 return
@@ -266,6 +273,8 @@ class MisoEngine:
             self._scheduler.reject(job, EngineClosed("the engine was closed"))
         self._scheduler.stop()
         self._scheduler.decoder.close()
+        if self._marker is not None:
+            self._marker.close()
 
     def __enter__(self) -> MisoEngine:
         return self

@@ -11,7 +11,9 @@ It alone touches the model, the KV cache and the streaming Mimi state. Each iter
    graph on CUDA): backbone decode at per-row positions, the depth decoder for all rows at once,
    then one Mimi decode call for all rows, and the copies of its codes and audio to the host,
 5. reads a step's codes and audio and hands each row's audio to its stream in chunks, ending rows
-   at end-of-speech or their limit.
+   at end-of-speech or their limit; with watermarking, the chunks handed out in the iteration then
+   go to the marker as one batch (marking.py: one marking call per step, on its own thread; the
+   loop waits there only while the marker is ``max_backlog`` steps behind).
 
 **Overlap** (on CUDA by default). Nothing in 1-4 waits for the device: a step's inputs for the
 next step (its codes, positions, sampling counters) advance on the device and the host right
@@ -47,6 +49,7 @@ import torch
 
 from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.device import DeviceClock, to_device
+from misotts_agents.engine.marking import StepMarker
 from misotts_agents.engine.params import sampling_kwargs
 from misotts_agents.engine.prefill import (
     Candidate,
@@ -209,15 +212,18 @@ class Scheduler:
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
         overlap: bool | None = None,
+        marker: StepMarker | None = None,
     ):
         """``model`` must have KV caches for ``max_batch`` rows: slot i is cache row i (step.py).
 
         ``prefill_chunk`` bounds each prefill pass while others speak (prefill.py): "auto", a number
         of positions, or 0 / None for whole prompts. ``overlap`` (default: on CUDA) queues each
-        step before reading the one before (module docstring).
+        step before reading the one before (module docstring). ``marker`` (marking.py) is told when
+        each iteration's chunks are out, so it marks them together.
         """
         self.model = model
         self.decoder = decoder
+        self.marker = marker
         # On CUDA, Mimi decodes (and resets) on a stream of its own: a step's decode runs beside the
         # next frame step, which needs only the step's codes, not its audio.
         # (high priority: its own pool of streams, so never one of those other threads draw from)
@@ -333,6 +339,8 @@ class Scheduler:
                     for job in speaking:
                         self._finish(job, error=exc)
                     idle = False
+                if self.marker is not None:  # this iteration's chunks (its step's) are out: mark them together
+                    self.marker.end_step()
                 if idle:
                     self.wake.wait(timeout=wait)
             self._shutdown()

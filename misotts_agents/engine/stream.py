@@ -1,10 +1,11 @@
 """SpeechStream: the caller's end of one request.
 
 The scheduler thread pushes audio chunks into the stream's mailbox; the caller pulls them by
-iterating (blocking) or ``async for`` (awaiting without blocking the event loop). The watermark is
-applied here, on the caller's side (in a worker thread for async callers), so the CPU-heavy
-SilentCipher work never stalls the shared GPU step. Word timings (engine/words.py) are attached
-here too, as each chunk reaches the caller.
+iterating (blocking) or ``async for`` (awaiting without blocking the event loop). A watermarked
+stream's chunks, its end and its failure go through the engine's marker instead (marking.py): it
+marks each engine step's chunks together on a thread of its own, off the scheduler's and the
+callers' threads, and puts them in the mailbox in order. Word timings (engine/words.py) are
+attached here, as each chunk reaches the caller; so is the time to first audio.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +25,10 @@ from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
 from misotts_agents.engine.words import WordAligner
 from misotts_agents.model.config import MAX_SEQ_LEN
-from misotts_agents.model.watermark import StreamWatermarker
+from misotts_agents.model.watermark_stream import StreamWatermarker
+
+if TYPE_CHECKING:
+    from misotts_agents.engine.marking import StepMarker
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class SpeechStream:
     ``final`` is True on the last chunk when the utterance ended by itself (end of speech or a
     length limit); iteration stops at the end either way. Each chunk carries the words it covers
     (``AudioChunk.words``, estimated timings).
+
+    ``watermark``: the engine's marker and this utterance's watermark state, for a watermarked
+    request (the marker marks its chunks on their way out).
     """
 
     def __init__(
@@ -87,18 +95,21 @@ class SpeechStream:
         request: SynthesisRequest,
         seed: int,
         num_codebooks: int,
-        watermark: StreamWatermarker | None,
         on_cancel: Callable[[], None],
+        watermark: tuple[StepMarker, StreamWatermarker] | None = None,
     ) -> None:
         self.request = request
         self.num_codebooks = num_codebooks
         self.stats = StreamStats(seed=seed)
         self.submitted_at = time.perf_counter()
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # the scheduler must drop the request (the caller's or the engine's doing)
         self.mailbox = Mailbox()
+        self.marker, self.watermark = watermark if watermark is not None else (None, None)
         self._codes: list[np.ndarray] = []
-        self._watermark = watermark
         self._on_cancel = on_cancel
+        self._outcome = threading.Lock()  # the scheduler records an end, the marker a failed chunk
+        self._aborted = False  # the engine failed it after its step (its watermark): that is its outcome
+        self._stopped = False  # the caller cancelled: iteration stops at once
         self._ended = False
         self._aligner = WordAligner(request.text)
         self._end_frame = 0  # frames handed to the caller so far
@@ -109,17 +120,44 @@ class SpeechStream:
         self._codes.append(codes)
 
     def deliver(self, chunk: AudioChunk) -> None:
-        self.mailbox.put(chunk)
+        self._send(chunk)
 
     def end(self, reason: str) -> None:
-        self.stats.stop_reason = reason
-        self.stats.elapsed_s = time.perf_counter() - self.submitted_at
-        self.mailbox.put(_End(reason))
+        if self._record(reason):
+            self._send(_End(reason))
 
     def fail(self, exc: BaseException) -> None:
-        self.stats.stop_reason = "error"
-        self.stats.elapsed_s = time.perf_counter() - self.submitted_at
-        self.mailbox.put(exc)
+        if self._record("error"):
+            self._send(exc)
+
+    def _send(self, item: object) -> None:
+        """Towards the caller: through the marker when watermarked (it keeps the order), else straight."""
+        if self.marker is not None:
+            self.marker.submit(self, item)
+        else:
+            self.mailbox.put(item)
+
+    def _record(self, reason: str) -> bool:
+        """Record how the request ended; False (nothing to send) if a failed watermark ended it first."""
+        with self._outcome:
+            if self._aborted:
+                return False
+            self.stats.stop_reason = reason
+            self.stats.elapsed_s = time.perf_counter() - self.submitted_at
+            return True
+
+    # -- marker side --------------------------------------------------------------------------
+
+    def abort(self, exc: BaseException) -> None:
+        """A chunk could not be watermarked: the request ends with ``exc`` (which the marker hands
+        to the caller after the chunks before it) and is cancelled, so the scheduler frees its slot.
+        It overrides an end recorded just before: the caller sees the error, not that end."""
+        with self._outcome:
+            self._aborted = True
+            self.stats.stop_reason = "error"
+            self.stats.elapsed_s = time.perf_counter() - self.submitted_at
+        self.cancelled.set()
+        self._on_cancel()
 
     # -- caller side ------------------------------------------------------------------------
 
@@ -141,6 +179,7 @@ class SpeechStream:
         return self.stats.queued_s is None and not self._ended and not self.cancelled.is_set()
 
     def cancel(self) -> None:
+        self._stopped = True
         if not self.cancelled.is_set() and not self._ended:
             self.cancelled.set()
             self._on_cancel()
@@ -149,6 +188,8 @@ class SpeechStream:
 
     def _take(self, item: object) -> AudioChunk | None:
         if isinstance(item, AudioChunk):
+            if self.stats.time_to_first_audio_s is None:  # as the caller gets it (watermarked, if asked)
+                self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
             return self._with_words(item)
         self._ended = True
         if isinstance(item, BaseException):
@@ -169,46 +210,28 @@ class SpeechStream:
         words = self._aligner.advance(self._end_frame * FRAME_MS / 1000, ended=chunk.final and not cut)
         return replace(chunk, words=words) if words else chunk
 
-    def _mark(self, chunk: AudioChunk) -> AudioChunk:
-        if self._watermark is not None and chunk.pcm.size:
-            chunk = replace(chunk, pcm=self._watermark.process(chunk.pcm))
-        if self.stats.time_to_first_audio_s is None:
-            self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
-        return chunk
-
-    def _marked(self, chunk: AudioChunk) -> AudioChunk:
-        """``_mark``; a failure there (the watermark) ends this request alone: it is cancelled, so
-        its slot is freed even when the caller does not cancel it, and the error goes to the caller."""
-        try:
-            return self._mark(chunk)
-        except Exception:
-            self.cancel()
-            raise
-
     def __iter__(self) -> SpeechStream:
         return self
 
     def __next__(self) -> AudioChunk:
-        if self._ended or self.cancelled.is_set():
+        if self._ended or self._stopped:
             raise StopIteration
         chunk = self._take(self.mailbox.get())
         if chunk is None:
             raise StopIteration
-        return self._marked(chunk)
+        return chunk
 
     def __aiter__(self) -> SpeechStream:
         return self
 
     async def __anext__(self) -> AudioChunk:
-        if self._ended or self.cancelled.is_set():
+        if self._ended or self._stopped:
             raise StopAsyncIteration
         try:
             chunk = self._take(await self.mailbox.aget())
             if chunk is None:
                 raise StopAsyncIteration
-            if self._watermark is None:
-                return self._marked(chunk)
-            return await asyncio.to_thread(self._marked, chunk)
+            return chunk
         except asyncio.CancelledError:
             self.cancel()
             raise
