@@ -19,7 +19,9 @@
 #      (if the compiled run fails, the same without torch.compile)
 #   4. our Mimi and SilentCipher on the GPU (benchmarks/codecs.py; the
 #      originals are not carried, their columns say absent)                    -> codecs.log
-#   5. the last lines of each                                                    -> summary.txt
+#   5. each step's watermark in one batched call vs one call per stream, at
+#      1/8/32/64 streams (benchmarks/watermark_streaming.py)                   -> watermark.log
+#   6. the last lines of each                                                    -> summary.txt
 # RESULTS_DIR defaults to $OUT (the device tool's folder that comes back) or out/gpu_check.
 # Missing packages travel as wheels in .whl/ (device tool: carry [".whl"]); the package itself
 # runs from this checkout (PYTHONPATH), nothing is installed into the machine's Python.
@@ -118,7 +120,12 @@ fi
 grep -E "^ *[0-9]+ +(batched|no-overlap)|measured +[0-9]|kernels per frame|engine ready|FAILED|Error" "$RESULTS/bench_8b.log" |
     tee -a "$RESULTS/summary.txt"
 log "4. Mimi and SilentCipher on the device"
-timeout 90 "$PY" benchmarks/codecs.py --device cuda --seconds 4 > "$RESULTS/codecs.log" 2>&1
+timeout 60 "$PY" benchmarks/codecs.py --device cuda --seconds 4 > "$RESULTS/codecs.log" 2>&1
 log "   codecs exit status $?"
 tail -n 9 "$RESULTS/codecs.log" | tee -a "$RESULTS/summary.txt"
+log "5. the watermark per engine step on the device"
+timeout 45 "$PY" benchmarks/watermark_streaming.py --device cuda --seconds 4 --levels 1,8,32,64 \
+    > "$RESULTS/watermark.log" 2>&1
+log "   watermark exit status $?"
+tail -n 12 "$RESULTS/watermark.log" | tee -a "$RESULTS/summary.txt"
 log "done in $(elapsed) s; results in $RESULTS"
