@@ -6,6 +6,7 @@ All traffic is on 127.0.0.1. Limits are set small so that each is reached in a f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -382,3 +383,93 @@ def test_named_voices_for_one_tenant_need_that_tenant(tmp_path, monkeypatch):
     (tmp_path / "v.txt").write_text("Hi.")
     with pytest.raises(SystemExit, match="no tenant 'nobody'"):
         main(["serve", "--model", str(tmp_path), "--voice", f"nobody/anna={tmp_path / 'v.wav'}"])
+
+
+@pytest.mark.asyncio
+async def test_a_flooding_connection_gets_too_many_then_1008_and_others_serve_on(lim_engine):
+    limits = dataclasses.replace(LIMITS, max_messages_per_s=5.0, message_burst=8)
+    with LoopbackServer(lim_engine, token=None, tenants=TENANTS, limits=limits) as s:
+        async with (
+            connect(ws_url(s), additional_headers=auth(BOB)) as calm,
+            connect(ws_url(s), additional_headers=auth(ACME)) as flood,
+        ):
+            await calm.send(start("c", 2))  # a request running on another connection through the flood
+            replies: list[dict] = []
+            with pytest.raises(ConnectionClosed) as info:
+                await pings_then_replies(flood, 40, replies)  # pings count: a flood of cheap messages is one
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, "message rate")
+            pongs = [r for r in replies if r["type"] == "pong"]
+            assert 8 <= len(pongs) <= 12  # the burst, and what refilled while it was sent
+            assert replies[-1]["type"] == "error"
+            assert replies[-1]["code"] == "too_many"
+            _, ends = await collect(calm, {"c"}, timeout=60)
+            assert ends["c"]["type"] == "end"
+            for _ in range(3):  # a client within the rate is never limited
+                await calm.send(json.dumps({"type": "ping"}))
+                assert (await next_json(calm))["type"] == "pong"
+                await asyncio.sleep(0.25)
+
+
+async def pings_then_replies(ws, count: int, replies: list[dict]) -> None:
+    """Send ``count`` pings as fast as possible, then read replies into ``replies`` until the close."""
+    async with asyncio.timeout(10):
+        for _ in range(count):
+            try:
+                await ws.send(json.dumps({"type": "ping"}))
+            except ConnectionClosed:  # closed while sending: what came before the close is still read
+                break
+        while True:
+            replies.append(json.loads(await ws.recv()))
+
+
+def test_token_bucket_refills_at_its_rate():
+    from misotts_agents.server.rate import TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] = 0.5  # one token back
+    assert [bucket.take(), bucket.take()] == [True, False]
+    now[0] = 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 3
+    with pytest.raises(ValueError, match="rate"):
+        TokenBucket(rate=0, burst=1)
+
+
+def test_the_client_tells_a_rate_limit_close_from_a_refused_token():
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    from misotts_agents.errors import EngineBusy, RemoteError, error_code
+    from misotts_agents.server.client import RemoteEngine
+
+    client = RemoteEngine("ws://127.0.0.1:9")
+    rate = client._closed_error(ConnectionClosedError(Close(1008, "message rate"), None))
+    assert isinstance(rate, EngineBusy)
+    assert error_code(rate) == "too_many"
+    refused = client._closed_error(ConnectionClosedError(Close(1008, "missing or wrong bearer token"), None))
+    assert isinstance(refused, RemoteError)
+    assert error_code(refused) == "unauthorized"
+
+
+@pytest.mark.asyncio
+async def test_invalid_utf8_text_is_one_warning_line_and_the_server_serves_on(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    async with connect(ws_url(server), additional_headers=auth(BOB)) as ws:
+        await ws.send(b"\xff\xfe not utf-8", text=True)
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(10):
+                await ws.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1007
+    lines = [r for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    assert lines[0].exc_info is None
+    assert "closed it (1007)" in lines[0].getMessage()
+    async with connect(ws_url(server), additional_headers=auth(BOB)) as ws:
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await next_json(ws))["type"] == "pong"

@@ -230,6 +230,8 @@ class RemoteEngine:
 
     def _closed_error(self, exc: ConnectionClosed) -> MisoError:
         """Why the connection closed, as the error for its requests: a refused token is not retryable."""
+        if exc.rcvd is not None and exc.rcvd.code == 1008 and exc.rcvd.reason == protocol.CLOSE_MESSAGE_RATE:
+            return from_wire("too_many", f"{self.url} closed the connection: over its message rate limit")
         if exc.rcvd is not None and exc.rcvd.code == 1008:
             return RemoteError(f"{self.url} refused the connection: {exc.rcvd.reason}", "unauthorized")
         if exc.rcvd is not None and exc.rcvd.code == 1013:  # the server's connection limits: retry later

@@ -31,6 +31,7 @@ from misotts_agents.errors import EngineClosed, MisoError
 from misotts_agents.server import protocol, schema
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.rate import TokenBucket
 from misotts_agents.server.runner import Lifecycle
 from misotts_agents.server.tenants import Quotas, private_session, scope, scoped_voice
 from misotts_agents.server.textfeed import TextFeed
@@ -147,7 +148,8 @@ class Connection:
         self.cancelled: set[str] = set()
         self.sessions: set[str] = set()  # the session names this client used
         self.outbox = Outbox(ws, limits.send_buffer_bytes, limits.send_timeout_s, self._stuck)
-        self.stopping: str | None = None  # why the server ends this connection (shutdown, not reading)
+        self.rate = TokenBucket(limits.max_messages_per_s, limits.message_burst)  # every message, pings too
+        self.stopping: str | None = None  # why the server ends this connection (shutdown, not reading, rate)
         self._stop = asyncio.Event()
         self._close_with = (1000, "")
 
@@ -188,6 +190,9 @@ class Connection:
                     return
                 if event["type"] == "websocket.disconnect":
                     return
+                if not self.rate.take():
+                    await self._over_rate()
+                    return
                 if event.get("text") is None:
                     await self.refuse(ProtocolError("bad_message", "send JSON text messages, not binary"))
                 else:
@@ -201,6 +206,16 @@ class Connection:
             writer.cancel()
             with contextlib.suppress(BaseException):
                 await writer
+
+    async def _over_rate(self) -> None:
+        """Over the message rate limit (rate.py): one ``error``, then the connection closes (1008);
+        its requests are cancelled as the connection ends."""
+        self.stopping = "message rate"
+        log.warning("closing %s (tenant %s): over %g messages a second", self.peer, self.tenant, self.rate.rate)
+        limit = f"over the message rate limit ({self.rate.rate:g} a second, bursts of {self.rate.burst:g})"
+        await self.refuse(ProtocolError("too_many", limit))
+        await self.outbox.flushed(2.0)
+        await self._close(1008, protocol.CLOSE_MESSAGE_RATE)
 
     def _stuck(self) -> None:
         """A send waited too long: the client does not read. Cut it off (see the module)."""

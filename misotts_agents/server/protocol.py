@@ -101,9 +101,11 @@ Authentication: with server tokens, the WebSocket handshake must carry ``Authori
 <token>`` (the token names the tenant); otherwise the server accepts and at once closes with code
 1008 (policy violation). A browser page from an origin the server does not allow is refused
 before the handshake (HTTP 403). Other closes: 1013 (try again later: too many connections, for
-the server or the tenant), 1001 (idle too long, or the server shutting down: each running request
-first gets an ``error`` ``closed``), 4008 (the client read nothing for ``send_timeout_s`` while
-audio waited: its requests are cancelled), 1009 (a frame over the transport's ``max_size``). A
+the server or the tenant), 1008 ``message rate`` (over ``max_messages_per_s`` beyond its burst: an
+``error`` ``too_many`` comes first, and the connection's requests are cancelled), 1001 (idle too
+long, or the server shutting down: each running request first gets an ``error`` ``closed``), 4008
+(the client read nothing for ``send_timeout_s`` while audio waited: its requests are cancelled),
+1009 (a frame over the transport's ``max_size``). A
 message under that but still over the request limits is answered with an ``error`` (``too_large``).
 """
 
@@ -131,6 +133,11 @@ _LEN = struct.Struct("<H")
 FLAG_FINAL = 1
 
 
+#: The reason of the 1008 close of a client over its message rate (an unauthorized client's 1008 says
+#: something else): the client library tells a limit from a refusal by it.
+CLOSE_MESSAGE_RATE = "message rate"
+
+
 @dataclass(frozen=True)
 class Limits:
     """Every bound the server keeps, with its default (README "Exposing the server" says what a
@@ -147,6 +154,10 @@ class Limits:
     # Per connection.
     max_concurrent_per_connection: int = 8
     max_sessions_per_connection: int = 16
+    # Messages a connection may send (pings included): a rate a second, and a burst above it. A
+    # client streaming LLM tokens as `append`s to 8 requests at once stays well under it.
+    max_messages_per_s: float = 200.0
+    message_burst: int = 400
     send_buffer_bytes: int = 4 * 1024 * 1024  # audio and messages queued for a client
     socket_send_buffer_bytes: int = 256 * 1024  # the kernel's, per connection (not autotuned up to 4 MB)
     send_timeout_s: float = 10.0  # a full send queue for this long: the client is not reading, cut off

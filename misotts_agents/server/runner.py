@@ -120,10 +120,30 @@ class BoundedH11(H11Protocol):
             self.transport.close()
 
 
+class OneLineClientErrors(logging.Filter):
+    """uvicorn logs a client's malformed WebSocket text (invalid UTF-8) as an ERROR with a traceback,
+    though it is the client's fault and uvicorn closes that connection (1007) itself: one WARNING
+    line instead, as for every other bad input (README: "one line, no traceback")."""
+
+    MESSAGES = ("Invalid UTF-8 sequence received from client",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(self.MESSAGES):
+            reason = record.exc_info[1]
+            record.msg = f"{str(record.msg).rstrip('.')}: {reason}; closed it (1007)"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def uvicorn_config(app: Any, host: str, port: int, limits: Limits, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for ``app`` from ``limits`` (see the module)."""
     settings = {"header_timeout_s": limits.header_timeout_s, "send_buffer_bytes": limits.socket_send_buffer_bytes}
     protocol = type("BoundedH11", (BoundedH11,), settings)
+    errors = logging.getLogger("uvicorn.error")  # (the Config below sets up uvicorn's logging; filters stay)
+    if not any(isinstance(f, OneLineClientErrors) for f in errors.filters):
+        errors.addFilter(OneLineClientErrors())
     return uvicorn.Config(
         app,
         host=host,

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-text", type=int, default=4000, help="longest text per request in characters")
     serve.add_argument("--max-per-connection", type=int, default=8, help="concurrent requests per WebSocket")
+    serve.add_argument(
+        "--max-messages-per-s",
+        type=float,
+        default=200.0,
+        help="messages a WebSocket may send a second (pings too), bursts of twice that; over it: closed (1008)",
+    )
     serve.add_argument("--max-connections", type=int, default=256, help="open connections (default: %(default)s)")
     serve.add_argument(
         "--max-streams-per-tenant", type=int, default=32, help="concurrent requests per tenant (default: %(default)s)"
@@ -306,9 +312,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         owner, sep, _ = name.rpartition("/")
         if sep and owner not in tenants.names:
             raise SystemExit(f"error: --voice {name}: no tenant {owner!r} (tenants: {', '.join(tenants.names)})")
+    if not 0 < args.max_messages_per_s < float("inf"):
+        raise SystemExit(f"error: --max-messages-per-s must be a positive number, got {args.max_messages_per_s}")
     limits = Limits(
         max_text_chars=args.max_text,
         max_concurrent_per_connection=args.max_per_connection,
+        max_messages_per_s=args.max_messages_per_s,
+        message_burst=max(1, round(2 * args.max_messages_per_s)),
         max_connections=args.max_connections,
         max_streams_per_tenant=args.max_streams_per_tenant,
         max_memory_bytes=args.memory_mb * 1024 * 1024,
