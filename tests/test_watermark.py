@@ -281,6 +281,7 @@ class FakeModel:
         self.decoded = decoded
         self.calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
         self.spectrogram = Spectrogram(4096, 2048)
+        self.device = torch.device("cpu")
 
     def embed(self, audio: torch.Tensor, message: tuple[int, ...], sdr: float = 36.0, **window: object) -> torch.Tensor:
         self.calls.append(("embed", (audio, message), {"sdr": sdr, **window}))

@@ -277,8 +277,7 @@ class Watermarker:
         self._model = model
         self._key = _validate_key(key)
         self._source_dir = source_dir
-        device = getattr(model, "device", None)
-        self.batch_frames = GPU_BATCH_FRAMES if device is not None and device.type == "cuda" else CPU_BATCH_FRAMES
+        self.batch_frames = GPU_BATCH_FRAMES if model.device.type == "cuda" else CPU_BATCH_FRAMES
         """STFT frames one model call may hold in all (:meth:`mark_rows`)."""
 
     @classmethod

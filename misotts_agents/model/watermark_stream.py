@@ -62,6 +62,7 @@ class _Window:
     chunk: np.ndarray  # as given (its dtype is the output's)
     audio: np.ndarray  # float64: context + chunk, at the stream's rate
     crop: int  # 44.1 kHz samples dropped at the window's start to land on the utterance's frame grid
+    energy: float  # the utterance's sum of squares once this chunk is in
     row: MarkRow | None  # None: nothing to mark (silence so far)
 
 
@@ -87,10 +88,6 @@ class StreamWatermarker:
         self._energy = 0.0  # sum of squares of those samples
 
     @property
-    def watermarker(self) -> Watermarker:
-        return self._watermarker
-
-    @property
     def sample_rate(self) -> int:
         return self._sample_rate
 
@@ -114,7 +111,7 @@ class StreamWatermarker:
         samples = self._samples + x.size
         power = energy / samples if samples else 0.0
         if x.size == 0 or power < _SILENCE_POWER:
-            return _Window(self, x, audio, 0, None)
+            return _Window(self, x, audio, 0, energy, None)
         audio44 = _resample(audio, self._sample_rate, WATERMARK_SAMPLE_RATE)
         hop = self._watermarker.model.config.hop_length
         start44 = round((self._samples - self._history.size) * WATERMARK_SAMPLE_RATE / self._sample_rate)
@@ -122,7 +119,7 @@ class StreamWatermarker:
         if crop >= audio44.size:  # a short window this far in cannot reach the next frame boundary
             crop = 0
         phase = (start44 + crop) // hop % _MESSAGE_FRAMES
-        return _Window(self, x, audio, crop, MarkRow(audio44[crop:], phase, power))
+        return _Window(self, x, audio, crop, energy, MarkRow(audio44[crop:], phase, power))
 
     def _commit(self, window: _Window, marked44: np.ndarray | None) -> np.ndarray:
         """Emit the chunk with the new samples' share of the window's residual; advance the state."""
@@ -134,7 +131,7 @@ class StreamWatermarker:
             out = (x.astype(np.float64) + residual[window.audio.size - x.size :]).astype(x.dtype, copy=False)
         self._history = window.audio[-self._context :].copy()
         self._samples += x.size
-        self._energy += float(np.dot(window.audio[-x.size :], window.audio[-x.size :])) if x.size else 0.0
+        self._energy = window.energy
         return out
 
 
@@ -150,26 +147,25 @@ def mark_streams(
             windows.append(state._window(chunk))
         except Exception as exc:  # a bad chunk (shape, dtype, NaN) fails its own item
             windows.append(exc)
-    todo = [w for w in windows if isinstance(w, _Window) and w.row is not None]
+    todo = [(i, w.row) for i, w in enumerate(windows) if isinstance(w, _Window) and w.row is not None]
     marked: dict[int, np.ndarray | Exception] = {}
     try:
-        for w, audio44 in zip(todo, watermarker.mark_rows([w.row for w in todo if w.row]), strict=True):
-            marked[id(w)] = audio44
+        marked.update(zip([i for i, _ in todo], watermarker.mark_rows([row for _, row in todo]), strict=True))
     except Exception:
-        for w in todo:
+        for i, row in todo:
             try:
-                marked[id(w)] = watermarker.mark_rows([w.row] if w.row else [])[0]
+                marked[i] = watermarker.mark_rows([row])[0]
             except Exception as exc:
-                marked[id(w)] = exc
+                marked[i] = exc
     out: list[np.ndarray | Exception] = []
-    for w in windows:
-        result = marked.get(id(w)) if isinstance(w, _Window) else w
+    for i, w in enumerate(windows):
+        result = w if isinstance(w, Exception) else marked.get(i)  # None: a window with nothing to mark
         if isinstance(result, Exception):
             out.append(result)
-        else:
-            assert isinstance(w, _Window)
-            try:
-                out.append(w.state._commit(w, result))
-            except Exception as exc:
-                out.append(exc)
+            continue
+        assert isinstance(w, _Window)
+        try:
+            out.append(w.state._commit(w, result))
+        except Exception as exc:
+            out.append(exc)
     return out
