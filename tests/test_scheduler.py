@@ -235,6 +235,29 @@ def test_full_queue_is_a_clear_error_not_a_hang(small_engine):
     assert sum(c.frames for c in small_engine.stream(SynthesisRequest("Room again.", max_audio_ms=160))) == 2
 
 
+def test_wait_admitted_returns_when_a_slot_frees_or_the_request_ends(small_engine):
+    running = small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500))
+    next(running)
+    waiting = small_engine.stream(SynthesisRequest("Waiting.", max_audio_ms=160))
+
+    async def admitted_after_cancel():
+        task = asyncio.ensure_future(waiting.wait_admitted())
+        await asyncio.sleep(0.2)
+        assert not task.done()  # the only slot is taken
+        running.cancel()
+        return await asyncio.wait_for(task, 30)
+
+    assert asyncio.run(admitted_after_cancel()) is True
+    assert sum(c.frames for c in waiting) == 2
+    assert asyncio.run(waiting.wait_admitted()) is True  # settled: answers at once
+    blocker = small_engine.stream(SynthesisRequest("Long one.", max_audio_ms=80 * 500))
+    next(blocker)
+    never = small_engine.stream(SynthesisRequest("Never admitted.", max_audio_ms=160))
+    never.cancel()
+    assert asyncio.run(asyncio.wait_for(never.wait_admitted(), 30)) is False
+    blocker.cancel()
+
+
 def test_concurrent_submissions_never_exceed_the_queue(small_engine, monkeypatch):
     """The capacity check and the submission are one step: six callers at once (each slowed down
     between the two, where the old code let them all through) get one slot and one queue place."""

@@ -403,6 +403,7 @@ class Scheduler:
             self._admissions += 1
             job.stream.stats.queued_s = time.perf_counter() - job.stream.submitted_at
             self.jobs[job.slot] = job
+            job.stream.admit()
 
     def _prefill(self) -> None:
         """One bounded prefill pass over the rows still prefilling (see prefill.py for the policy)."""

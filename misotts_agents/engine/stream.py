@@ -113,8 +113,19 @@ class SpeechStream:
         self._ended = False
         self._aligner = WordAligner(request.text)
         self._end_frame = 0  # frames handed to the caller so far
+        self._admission: bool | None = None  # True: it got a slot; False: it ended without one
+        self._admission_news = Mailbox()  # wakes wait_admitted
 
     # -- scheduler side -----------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """The request has an engine slot (its queue wait is over): wakes ``wait_admitted``."""
+        self._settle_admission(True)
+
+    def _settle_admission(self, admitted: bool) -> None:
+        if self._admission is None:
+            self._admission = admitted
+            self._admission_news.put(None)
 
     def add_codes(self, codes: np.ndarray) -> None:
         self._codes.append(codes)
@@ -125,10 +136,12 @@ class SpeechStream:
     def end(self, reason: str) -> None:
         if self._record(reason):
             self._send(_End(reason))
+        self._settle_admission(False)
 
     def fail(self, exc: BaseException) -> None:
         if self._record("error"):
             self._send(exc)
+        self._settle_admission(False)
 
     def _send(self, item: object) -> None:
         """Towards the caller: through the marker when watermarked (it keeps the order), else straight."""
@@ -177,6 +190,13 @@ class SpeechStream:
         """Still waiting for an engine slot (being prepared, or queued behind other requests): a
         caller's timeout for the first audio should not run yet."""
         return self.stats.queued_s is None and not self._ended and not self.cancelled.is_set()
+
+    async def wait_admitted(self) -> bool:
+        """Wait until the request has an engine slot (True) or has ended without one (False): where
+        a caller's timeout for the first audio may start. One waiter at a time."""
+        while self._admission is None:
+            await self._admission_news.aget()
+        return self._admission
 
     def cancel(self) -> None:
         self._stopped = True
