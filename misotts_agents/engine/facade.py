@@ -202,11 +202,17 @@ class MisoEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def stream(self, request: SynthesisRequest, *, client: Hashable | None = None) -> SpeechStream:
+    def stream(
+        self, request: SynthesisRequest, *, client: Hashable | None = None, tenant: Hashable | None = None
+    ) -> SpeechStream:
         """Submit an utterance; iterate (or async-iterate) the returned stream for its audio chunks.
 
-        ``client`` (any hashable, e.g. a server connection) shares preparation fairly: each client's
-        requests wait their turn, so one client's long context never delays the others' first audio.
+        ``client`` (any hashable, e.g. a server connection or an integration instance) and ``tenant``
+        (whom the client serves, e.g. an API token's tenant) share the engine fairly: preparation
+        takes clients in turn, and the scheduler admits waiting requests to slots in turn across
+        tenants, then across each tenant's clients, so one caller's burst never delays another's
+        first request by more than about one slot's turnover. Without them a request is a client of
+        its own.
         """
         if request.watermark and self.watermarker is None:
             raise ModelSourceError("this request asks for a watermark but the engine was loaded without one")
@@ -214,7 +220,7 @@ class MisoEngine:
         marker = self._marker if request.watermark is not False else None
         marking = (marker, StreamWatermarker(marker.watermarker)) if marker is not None else None
         stream = SpeechStream(request, seed, self.num_codebooks, self._scheduler.wake.set, marking)
-        job = Job(stream)
+        job = Job(stream, client=client, tenant=tenant)
         # Check and submit under one lock: concurrent calls cannot all pass the capacity check (and
         # exceed max_queue), and close() (which closes under this lock) sees every submitted job.
         with self._lock:

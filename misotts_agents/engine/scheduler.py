@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -80,6 +80,8 @@ class Job:
     """A request between preparation and its end (scheduler-internal)."""
 
     stream: SpeechStream
+    client: Hashable | None = None  # whose request it is (fair admission), None: its own
+    tenant: Hashable | None = None  # whom that client serves, None: the client alone
     prompt: Prompt | None = None
     voice: CachedVoice | None = None
     slot: int | None = None
