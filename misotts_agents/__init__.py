@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from misotts_agents.engine.request import (
         AudioChunk,
         ChunkSchedule,
+        EngineStats,
         Segment,
         StreamStats,
         Synthesis,
         SynthesisRequest,
     )
-    from misotts_agents.engine.scheduler import EngineStats
     from misotts_agents.engine.voice import VoicePrompt
     from misotts_agents.errors import (
         CheckpointError,

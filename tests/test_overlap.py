@@ -141,7 +141,7 @@ def test_prefill_passes_take_their_window_from_the_host(engine, overlapped, monk
 def test_a_failed_decode_ends_its_steps_requests_without_a_retry(overlapped, monkeypatch):
     """Mimi's streaming state may have moved before its decode failed: the step is not retried
     (that would decode a frame twice for the rows left), its requests end, the engine goes on."""
-    sched, real = overlapped._scheduler, overlapped._scheduler._decode
+    sched, real = overlapped._scheduler.executor, overlapped._scheduler.executor._decode
     calls = []
 
     def fails_once(rows, codes, top_row):
@@ -210,7 +210,7 @@ def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
         "tiny", device="cuda", dtype=torch.bfloat16, tokenizer=os.environ.get("MISOTTS_TOKENIZER"), max_batch=4
     )
     try:
-        assert engine._scheduler.mimi_stream is not None
+        assert engine._scheduler.executor.mimi_stream is not None
         assert engine._scheduler.decoder.captured_sizes == [4]  # the decode's CUDA graph, captured at start-up
         assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel=1e-2)  # TF32 convolutions
     finally:

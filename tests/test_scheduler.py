@@ -91,8 +91,8 @@ def test_thousands_of_submit_cancel_finish_cycles_leak_nothing(engine):
     assert done == n
     assert m.failed == started.failed
     assert m.active == 0
-    assert not engine._scheduler.jobs
-    assert not engine._scheduler.ready
+    assert not engine._scheduler.running
+    assert not engine._scheduler.waiting
     del live, stream
     gc.collect()
     assert len(created) == 0  # the engine keeps no reference to finished streams

@@ -57,7 +57,7 @@ class Trace:
 
         def held_prefill():  # until `hold_until` joiners are admitted, so they are prefilled together
             if not self.released:
-                self.released = sum(not j.prefilled for j in sched.jobs.values()) >= hold_until
+                self.released = sum(not j.speaking for j in sched.running.values()) >= hold_until
             if self.released:
                 prefill()
 
@@ -199,7 +199,7 @@ def test_a_failure_during_prefill_fails_only_its_request(chunked, monkeypatch, c
 
     def breaks_on_bad(tokens, mask, pos, rows=None, length=None):
         if tokens.size(1) > 1 and rows is not None:
-            requests = [sched.jobs[r].stream.request for r in rows.tolist() if r in sched.jobs]
+            requests = [sched.running[r].stream.request for r in rows.tolist() if r in sched.running]
             if any(r is bad for r in requests):
                 batched_with_bad.append(len(requests))
                 raise RuntimeError("simulated prefill failure")

@@ -91,16 +91,16 @@ def test_a_batched_step_failing_because_of_the_newest_request_is_retried_without
     """A step that cannot run with the newest request in it (think: the memory it added) fails that
     request only: the step is retried without it, and the others never see an error."""
     scheduler = engine._scheduler
-    real = scheduler.stepper
+    real = scheduler.executor.stepper
     bad_streams = []
 
     def stepper(rows, *args):
-        poisoned = {slot for slot, job in scheduler.jobs.items() if job.stream in bad_streams}
+        poisoned = {slot for slot, job in scheduler.running.items() if job.stream in bad_streams}
         if poisoned & set(rows.tolist()):
             raise RuntimeError("injected device failure")
         return real(rows, *args)
 
-    monkeypatch.setattr(scheduler, "stepper", stepper)
+    monkeypatch.setattr(scheduler.executor, "stepper", stepper)
     goods, error = asyncio.run(run_batch(engine, bad_streams.append))
     assert isinstance(error, RuntimeError)
     assert "device failure" in str(error)
@@ -110,7 +110,7 @@ def test_a_batched_step_failing_because_of_the_newest_request_is_retried_without
 
 def test_a_step_that_fails_again_without_the_newest_fails_the_rest_and_the_engine_goes_on(engine, monkeypatch):
     scheduler = engine._scheduler
-    real = scheduler.stepper
+    real = scheduler.executor.stepper
     broken = threading.Event()
     broken.set()
 
@@ -119,7 +119,7 @@ def test_a_step_that_fails_again_without_the_newest_fails_the_rest_and_the_engin
             raise RuntimeError("injected persistent failure")
         return real(rows, *args)
 
-    monkeypatch.setattr(scheduler, "stepper", stepper)
+    monkeypatch.setattr(scheduler.executor, "stepper", stepper)
     failed_before = engine.metrics().failed
     goods, error = asyncio.run(run_batch(engine, lambda s: None))
     assert isinstance(error, RuntimeError)

@@ -202,7 +202,7 @@ def test_compiled_step_matches_eager(engine, tiny_dir):
 def test_power_of_two_buckets(tiny_dir):
     bucketed = load_tiny(tiny_dir, max_batch=4, batch_buckets=True)
     try:
-        assert bucketed._scheduler.stepper.batch_sizes == [1, 2, 4]
+        assert bucketed._scheduler.executor.stepper.batch_sizes == [1, 2, 4]
         streams = [bucketed.stream(SynthesisRequest(t, max_audio_ms=240)) for t in TEXTS]
         assert [sum(c.frames for c in s) for s in streams] == [3, 3, 3]
     finally:
@@ -307,6 +307,6 @@ def test_cuda_engine_speaks():
             pcm = np.concatenate([c.pcm for c in stream])
             assert pcm.size == 5 * 1920
             assert np.isfinite(pcm).all()
-        assert not engine._scheduler.stepper.eager_shapes
+        assert not engine._scheduler.executor.stepper.eager_shapes
     finally:
         engine.close()

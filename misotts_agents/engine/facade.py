@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from misotts_agents.engine.job import Job
 from misotts_agents.engine.marking import StepMarker
 from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
-from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
-from misotts_agents.engine.scheduler import EngineStats, Job, Scheduler
+from misotts_agents.engine.request import EngineStats, Synthesis, SynthesisRequest, join_stream
+from misotts_agents.engine.scheduler import DEFAULT_MAX_WAIT_S, Scheduler
 from misotts_agents.engine.step import bucket_sizes
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache
@@ -69,6 +70,9 @@ class MisoEngine:
     stays within max(two steps, 64 ms)), a number of positions per pass, or 0 for whole prompts.
     ``overlap`` (default: on CUDA) queues each frame step before reading the one before, so the
     host's delivery work and the next prefill run while the device computes (scheduler.py).
+    ``fair`` admits waiting requests to slots in turn across tenants and clients (``stream``'s
+    keys; admission.py), else first come, first served; a request that waits more than
+    ``max_wait_s`` for a slot (default 10 s; None: no bound) ends with :class:`EngineBusy`.
     """
 
     model_name = "misotts"  # what the integrations' metrics call it: the checkpoint ``load`` read
@@ -87,6 +91,8 @@ class MisoEngine:
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
         overlap: bool | None = None,
+        fair: bool = True,
+        max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
     ) -> None:
         prefill_chunk = parse_prefill_chunk(prefill_chunk)
         if max_batch < 1 or max_queue < 0:
@@ -128,6 +134,8 @@ class MisoEngine:
                 prefill_chunk=prefill_chunk,
                 overlap=overlap,
                 marker=self._marker,
+                fair=fair,
+                max_wait_s=max_wait_s,
             )
         except BaseException:
             if self._marker is not None:  # no engine: its marker thread goes too
@@ -152,6 +160,8 @@ class MisoEngine:
         batch_buckets: bool = False,
         prefill_chunk: PrefillChunk = "auto",
         overlap: bool | None = None,
+        fair: bool = True,
+        max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
         progress: bool = True,
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
@@ -196,6 +206,8 @@ class MisoEngine:
             batch_buckets=batch_buckets,
             prefill_chunk=prefill_chunk,
             overlap=overlap,
+            fair=fair,
+            max_wait_s=max_wait_s,
         )
         engine.model_name = str(model)
         return engine

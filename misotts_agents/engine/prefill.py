@@ -122,9 +122,21 @@ class PrefillBudget:
         cost = seconds / max(positions * (1 + context / self.context_scale), 1e-9)
         self._unit_s = cost if self._unit_s is None else 0.5 * self._unit_s + 0.5 * cost
 
-    def positions(self, speaking: bool, filled: int = 0) -> int | None:
+    @property
+    def step_s(self) -> float:
+        """Recent frame steps' time (0 before any was measured)."""
+        return self._step_s or 0.0
+
+    def cost_s(self, positions: int, context: float = 0.0) -> float | None:
+        """Predicted seconds of a pass of ``positions`` at ``context`` (None before any pass was measured)."""
+        if self._unit_s is None:
+            return None
+        return positions * (1 + context / self.context_scale) * self._unit_s
+
+    def positions(self, speaking: bool, filled: int = 0, allowance_s: float = 0.0) -> int | None:
         """Padded positions for the next pass, whose rows already hold up to ``filled`` positions;
-        None: unbounded (whole prompts)."""
+        None: unbounded (whole prompts). ``allowance_s``: the seconds the speaking streams' slack
+        lends beyond the budget's own share ("auto" only: deadline.py)."""
         if self.whole_prompts:
             return None
         if not speaking:
@@ -133,7 +145,8 @@ class PrefillBudget:
             return self.setting
         if self._step_s is None or self._unit_s is None:
             return FIRST_AUTO_POSITIONS
-        units = max(self._step_s, ITERATION_TARGET_S - self._step_s) / max(self._unit_s, 1e-9)
+        target = max(self._step_s, ITERATION_TARGET_S - self._step_s, allowance_s)
+        units = target / max(self._unit_s, 1e-9)
         # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units
         a, b = 0.5 / self.context_scale, 1 + filled / self.context_scale
         n = units / b if a == 0 else (math.sqrt(b * b + 4 * a * units) - b) / (2 * a)

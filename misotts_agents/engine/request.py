@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -166,6 +167,18 @@ class AudioChunk:
         return to_int16(self.pcm)
 
 
+class StopReason(StrEnum):
+    """Why a request ended; the values are the wire strings (``stats.stop_reason``)."""
+
+    RUNNING = "running"  # not ended yet
+    EOS = "eos"  # the model ended the speech
+    MAX_FRAMES = "max_frames"  # the request's audio limit
+    CONTEXT_FULL = "context_full"  # the model's context is full
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    EMPTY = "empty"  # an incremental server request that got no text
+
+
 @dataclass
 class StreamStats:
     """Figures for one request; filled in as it runs."""
@@ -178,7 +191,7 @@ class StreamStats:
     queued_s: float | None = None  # from submission to the start of prefill
     time_to_first_audio_s: float | None = None  # from submission to the first chunk handed to the caller
     elapsed_s: float = 0.0  # from submission to the end
-    stop_reason: str = "running"  # eos | max_frames | context_full | cancelled | error
+    stop_reason: str = StopReason.RUNNING  # a StopReason (plain strings compare equal to them)
 
     @property
     def audio_s(self) -> float:
@@ -188,6 +201,24 @@ class StreamStats:
     def real_time_factor(self) -> float | None:
         """Wall seconds per second of audio, submission to end (below 1 is faster than real time)."""
         return self.elapsed_s / self.audio_s if self.frames else None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and throughput."""
+
+    active: int
+    queued: int
+    max_batch: int
+    steps: int
+    frames: int
+    steps_per_s: float
+    frames_per_s: float
+    voices_cached: int
+    voice_cache_hits: int
+    completed: int
+    cancelled: int
+    failed: int
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,14 @@ class SpeechStream:
         self._ended = False
         self._aligner = WordAligner(request.text)
         self._end_frame = 0  # frames handed to the caller so far
+        self._sizes = request.chunks.sizes()  # the chunk sizes, drawn as chunks are cut
+        self._want = next(self._sizes)
+        self._pieces: list[np.ndarray] = []  # frames generated since the last chunk
+        self.delivered_frames = 0  # frames handed out in chunks so far
+        self.first_chunk_at: float | None = None  # when the scheduler handed out the first chunk
+        # Seconds of this stream's audio its listener has played, where the caller knows (a player's
+        # clock); None: real time from the first chunk (the scheduler's deadlines, deadline.py).
+        self.playout: Callable[[], float] | None = None
         self._admission: bool | None = None  # True: it got a slot; False: it ended without one
         self._admission_news = Mailbox()  # wakes wait_admitted
 
@@ -130,8 +138,42 @@ class SpeechStream:
     def add_codes(self, codes: np.ndarray) -> None:
         self._codes.append(codes)
 
-    def deliver(self, chunk: AudioChunk) -> None:
-        self._send(chunk)
+    def push_frame(self, pcm: np.ndarray, now: float) -> None:
+        """One more frame of audio; a chunk goes out when the request's chunk schedule says so."""
+        self._pieces.append(pcm)
+        self.stats.frames += 1
+        if len(self._pieces) >= self._want:
+            self.flush(final=False)
+            self._want = next(self._sizes)
+            if self.first_chunk_at is None:
+                self.first_chunk_at = now
+
+    def played_s(self, now: float) -> float:
+        """Audio the listener has played by ``now`` (perf_counter seconds): the caller's playout
+        clock if it set one, else real time since the first chunk."""
+        if self.first_chunk_at is None:
+            return 0.0
+        if self.playout is not None:
+            return self.playout()
+        return now - self.first_chunk_at
+
+    @property
+    def frames_to_next_chunk(self) -> int:
+        """Frames still to generate before the next chunk goes out."""
+        return self._want - len(self._pieces)
+
+    def flush(self, final: bool) -> None:
+        """Hand out the frames generated since the last chunk (if any) as a chunk."""
+        if not self._pieces:
+            return
+        audio = np.concatenate(self._pieces)
+        frames, self._pieces = len(self._pieces), []
+        self._send(AudioChunk(audio, start_frame=self.delivered_frames, frames=frames, final=final))
+        self.delivered_frames += frames
+
+    def drop_pending(self) -> None:
+        """Forget frames not yet handed out (the request was cancelled or failed)."""
+        self._pieces = []
 
     def end(self, reason: str) -> None:
         if self._record(reason):

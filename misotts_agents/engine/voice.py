@@ -55,14 +55,54 @@ class CachedVoice:
 
 
 class VoiceCache:
-    """A small LRU of voice prompts: their frames (Mimi codes) and, once computed, their KV prefix."""
+    """A small LRU of voice prompts: their frames (Mimi codes) and, once computed, their KV prefix.
+
+    The prefix of a new voice is computed by one request (the first to reach its prefill, which
+    :meth:`claim` s it); others with the same voice wait for it and copy it (:meth:`shared_prefix`):
+    preparation threads may each have made their own entry for the same new voice.
+    """
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
         self._items: LRUCache[str, CachedVoice] = LRUCache(capacity)
+        self._computing: set[str] = set()  # voices whose prefix a request is computing now
         self._lock = threading.Lock()  # the preparation thread and the scheduler both use it
         self.hits = 0
         self.misses = 0
+
+    def shared_prefix(self, key: str, voice: CachedVoice) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The voice's prefix KV if known: its own, or that of the cache's entry under its key."""
+        if voice.kv is None:
+            cached = self.get(key)
+            if cached is not None:
+                voice.kv = cached.kv
+        return voice.kv
+
+    def claim(self, key: str) -> bool:
+        """True if the caller is to compute the voice's prefix (nobody else is); it then
+        :meth:`publish` es it, or :meth:`release` s the claim if its request ends first."""
+        with self._lock:
+            if key in self._computing:
+                return False
+            self._computing.add(key)
+            return True
+
+    def publish(self, key: str, voice: CachedVoice, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The prefix is computed: it goes to the request's voice and to the cache's entry (which
+        the voice becomes if the cache has none), and the requests waiting for it copy it."""
+        voice.kv = kv
+        with self._lock:
+            self._computing.discard(key)
+            cached = self._items.get(key)
+            if cached is None:
+                self._items[key] = voice
+            elif cached.kv is None:
+                cached.kv = kv
+
+    def release(self, key: str) -> None:
+        """The request computing the prefix ended before it was done: the next one takes it on."""
+        with self._lock:
+            self._computing.discard(key)
 
     def get(self, key: str) -> CachedVoice | None:
         with self._lock:

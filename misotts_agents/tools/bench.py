@@ -249,7 +249,7 @@ def count_kernels(engine: MisoEngine) -> dict | None:
         return None
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    stepper = engine._scheduler.stepper
+    stepper = engine._scheduler.executor.stepper
     shape = stepper.shape_for([0], [64], 50)
 
     def kernels(fn) -> int:

@@ -1,0 +1,45 @@
+"""Playout deadlines: how long prefill may hold the device before a speaking stream's listener
+would run out of audio.
+
+A stream that generates faster than real time is ahead of its listener: the audio it has handed
+out and not yet played is its *slack*, less the time its next chunk still needs (frames still to
+generate times the frame step's time). Prefill for joiners delays every speaking stream's next
+chunk by the pass's time, so one iteration may spend ``min(slack) - floor`` seconds on prefill
+without any listener's buffer falling below ``floor`` (:data:`SLACK_FLOOR_S`, two frames by
+default). A speaking stream that has not handed out its first chunk has no slack (it is urgent:
+its first audio waits), and neither has one whose listener is about to run out: then the prefill
+budget's own share applies (prefill.py), as before deadlines were known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from misotts_agents.audio import FRAME_MS
+from misotts_agents.engine.stream import SpeechStream
+
+FRAME_S = FRAME_MS / 1000
+SLACK_FLOOR_S = 2 * FRAME_S  # the audio a listener always keeps in hand while joiners prefill
+
+
+def slack_s(stream: SpeechStream, now: float, step_s: float) -> float | None:
+    """Seconds the stream's listener can wait beyond its next chunk's arrival; None before its
+    first chunk (no audio yet: urgent)."""
+    if stream.first_chunk_at is None:
+        return None
+    ahead = stream.delivered_frames * FRAME_S - stream.played_s(now)
+    return ahead - stream.frames_to_next_chunk * step_s
+
+
+def prefill_allowance_s(
+    streams: Iterable[SpeechStream], now: float, step_s: float, floor_s: float = SLACK_FLOOR_S
+) -> float:
+    """Seconds of prefill the speaking ``streams`` can lend this iteration (0: none has slack to
+    spare, or one has no audio yet); infinite when none speaks."""
+    allowance = float("inf")
+    for stream in streams:
+        slack = slack_s(stream, now, step_s)
+        if slack is None:
+            return 0.0
+        allowance = min(allowance, slack - floor_s)
+    return max(allowance, 0.0)
