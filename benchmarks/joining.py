@@ -1,28 +1,33 @@
-"""Joining while others speak: the speaking streams' chunk gaps and the joiners' first audio, for
-each prefill schedule, in one run.
+"""Joining while others speak: what the speaking streams' listeners hear and when the joiners
+first speak, for each prefill schedule, at two loads, in one run.
 
-For each schedule (``--schedules``, default ``0,128,256,512,auto``; 0 = whole prompts, the schedule
-before chunked prefill) the script loads one engine on a small random checkpoint whose frame step
-takes tens of milliseconds on a CPU (``--flavor``), then:
+Schedules (``--schedules``, default ``0,share,auto``): ``0`` whole prompts (one per iteration, the
+schedule before chunked prefill), ``share`` the chunked "auto" budget without playout deadlines
+(a fixed share of each iteration, the schedule before deadlines), ``auto`` the default (that share,
+stretched by the speaking streams' slack above the floor: engine/deadline.py), or a number of
+positions per pass. Loads (``--loads``, default ``4+4,20+4``): speakers + joiners; the first runs
+well ahead of real time on this CPU, the second (a large batch) near it. For each load and schedule
+the script loads one engine on a small random checkpoint whose frame step takes tens of
+milliseconds on a CPU (``--flavor``), then:
 
 1. warms up: one joiner-sized request alone (its context audio is Mimi-encoded once and cached, as
    a conversation's earlier turns are), so the timed joiners only tokenise;
-2. starts ``--speakers`` streams with a short prompt, one 80 ms frame per chunk, and waits until
-   each has delivered ``WARM_CHUNKS`` chunks (steady state);
-3. submits ``--joiners`` requests at once, each with ~``--context`` prompt positions (six earlier
-   turns of text and audio, then the text to speak);
+2. starts the speaking streams, one 80 ms frame per chunk, and waits until each has delivered
+   ``WARM_CHUNKS`` chunks (in the middle of a reply, as far ahead of its listener as the load lets it);
+3. submits the joiners at once, each with ~``--context`` prompt positions (six earlier turns of
+   text and audio, then the text to speak);
 4. records every chunk's arrival at the speaking streams' consumers and each joiner's first chunk,
    until every joiner has spoken and ``AFTER_CHUNKS`` more steps have passed.
 
-It prints, per schedule: the speaking streams' median chunk gap before the joins and after every
-joiner has spoken (one frame step with the speakers only, and with the joiners speaking too: a step
-of more active rows costs more on a CPU), their median and worst gap from the joins until every
-joiner has spoken (the figure the schedule protects), worst / step-after (how many steps the worst
-gap is), and the joiners' first audio p50 / p95 / max from their submission (what the schedule
-trades against it). With ``--repeats`` it ends with the median of each figure over the runs.
+It prints, per load and schedule: the frame step before the joins and after (the speakers' median
+chunk gap), the speakers' worst gap from the joins until every joiner has spoken and its ratio to
+the step after, the **silence** a real-time listener of each speaking stream hears in that window
+(playback from its first chunk, no extra buffer: the most any one listener heard), and the joiners'
+first audio p50 / max from their submission; then whether each schedule meets the goal (no
+silence, last joiner within 1.5x of whole prompts).
 
     uv run python benchmarks/joining.py                          # CPU, one torch thread
-    uv run python benchmarks/joining.py --speakers 8 --joiners 8 --schedules 0,auto --repeats 3
+    uv run python benchmarks/joining.py --loads 4+4 --schedules 0,auto --repeats 3
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from misotts_agents.engine.deadline import FRAME_S
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.prefill import parse_prefill_chunk
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
@@ -56,7 +62,7 @@ FLAVORS = {
         decoder_flavor={"num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 128, "intermediate_dim": 384},
     ),
 }
-WARM_CHUNKS = 5  # chunks each speaking stream delivers before the joins
+WARM_CHUNKS = 40  # chunks (frames) each speaking stream delivers before the joins
 AFTER_CHUNKS = 10  # steps recorded after the last joiner's first audio (the step time at the new load)
 ONE_FRAME = ChunkSchedule(first_frames=1, growth=1.0, max_frames=1)
 TURNS = 6  # earlier turns in a joiner's context
@@ -103,7 +109,9 @@ class Consumer:
 
 @dataclass
 class Result:
+    load: str
     schedule: str
+    silence_ms: float  # the most any speaking stream's real-time listener heard in the joining window
     gap_before_ms: float
     gap_after_ms: float
     gap_median_ms: float
@@ -124,15 +132,35 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.002)
 
 
-def run_schedule(model_dir: Path, schedule: str, args: argparse.Namespace) -> Result:
+def silence_s(arrivals: list[float], start: float, end: float) -> float:
+    """Seconds a real-time player of one-frame chunks, started at the first chunk with no extra
+    buffer, waits for audio between ``start`` and ``end`` (it plays each frame when it has arrived
+    and the frame before has played)."""
+    silent, ends = 0.0, arrivals[0]
+    for arrival in arrivals:
+        if arrival > ends:
+            silent += max(0.0, min(arrival, end) - max(ends, start))
+        ends = max(ends, arrival) + FRAME_S
+    return silent
+
+
+def parse_load(load: str) -> tuple[int, int]:
+    speakers, _, joiners = load.partition("+")
+    return int(speakers), int(joiners)
+
+
+def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Namespace) -> Result:
+    n_speakers, n_joiners = parse_load(load)
     engine = MisoEngine.load(
         model_dir,
         device="cpu",
         watermark=False,
-        max_batch=args.speakers + args.joiners,
-        prefill_chunk=parse_prefill_chunk(schedule),
+        max_batch=n_speakers + n_joiners,
+        prefill_chunk=parse_prefill_chunk("auto" if schedule == "share" else schedule),
         progress=False,
     )
+    if schedule == "share":  # no slack is ever lent: the budget's own share only
+        engine._scheduler.slack_floor_s = float("inf")
     try:
         context = joiner_context(args.context)
         warm = engine.synthesize(SynthesisRequest("Warming up.", context=context, seed=0, max_audio_ms=160))
@@ -147,9 +175,9 @@ def run_schedule(model_dir: Path, schedule: str, args: argparse.Namespace) -> Re
                     )
                 )
             ).start()
-            for i in range(args.speakers)
+            for i in range(n_speakers)
         ]
-        wait_for(lambda: all(len(c.arrivals) >= WARM_CHUNKS for c in speakers), 120, "the speakers to start")
+        wait_for(lambda: all(len(c.arrivals) >= WARM_CHUNKS for c in speakers), 300, "the speakers to start")
         steps_before = engine.metrics().steps
         joined = time.perf_counter()
         joiners = [
@@ -164,7 +192,7 @@ def run_schedule(model_dir: Path, schedule: str, args: argparse.Namespace) -> Re
                     )
                 )
             ).start()
-            for i in range(args.joiners)
+            for i in range(n_joiners)
         ]
         wait_for(lambda: all(c.arrivals or c.error for c in joiners), 600, "every joiner's first audio")
         last_first = max(c.arrivals[0] for c in joiners if c.arrivals)
@@ -190,8 +218,11 @@ def run_schedule(model_dir: Path, schedule: str, args: argparse.Namespace) -> Re
                 during.append(b - a)
             else:
                 after.append(b - a)
+    window_end = last_first + AFTER_CHUNKS * statistics.median(after)
     return Result(
+        load=load,
         schedule=schedule,
+        silence_ms=1000 * max(silence_s(c.arrivals, joined, window_end) for c in speakers),
         gap_before_ms=1000 * statistics.median(before),
         gap_after_ms=1000 * statistics.median(after),
         gap_median_ms=1000 * statistics.median(during),
@@ -203,17 +234,18 @@ def run_schedule(model_dir: Path, schedule: str, args: argparse.Namespace) -> Re
 
 
 def describe(schedule: str) -> str:
-    return "whole prompts (before)" if schedule in ("0", "none") else f"{schedule} positions/pass"
+    names = {"0": "whole prompts", "none": "whole prompts", "share": "auto, no deadlines", "auto": "auto (deadlines)"}
+    return names.get(schedule, f"{schedule} positions/pass")
 
 
-ROW = "{:<24}{:>8}{:>8}{:>9}{:>9}{:>12}{:>13}{:>8}{:>8}{:>7}"
+ROW = "{:<7}{:<20}{:>8}{:>8}{:>9}{:>8}{:>9}{:>12}{:>8}{:>7}"
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
     header = (
-        ROW.format("schedule", "step", "step", "gap", "gap", "worst /", "first audio", "", "", "steps")
+        ROW.format("load", "schedule", "step", "step", "gap", "worst /", "listener", "first audio", "", "steps")
         + "\n"
-        + ROW.format("", "before", "after", "median", "worst", "step after", "p50", "p95", "max", "")
+        + ROW.format("", "", "before", "after", "worst", "step", "silence", "p50", "max", "")
     )
     print(header)
     print("-" * len(header.splitlines()[0]))
@@ -221,32 +253,50 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print(ROW.format(*cells))
 
 
-def row(schedule: str, figures: list[Result]) -> tuple[str, ...]:
-    """One table row: the median of each figure over ``figures`` (one run: its own figures)."""
+def med(figures: list[Result], f) -> float:
+    """The median of one figure over ``figures`` (one run: its own figure)."""
+    return statistics.median(f(r) for r in figures)
 
-    def med(f) -> float:
-        return statistics.median(f(r) for r in figures)
 
-    worst_steps = med(lambda r: r.gap_worst_ms / r.gap_after_ms)
+def row(figures: list[Result]) -> tuple[str, ...]:
     return (
-        describe(schedule),
-        f"{med(lambda r: r.gap_before_ms):.0f}ms",
-        f"{med(lambda r: r.gap_after_ms):.0f}ms",
-        f"{med(lambda r: r.gap_median_ms):.0f}ms",
-        f"{med(lambda r: r.gap_worst_ms):.0f}ms",
-        f"{worst_steps:.1f}x",
-        f"{med(lambda r: r.first_audio(50)):.0f}ms",
-        f"{med(lambda r: r.first_audio(95)):.0f}ms",
-        f"{med(lambda r: max(r.first_audio_ms)):.0f}ms",
-        f"{med(lambda r: r.steps):.0f}",
+        figures[0].load,
+        describe(figures[0].schedule),
+        f"{med(figures, lambda r: r.gap_before_ms):.0f}ms",
+        f"{med(figures, lambda r: r.gap_after_ms):.0f}ms",
+        f"{med(figures, lambda r: r.gap_worst_ms):.0f}ms",
+        f"{med(figures, lambda r: r.gap_worst_ms / r.gap_after_ms):.1f}x",
+        f"{med(figures, lambda r: r.silence_ms):.0f}ms",
+        f"{med(figures, lambda r: r.first_audio(50)):.0f}ms",
+        f"{med(figures, lambda r: max(r.first_audio_ms)):.0f}ms",
+        f"{med(figures, lambda r: r.steps):.0f}",
     )
+
+
+def verdicts(results: list[Result], loads: list[str], schedules: list[str]) -> list[str]:
+    """Per load and schedule: no listener silence, and the last joiner within 1.5x of whole prompts."""
+    lines = []
+    for load in loads:
+        at = [r for r in results if r.load == load]
+        whole = [r for r in at if r.schedule in ("0", "none")]
+        base = med(whole, lambda r: max(r.first_audio_ms)) if whole else None
+        for schedule in schedules:
+            runs = [r for r in at if r.schedule == schedule]
+            silence = med(runs, lambda r: r.silence_ms)
+            last = med(runs, lambda r: max(r.first_audio_ms))
+            ratio = f"{last / base:.2f}x whole prompts" if base else "no whole-prompts run"
+            ok = silence == 0 and base is not None and last <= 1.5 * base
+            lines.append(
+                f"  {load:<6} {describe(schedule):<20} silence {silence:.0f} ms, last joiner {ratio}: "
+                f"{'meets the goal' if ok else 'misses the goal'}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--schedules", default="0,128,256,512,auto", help="prefill_chunk values, comma separated")
-    parser.add_argument("--speakers", type=int, default=4, help="streams speaking when the joiners arrive")
-    parser.add_argument("--joiners", type=int, default=4, help="requests joining at once")
+    parser.add_argument("--schedules", default="0,share,auto", help="prefill_chunk values (or share), comma separated")
+    parser.add_argument("--loads", default="4+4,20+4", help="speakers+joiners per load, comma separated")
     parser.add_argument("--context", type=int, default=1800, help="prompt positions of each joiner (about)")
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="bench")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every schedule, interleaved")
@@ -254,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     for s in schedules:
-        parse_prefill_chunk(s)
+        parse_prefill_chunk("auto" if s == "share" else s)
+    loads = [s.strip() for s in args.loads.split(",") if s.strip()]
+    for load in loads:
+        parse_load(load)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(
-        f"flavor={args.flavor} speakers={args.speakers} joiners={args.joiners} context~{args.context} "
+        f"flavor={args.flavor} loads (speakers+joiners)={','.join(loads)} context~{args.context} "
         f"torch threads={torch.get_num_threads()} load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         f"on {os.cpu_count()} CPUs"
     )
@@ -267,25 +320,32 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = make_tiny(Path(tmp) / "model", config=FLAVORS[args.flavor])
         results = []
         for repeat in range(args.repeats):
-            for schedule in schedules:
-                result = run_schedule(model_dir, schedule, args)
+            for load, schedule in itertools.product(loads, schedules):
+                result = run_schedule(model_dir, load, schedule, args)
                 results.append(result)
                 print(
-                    f"  run {repeat + 1} {describe(schedule)}: joiner prompt {result.prompt_positions} positions, "
+                    f"  run {repeat + 1} {load} {describe(schedule)}: "
+                    f"joiner prompt {result.prompt_positions} positions, "
                     f"first audio {', '.join(f'{t:.0f}' for t in sorted(result.first_audio_ms))} ms",
                     flush=True,
                 )
     print()
-    print_table([row(r.schedule, [r]) for r in results])
+    print_table([row([r]) for r in results])
     if args.repeats > 1:
         print(f"\nmedian of {args.repeats} runs:")
-        print_table([row(s, [r for r in results if r.schedule == s]) for s in schedules])
+        print_table(
+            [row([r for r in results if (r.load, r.schedule) == key]) for key in itertools.product(loads, schedules)]
+        )
     print()
     print("step before / after: the speaking streams' median gap between chunks before the joins and after every")
     print("  joiner spoke (one frame step, with fewer and with more rows active).")
-    print("gap median / worst: their gaps from the joins until every joiner had its first audio;")
-    print("  worst / step after: that worst gap in frame steps at the load the joins brought.")
+    print("gap worst: their worst gap from the joins until every joiner had its first audio;")
+    print("  worst / step: that worst gap in frame steps at the load the joins brought.")
+    print("listener silence: the most silence any speaking stream's real-time listener heard in that window")
+    print("  (playback from the stream's first chunk, no extra buffer).")
     print("first audio: each joiner's first chunk, from the moment all joiners were submitted.")
+    print("\ngoal (no listener silence, last joiner's first audio <= 1.5x whole prompts):")
+    print("\n".join(verdicts(results, loads, schedules)))
     print(
         f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"total {time.perf_counter() - started:.0f} s"

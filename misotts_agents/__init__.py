@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from misotts_agents.engine.request import (
         AudioChunk,
         ChunkSchedule,
-        EngineStats,
         Segment,
         StreamStats,
         Synthesis,
         SynthesisRequest,
     )
+    from misotts_agents.engine.stats import EngineStats
     from misotts_agents.engine.voice import VoicePrompt
     from misotts_agents.errors import (
         CheckpointError,
@@ -54,7 +54,7 @@ _EXPORTS = {
     "InvalidRequest": "errors",
     "EngineBusy": "errors",
     "EngineClosed": "errors",
-    "EngineStats": "engine.scheduler",
+    "EngineStats": "engine.stats",
     "VoicePrompt": "engine.voice",
 }
 

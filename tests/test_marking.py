@@ -97,7 +97,7 @@ def test_every_chunk_that_leaves_in_a_step_is_marked_in_one_call(tiny_dir, overl
         real = SpeechStream.deliver
 
         def deliver(stream, chunk):
-            steps.append((engine._scheduler.steps, stream.watermark))  # counted before the step's chunks leave
+            steps.append((engine._scheduler.counts.steps, stream.watermark))  # counted before the step's chunks leave
             real(stream, chunk)
 
         monkeypatch.setattr(SpeechStream, "deliver", deliver)
@@ -186,9 +186,9 @@ def test_cancelling_drops_what_waits_for_marking(marked, monkeypatch):
     assert marker is not None
     # The marker is stuck: the scheduler hands over steps until the backlog is full, then waits.
     assert wait_until(lambda: len(marker._batches) == marker.max_backlog + 1, timeout=30)
-    steps = scheduler.steps
+    steps = scheduler.counts.steps
     time.sleep(0.3)
-    assert scheduler.steps == steps
+    assert scheduler.counts.steps == steps
     assert len(marker._batches) == marker.max_backlog + 1
     puts = []
     real_put = stream.mailbox.put

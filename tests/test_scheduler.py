@@ -325,10 +325,10 @@ def test_outcomes_are_counted_under_the_stats_lock(small_engine):
     next(paced)  # the scheduler now mostly waits for playback to catch up
     scheduler = small_engine._scheduler
     before = small_engine.metrics().cancelled
-    with scheduler._lock:
+    with scheduler.counts.lock:
         paced.cancel()
         time.sleep(0.3)
-        assert scheduler.cancelled == before
+        assert scheduler.counts.cancelled == before
         assert small_engine.free_slots == 0
     assert wait_until(lambda: small_engine.metrics().cancelled == before + 1, timeout=5)
     assert wait_until(lambda: small_engine.free_slots == 1, timeout=5)

@@ -15,6 +15,7 @@ its own (so such requests are first come, first served among themselves).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
@@ -23,11 +24,12 @@ T = TypeVar("T")
 
 
 class WaitingQueue(Generic[T]):
-    """Requests waiting for a slot, taken in turn across ``(tenant, client)`` keys (not thread-safe:
-    the scheduler guards it with its lock)."""
+    """Requests waiting for a slot, taken in turn across ``(tenant, client)`` keys. Thread-safe:
+    preparation threads push, the scheduler pops, anyone counts."""
 
     def __init__(self, fair: bool = True) -> None:
         self.fair = fair
+        self._lock = threading.Lock()
         # tenant -> client -> that client's requests, oldest first; both levels in turn order
         self._tenants: OrderedDict[Hashable, OrderedDict[Hashable, deque[T]]] = OrderedDict()
         self._size = 0
@@ -39,11 +41,16 @@ class WaitingQueue(Generic[T]):
         else:
             client = client if client is not None else object()
             tenant = tenant if tenant is not None else ("client", client)
-        self._tenants.setdefault(tenant, OrderedDict()).setdefault(client, deque()).append(item)
-        self._size += 1
+        with self._lock:
+            self._tenants.setdefault(tenant, OrderedDict()).setdefault(client, deque()).append(item)
+            self._size += 1
 
     def pop(self) -> T | None:
         """The next request in turn (None if none waits); its tenant and client go to the back."""
+        with self._lock:
+            return self._pop()
+
+    def _pop(self) -> T | None:
         if not self._tenants:
             return None
         tenant, clients = next(iter(self._tenants.items()))
@@ -62,6 +69,10 @@ class WaitingQueue(Generic[T]):
 
     def remove_if(self, drop: Callable[[T], bool]) -> list[T]:
         """Take out (and return) every waiting request for which ``drop`` is true; turns keep their order."""
+        with self._lock:
+            return self._remove_if(drop)
+
+    def _remove_if(self, drop: Callable[[T], bool]) -> list[T]:
         removed: list[T] = []
         for tenant in list(self._tenants):
             clients = self._tenants[tenant]
@@ -86,6 +97,7 @@ class WaitingQueue(Generic[T]):
         return self._size
 
     def __iter__(self) -> Iterator[T]:
-        for clients in self._tenants.values():
-            for items in clients.values():
-                yield from items
+        """The waiting requests now (a copy: safe while others push and pop)."""
+        with self._lock:
+            items = [item for clients in self._tenants.values() for queue in clients.values() for item in queue]
+        return iter(items)

@@ -24,8 +24,9 @@ from misotts_agents.engine.marking import StepMarker
 from misotts_agents.engine.prefill import PrefillChunk, parse_prefill_chunk
 from misotts_agents.engine.preparation import FairPreparation
 from misotts_agents.engine.prompt import PromptBuilder
-from misotts_agents.engine.request import EngineStats, Synthesis, SynthesisRequest, join_stream
+from misotts_agents.engine.request import Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.scheduler import DEFAULT_MAX_WAIT_S, Scheduler
+from misotts_agents.engine.stats import EngineStats
 from misotts_agents.engine.step import bucket_sizes
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache

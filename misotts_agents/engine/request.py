@@ -204,24 +204,6 @@ class StreamStats:
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load and throughput."""
-
-    active: int
-    queued: int
-    max_batch: int
-    steps: int
-    frames: int
-    steps_per_s: float
-    frames_per_s: float
-    voices_cached: int
-    voice_cache_hits: int
-    completed: int
-    cancelled: int
-    failed: int
-
-
-@dataclass(frozen=True)
 class Synthesis:
     """A whole utterance: audio, the codes that made it, and its figures."""
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 
 import numpy as np
 import torch
@@ -48,7 +47,8 @@ from misotts_agents.engine.job import Job, JobState
 from misotts_agents.engine.marking import StepMarker
 from misotts_agents.engine.params import sampling_kwargs
 from misotts_agents.engine.prefill import Candidate, PrefillBudget, PrefillChunk, context_scale, plan_pass
-from misotts_agents.engine.request import EngineStats, StopReason
+from misotts_agents.engine.request import StopReason
+from misotts_agents.engine.stats import EngineCounters, EngineStats
 from misotts_agents.engine.voice import VoiceCache
 from misotts_agents.errors import EngineBusy, EngineClosed
 from misotts_agents.model import codec
@@ -108,10 +108,8 @@ class Scheduler:
         self.prefill_budget = PrefillBudget(prefill_chunk, context_scale(model.config.backbone))
         self._admissions = 0
         self.wake = threading.Event()
-        self._lock = threading.Lock()  # guards `waiting` and the counters read by stats()
+        self.counts = EngineCounters()
         self._stopping = False
-        self._step_times: deque[tuple[float, int]] = deque(maxlen=64)
-        self.steps = self.total_frames = self.completed = self.cancelled = self.failed = 0
         self.thread = threading.Thread(target=self._run, name="misotts-scheduler", daemon=True)
         self.thread.start()
 
@@ -120,26 +118,25 @@ class Scheduler:
     def enqueue(self, job: Job) -> None:
         """A prepared request waits for a slot."""
         job.state = JobState.WAITING
-        with self._lock:
-            self.waiting.push(job, job.tenant, job.client)
+        self.waiting.push(job, job.tenant, job.client)
         self.wake.set()
 
     def load(self) -> tuple[int, int]:
         """Requests in a slot and requests prepared and waiting for one (the engine's admission check)."""
-        with self._lock:
-            return len(self.running), len(self.waiting)
+        return len(self.running), len(self.waiting)
 
     def reject(self, job: Job, error: BaseException) -> None:
         """End a request that failed before it reached the scheduler (bad input found in preparation)."""
-        self._count("failed")
-        job.state = JobState.ENDED
-        job.stream.fail(error)
+        self._end_unadmitted(job, error)
 
-    def _count(self, outcome: str) -> None:
-        """One more ``completed`` / ``cancelled`` / ``failed`` request, under the lock: the
-        preparation threads count too (``reject``), and ``stats`` reads them from any thread."""
-        with self._lock:
-            setattr(self, outcome, getattr(self, outcome) + 1)
+    def _end_unadmitted(self, job: Job, error: BaseException | None = None) -> None:
+        """End a request that never had a slot: cancelled (no ``error``) or failed."""
+        self.counts.ended("cancelled" if error is None else "failed")
+        job.state = JobState.ENDED
+        if error is None:
+            job.stream.end(StopReason.CANCELLED)
+        else:
+            job.stream.fail(error)
 
     def stop(self) -> None:
         self._stopping = True
@@ -147,26 +144,8 @@ class Scheduler:
         self.thread.join()
 
     def stats(self, queued_elsewhere: int) -> EngineStats:
-        with self._lock:
-            times = list(self._step_times)
-            queued = len(self.waiting) + queued_elsewhere
-            steps, frames = self.steps, self.total_frames
-            completed, cancelled, failed = self.completed, self.cancelled, self.failed
-        span = times[-1][0] - times[0][0] if len(times) > 1 else 0.0
-        return EngineStats(
-            active=len(self.running),
-            queued=queued,
-            max_batch=self.max_batch,
-            steps=steps,
-            frames=frames,
-            steps_per_s=(len(times) - 1) / span if span > 0 else 0.0,
-            frames_per_s=sum(n for _, n in times[1:]) / span if span > 0 else 0.0,
-            voices_cached=len(self.voices),
-            voice_cache_hits=self.voices.hits,
-            completed=completed,
-            cancelled=cancelled,
-            failed=failed,
-        )
+        queued = len(self.waiting) + queued_elsewhere
+        return self.counts.snapshot(len(self.running), queued, self.max_batch, len(self.voices), self.voices.hits)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -204,8 +183,7 @@ class Scheduler:
         request's wait ends (it is refused then, not later)."""
         if self.max_wait_s is None:
             return pacing
-        with self._lock:
-            oldest = min((job.stream.submitted_at for job in self.waiting), default=None)
+        oldest = min((job.stream.submitted_at for job in self.waiting), default=None)
         if oldest is None:
             return pacing
         due = max(oldest + self.max_wait_s - time.perf_counter(), 0.0) + 1e-3
@@ -236,34 +214,24 @@ class Scheduler:
         closed = EngineClosed("the engine was closed")
         for job in list(self.running.values()):
             self._finish(job, error=closed)
-        with self._lock:
-            pending = self.waiting.drain()
-        for job in pending:
-            job.state = JobState.ENDED
-            job.stream.fail(closed)
+        for job in self.waiting.drain():
+            self._end_unadmitted(job, closed)
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self.running.values() if j.stream.cancelled.is_set()]:
             self._finish(job, reason=StopReason.CANCELLED)
-        with self._lock:
-            dropped = self.waiting.remove_if(lambda j: j.stream.cancelled.is_set())
-        for job in dropped:
-            self._count("cancelled")
-            job.state = JobState.ENDED
-            job.stream.end(StopReason.CANCELLED)
+        for job in self.waiting.remove_if(lambda j: j.stream.cancelled.is_set()):
+            self._end_unadmitted(job)
 
     def _admit(self) -> None:
         """Give waiting requests the free slots (their cache rows), in turn (admission.py);
         prefill happens in passes."""
         while self.free:
-            with self._lock:
-                job = self.waiting.pop()
+            job = self.waiting.pop()
             if job is None:
                 return
             if job.stream.cancelled.is_set():  # cancelled since the last sweep
-                self._count("cancelled")
-                job.state = JobState.ENDED
-                job.stream.end(StopReason.CANCELLED)
+                self._end_unadmitted(job)
                 continue
             job.slot = self.free.pop(0)
             job.state = JobState.PREFILLING
@@ -279,17 +247,12 @@ class Scheduler:
         if self.max_wait_s is None:
             return
         deadline = time.perf_counter() - self.max_wait_s
-        with self._lock:
-            overdue = self.waiting.remove_if(lambda j: j.stream.submitted_at < deadline)
-        for job in overdue:
-            self._count("failed")
-            job.state = JobState.ENDED
-            job.stream.fail(
-                EngineBusy(
-                    f"engine busy: no slot free within {self.max_wait_s:g} s "
-                    f"({len(self.running)} generating, {len(self.waiting)} waiting); retry later or add capacity"
-                )
+        for job in self.waiting.remove_if(lambda j: j.stream.submitted_at < deadline):
+            busy = EngineBusy(
+                f"engine busy: no slot free within {self.max_wait_s:g} s "
+                f"({len(self.running)} generating, {len(self.waiting)} waiting); retry later or add capacity"
             )
+            self._end_unadmitted(job, busy)
 
     # -- prefill --------------------------------------------------------------------------------
 
@@ -301,8 +264,7 @@ class Scheduler:
             self._prefill_whole()
             return
         speaking_streams = [j.stream for j in self.running.values() if j.speaking]
-        now = time.perf_counter()
-        allowance = prefill_allowance_s(speaking_streams, now, budget.step_s, self.slack_floor_s)
+        allowance = prefill_allowance_s(speaking_streams, time.perf_counter(), budget.step_s, self.slack_floor_s)
         for _ in range(MAX_PASSES_PER_ITERATION):
             candidates = [
                 Candidate(job, job.written, job.prefill_stop, job.prefill_end - job.written, job.admitted)
@@ -320,10 +282,9 @@ class Scheduler:
             cost = budget.cost_s(len(plan) * width, filled + width / 2)
             if not speaking_streams or cost is None or not isinstance(budget.setting, str):
                 return  # nobody to protect (one pass takes everything), nothing known yet, or fixed chunks
-            allowance -= cost
+            allowance -= cost  # the slack pays for this pass (and the budget's own share comes from it too)
             if allowance <= 0:
                 return
-            # the speaking streams' slack pays for this pass; the budget's own share comes from it too
 
     def _prefill_whole(self) -> None:
         """Whole prompts, one request per iteration while others speak (the schedule before chunking)."""
@@ -479,10 +440,7 @@ class Scheduler:
         speaking: np.ndarray = np.any(codes, axis=1)  # numpy's stubs type a.any(axis=1) as maybe a scalar
         frames = int(speaking[live].sum())
         now = time.perf_counter()
-        with self._lock:  # counted before any stream hears of this step's audio
-            self.steps += 1
-            self.total_frames += frames
-            self._step_times.append((now, frames))
+        self.counts.stepped(now, frames)  # counted before any stream hears of this step's audio
         for i in live:
             job = step.jobs[i]
             try:  # the row's codes and audio are copied out: no stream keeps the step's (pinned) buffers
@@ -514,13 +472,10 @@ class Scheduler:
         if error is None and reason != StopReason.CANCELLED:
             stream.flush(final=True)
         if error is not None:
-            self._count("failed")
+            self.counts.ended("failed")
             stream.fail(error)
-        elif reason == StopReason.CANCELLED:
-            self._count("cancelled")
-            stream.end(reason)
         else:
-            self._count("completed")
+            self.counts.ended("cancelled" if reason == StopReason.CANCELLED else "completed")
             stream.end(reason)
         stream.drop_pending()
         job.state = JobState.ENDED

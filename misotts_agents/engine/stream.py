@@ -168,8 +168,11 @@ class SpeechStream:
             return
         audio = np.concatenate(self._pieces)
         frames, self._pieces = len(self._pieces), []
-        self._send(AudioChunk(audio, start_frame=self.delivered_frames, frames=frames, final=final))
+        self.deliver(AudioChunk(audio, start_frame=self.delivered_frames, frames=frames, final=final))
         self.delivered_frames += frames
+
+    def deliver(self, chunk: AudioChunk) -> None:
+        self._send(chunk)
 
     def drop_pending(self) -> None:
         """Forget frames not yet handed out (the request was cancelled or failed)."""

@@ -28,7 +28,8 @@ import numpy as np
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
-from misotts_agents.engine.request import AudioChunk, EngineStats, StreamStats
+from misotts_agents.engine.request import AudioChunk, StreamStats
+from misotts_agents.engine.stats import EngineStats
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 from misotts_agents.server import schema

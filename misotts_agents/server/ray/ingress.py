@@ -18,7 +18,7 @@ from cachetools import LRUCache
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from misotts_agents.engine.request import EngineStats
+from misotts_agents.engine.stats import EngineStats
 from misotts_agents.server import protocol
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.ray.stream import ReplicaStream
