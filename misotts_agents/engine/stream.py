@@ -257,6 +257,8 @@ class SpeechStream:
                 self.stats.time_to_first_audio_s = time.perf_counter() - self.submitted_at
             return self._with_words(item)
         self._ended = True
+        # as the caller sees the end: after every chunk, however long the marker held them
+        self.stats.elapsed_s = max(self.stats.elapsed_s, time.perf_counter() - self.submitted_at)
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, _End) and item.reason == "eos" and self._end_frame and self._aligner.remaining:
