@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from misotts_agents.engine.deadline import FRAME_S
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.prefill import parse_prefill_chunk
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.model.config import ModelConfig

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import uvicorn
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.preparation import PREP_WORKERS, FairPreparation
 from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.server import RemoteEngine
 from misotts_agents.server.app import create_app
+from misotts_agents.server.lifecycle import uvicorn_config
 from misotts_agents.server.protocol import Limits
-from misotts_agents.server.runner import uvicorn_config
 from misotts_agents.testing.tiny import make_tiny
 
 

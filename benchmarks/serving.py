@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import torch
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.server import RemoteEngine
 from misotts_agents.testing.tiny import make_tiny
 from misotts_agents.tools.bench import StreamResult, consume, format_load, requests_for

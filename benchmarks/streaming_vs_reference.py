@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.model import codec
 from misotts_agents.model.sampling import SamplingState

@@ -11,8 +11,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from misotts_agents.engine.facade import MisoEngine, SpeechStream
     from misotts_agents.engine.memory import ConversationMemory
+    from misotts_agents.engine.miso_engine import MisoEngine, SpeechStream
     from misotts_agents.engine.registry import shared_engine
     from misotts_agents.engine.request import (
         AudioChunk,
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
 
 _EXPORTS = {
-    "MisoEngine": "engine.facade",
-    "SpeechStream": "engine.facade",
+    "MisoEngine": "engine.miso_engine",
+    "SpeechStream": "engine.miso_engine",
     "Synthesis": "engine.request",
     "ModelConfig": "model.config",
     "MISOTTS_8B": "model.config",

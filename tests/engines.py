@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.engine.miso_engine import MisoEngine
 
 
 def load_tiny(tiny_dir: Path, **options: Any) -> MisoEngine:
     """A CPU engine without watermark or progress bars, with ``options`` for ``MisoEngine.load``;
     ``with`` closes it."""
-    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.engine.miso_engine import MisoEngine
 
     return MisoEngine.load(tiny_dir, device="cpu", watermark=False, progress=False, **options)

@@ -50,7 +50,7 @@ class LoopbackServer:
 
         from misotts_agents.server import Limits
         from misotts_agents.server.app import create_app
-        from misotts_agents.server.runner import uvicorn_config
+        from misotts_agents.server.lifecycle import uvicorn_config
 
         limits = limits or Limits()
         self.engine = engine

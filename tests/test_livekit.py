@@ -35,7 +35,7 @@ from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone
 
 from misotts_agents.audio import FRAME_SAMPLES, to_mono
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordAligner, estimated_duration_s, split_for_length

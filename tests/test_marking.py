@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from signals import wait_until
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import AudioChunk, ChunkSchedule, SynthesisRequest
 from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.errors import EngineClosed

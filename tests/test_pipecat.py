@@ -47,7 +47,7 @@ from remote_server import free_port, mode_fixture, server_fixture
 from signals import tone, wait_until
 
 from misotts_agents.audio import FRAME_SAMPLES
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.voice import VoicePrompt

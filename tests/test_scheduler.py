@@ -261,7 +261,7 @@ def test_wait_admitted_returns_when_a_slot_frees_or_the_request_ends(small_engin
 def test_concurrent_submissions_never_exceed_the_queue(small_engine, monkeypatch):
     """The capacity check and the submission are one step: six callers at once (each slowed down
     between the two, where the old code let them all through) get one slot and one queue place."""
-    import misotts_agents.engine.facade as facade
+    import misotts_agents.engine.miso_engine as facade
 
     class SlowStream(facade.SpeechStream):
         def __init__(self, *args, **kwargs) -> None:

@@ -10,7 +10,7 @@ import torch
 from engines import load_tiny
 from signals import tone, wait_until
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.model.config import ModelConfig

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 _engines: dict[tuple, MisoEngine] = {}

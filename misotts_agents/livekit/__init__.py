@@ -9,10 +9,10 @@
 Worker modes: with ``JobExecutorType.THREAD`` every job shares the process-wide engine
 (``registry.shared_engine``); with the default process-per-job worker call
 :func:`register_inference_runner` at import and pass ``TTS(engine=InferenceEngine())`` so the
-worker's inference process holds the one engine (see ``runner.py``).
+worker's inference process holds the one engine (see ``inference_process.py``).
 """
 
-from misotts_agents.livekit.runner import InferenceEngine, MisoInferenceRunner, register_inference_runner
+from misotts_agents.livekit.inference_process import InferenceEngine, MisoInferenceRunner, register_inference_runner
 from misotts_agents.livekit.tone import MisoToneMixin, ToneTracker, tone_for
 from misotts_agents.livekit.tts import TTS, ChunkedStream, SynthesizeStream, map_error
 

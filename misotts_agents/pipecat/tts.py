@@ -50,8 +50,8 @@ from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest

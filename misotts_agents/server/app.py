@@ -7,7 +7,7 @@ sessions, audio ids and voices are their own; everything clients send is checked
 (:class:`~misotts_agents.server.protocol.Limits`; state kept between requests by one memory budget,
 budget.py); a browser page may use the server only from an allowed origin (no CORS by default, and
 POST bodies must be ``application/json``, which a page cannot send cross-origin without CORS); and
-a stop drains running streams first (runner.py).
+a stop drains running streams first (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from starlette.types import Receive, Scope, Send
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.connection import TRANSPORT_KEY, Connection
+from misotts_agents.server.lifecycle import Lifecycle
 from misotts_agents.server.protocol import Limits, ProtocolError
-from misotts_agents.server.runner import Lifecycle
 from misotts_agents.server.sessions import EngineBackend
 from misotts_agents.server.speech import add_speech_route, openai_error, unauthorized
 from misotts_agents.server.tenants import DEFAULT_TENANT, Quotas, Tenants

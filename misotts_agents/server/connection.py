@@ -30,9 +30,9 @@ from misotts_agents.audio import FRAME_MS, to_int16
 from misotts_agents.errors import EngineClosed, MisoError
 from misotts_agents.server import protocol, schema
 from misotts_agents.server.budget import MemoryBudget
+from misotts_agents.server.lifecycle import Lifecycle
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.rate import TokenBucket
-from misotts_agents.server.runner import Lifecycle
 from misotts_agents.server.tenants import Quotas, private_session, scope, scoped_voice
 from misotts_agents.server.textfeed import TextFeed
 

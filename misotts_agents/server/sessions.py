@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from misotts_agents.audio import SAMPLE_RATE
-from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.stats import EngineStats
 from misotts_agents.engine.voice import VoicePrompt

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from misotts_agents.engine.facade import MisoEngine
+from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.model.config import CSM_1B, FLAVORS, MISOTTS_8B, ModelConfig
 from misotts_agents.model.mimi import MimiModel, default_config
 from misotts_agents.model.tokenizer import TextTokenizer

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from misotts_agents.engine.facade import MisoEngine, default_device
+from misotts_agents.engine.miso_engine import MisoEngine, default_device
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.model.bandwidth import (
     dtype_bytes,

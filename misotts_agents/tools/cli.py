@@ -184,7 +184,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     import torch
 
     from misotts_agents.audio import SAMPLE_RATE, write_wav
-    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.engine.miso_engine import MisoEngine
     from misotts_agents.engine.request import SynthesisRequest
     from misotts_agents.model.watermark import DEFAULT_WATERMARK_KEY
 
@@ -291,10 +291,10 @@ def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from misotts_agents.engine.facade import MisoEngine
+    from misotts_agents.engine.miso_engine import MisoEngine
     from misotts_agents.server.app import create_app
+    from misotts_agents.server.lifecycle import GracefulServer, uvicorn_config
     from misotts_agents.server.protocol import Limits
-    from misotts_agents.server.runner import GracefulServer, uvicorn_config
     from misotts_agents.server.sessions import EngineBackend
     from misotts_agents.server.tenants import Tenants, check_bind
 

@@ -81,7 +81,7 @@ class EngineReplica:
     ) -> None:
         import torch
 
-        from misotts_agents.engine.facade import MisoEngine
+        from misotts_agents.engine.miso_engine import MisoEngine
         from misotts_agents.server.sessions import EngineBackend, SessionStore
 
         if torch_threads:
