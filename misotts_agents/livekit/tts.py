@@ -34,7 +34,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from livekit.agents import (
@@ -52,6 +52,7 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr, TimedString
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
+from misotts_agents.engine.audio_stream import AudioSource, AudioStream, first_chunk
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
@@ -69,16 +70,6 @@ SEGMENT_CONTEXT_SENTENCES = 2
 # A sentence is split (at clauses) when it would take more than this share of max_audio_ms at a
 # typical speaking rate: real speech varies, and the cap must not be what ends it.
 SPLIT_SHARE = 0.5
-# While a request waits for an engine slot, how often the wait is checked (its timeout not running).
-QUEUE_POLL_S = 0.02
-
-
-class AudioSource(Protocol):
-    """What the TTS needs from an engine: ``stream(request)`` -> async iterator of AudioChunk with
-    ``cancel()``. :class:`~misotts_agents.MisoEngine`, :class:`.InferenceEngine` and
-    :class:`~misotts_agents.server.RemoteEngine` all fit."""
-
-    def stream(self, request: SynthesisRequest) -> Any: ...
 
 
 @dataclass
@@ -447,12 +438,7 @@ class _Speaker:
             self._earlier.append(Segment(self._tts._opts.speaker, heard, audio, SAMPLE_RATE))
 
 
-def _queued(stream: Any) -> bool:
-    """Whether the request still waits for an engine slot (streams that cannot tell: no)."""
-    return getattr(stream, "queued", None) is True
-
-
-async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
+async def _chunks(stream: AudioStream, timeout: float) -> AsyncIterator[AudioChunk]:
     """The stream's chunks; ``timeout`` bounds the wait for each, counted for the first one from when
     the request leaves the engine's queue (a busy engine delays it; it has not failed)."""
     iterator = stream.__aiter__()
@@ -460,7 +446,7 @@ async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
     while True:
         try:
             if first:
-                chunk = await _first_chunk(iterator, stream, timeout)
+                chunk = await first_chunk(stream, iterator, timeout)
                 first = False
             else:
                 chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
@@ -473,29 +459,6 @@ async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
         except Exception as exc:
             raise map_error(exc) from exc
         yield chunk
-
-
-async def _first_chunk(iterator: Any, stream: Any, timeout: float) -> AudioChunk:
-    loop = asyncio.get_running_loop()
-    pending = asyncio.ensure_future(iterator.__anext__())
-    deadline: float | None = None
-    try:
-        while True:
-            if _queued(stream):  # (a server may say so a moment after the start: the clock restarts)
-                deadline = None
-            elif deadline is None:
-                deadline = loop.time() + timeout
-            wait = QUEUE_POLL_S if deadline is None else min(QUEUE_POLL_S, deadline - loop.time())
-            done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
-            if done:
-                return pending.result()
-            if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError
-    finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
 
 
 def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:

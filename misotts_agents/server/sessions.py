@@ -30,6 +30,7 @@ from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.scheduler import EngineStats
+from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 from misotts_agents.server import schema
@@ -91,7 +92,7 @@ class SessionStream:
     """An engine stream whose audio also goes into the session's memory as the agent's turn."""
 
     def __init__(
-        self, stream: Any, memory: ConversationMemory, more: bool, on_end: Callable[[], None] | None = None
+        self, stream: SpeechStream, memory: ConversationMemory, more: bool, on_end: Callable[[], None] | None = None
     ) -> None:
         self._stream = stream
         self._memory = memory
@@ -108,9 +109,11 @@ class SessionStream:
         return self._stream.codes
 
     @property
-    def queued(self) -> bool | None:
-        """Waiting for an engine slot (None: the engine does not say)."""
-        return getattr(self._stream, "queued", None)
+    def queued(self) -> bool:
+        return self._stream.queued
+
+    async def wait_admitted(self) -> bool:
+        return await self._stream.wait_admitted()
 
     def __aiter__(self) -> SessionStream:
         return self
