@@ -328,13 +328,10 @@ class TTS(tts.TTS):
 
     def _request(self, text: str, memory: ConversationMemory | None, earlier: list[Segment]) -> SynthesisRequest:
         opts = self._opts
-        context: tuple[Segment, ...] = ()
-        voice = opts.voice
-        if memory is not None and opts.tone_conditioning:
-            context = memory.context()
-            voice = voice or memory.voice
-        context = context + tuple(earlier[-SEGMENT_CONTEXT_SENTENCES:])
-        return opts.request(text, voice, context)
+        reply = earlier[-SEGMENT_CONTEXT_SENTENCES:]
+        if memory is None or not opts.tone_conditioning:
+            return opts.request(text, opts.voice, tuple(reply))
+        return opts.request(text, opts.voice or memory.voice, memory.reply_context(reply=reply))
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
         return self._track(ChunkedStream(tts=self, input_text=text, conn_options=conn_options))

@@ -545,13 +545,11 @@ class MisoTTSService(TTSService):
         )
 
     def _context(self) -> tuple[Segment, ...]:
-        if not self._tone_conditioning or not self._max_turns:
+        if not self._tone_conditioning:
             return ()
-        context = self._memory.context()
-        current = self._memory.current_agent_segment() if self._agent_context is not None else None
-        if current is not None:  # the reply so far: later sentences hear the earlier ones
-            context += (current,)
-        return context[-self._max_turns :]
+        return self._memory.reply_context(
+            reply=None if self._agent_context is not None else (), max_turns=self._max_turns
+        )
 
     # -- word timestamps -----------------------------------------------------------------------
 

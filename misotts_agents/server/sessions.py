@@ -201,10 +201,9 @@ class EngineBackend:
         session = self.sessions.get(sid)
         memory = session.memory
         continuing = start.continue_ and memory.agent_speaking
-        context = request.context if "context" in start.model_fields_set else memory.context()
-        if continuing:  # a later part of an utterance: condition it on the parts already spoken
-            current = memory.current_agent_segment()
-            context = (*context, current) if current is not None else context
+        turns = request.context if "context" in start.model_fields_set else None
+        # A later part of an utterance is conditioned on the parts already spoken.
+        context = memory.reply_context(turns, reply=None if continuing else ())
         request = dataclasses.replace(request, context=context, voice=request.voice or session.voice)
         stream = self.engine.stream(request, client=client)
         if continuing:
