@@ -40,7 +40,7 @@ from misotts_agents.engine.facade import MisoEngine
 from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordAligner, estimated_duration_s, split_for_length
-from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
+from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError, from_wire
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
 from misotts_agents.livekit.tts import SPLIT_SHARE
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
@@ -186,6 +186,8 @@ def test_error_mapping():
         (RuntimeError("CUDA error"), APIConnectionError, True),
         (RemoteConnectionError("cannot connect", "connection"), APIConnectionError, True),
         (RemoteError("step failed", "internal"), APIConnectionError, True),
+        (RemoteError("not a message", "bad_message"), APIStatusError, False),  # as the error table says
+        (from_wire("too_many", "limit"), APIStatusError, True),
     ]
     for exc, kind, retryable in cases:
         mapped = map_error(exc)

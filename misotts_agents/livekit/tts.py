@@ -57,7 +57,14 @@ from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import split_for_length, words_of
-from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
+from misotts_agents.errors import (
+    WIRE_CODES,
+    CheckpointError,
+    EngineClosed,
+    InvalidRequest,
+    ModelSourceError,
+    error_code,
+)
 from misotts_agents.livekit.tone import SpokenSegment, ToneTracker, current_tracker
 from misotts_agents.model.sources import DEFAULT_MODEL
 
@@ -106,24 +113,23 @@ class _Options:
 
 
 def map_error(exc: BaseException) -> APIError:
-    """An engine exception as the LiveKit error the framework's retry logic understands."""
+    """An engine exception as the LiveKit error the framework's retry logic understands: whether a
+    retry may succeed is the error table's (``errors.WIRE_CODES``), the kind of error what failed."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidRequest):  # the same input fails the same way: do not retry
-        return APIStatusError(f"MisoTTS rejected the request: {exc}", status_code=400, retryable=False)
-    if isinstance(exc, EngineBusy):  # every slot and the queue are full: a later try may get in
-        return APIStatusError(f"MisoTTS engine busy: {exc}", status_code=503, retryable=True)
-    if isinstance(exc, EngineClosed):
-        return APIConnectionError(f"MisoTTS engine is closed: {exc}", retryable=False)
-    if getattr(exc, "code", None) == "unauthorized":  # url=: the server refused the token
-        return APIStatusError(f"MisoTTS server refused the connection: {exc}", status_code=401, retryable=False)
-    if isinstance(exc, ConnectionError):  # RemoteConnectionError: server unreachable or connection lost
-        return APIConnectionError(f"MisoTTS server connection failed: {exc}", retryable=True)
-    if isinstance(exc, (ModelSourceError, CheckpointError)):  # the model could not be loaded
-        return APIConnectionError(f"MisoTTS engine failed to load: {exc}", retryable=False)
     if isinstance(exc, TimeoutError):
         return APITimeoutError(f"MisoTTS produced no audio in time: {exc}")
-    return APIConnectionError(f"MisoTTS engine error: {type(exc).__name__}: {exc}", retryable=True)
+    code = error_code(exc)
+    row = WIRE_CODES[code]
+    if isinstance(exc, (ModelSourceError, CheckpointError)):  # the model could not be loaded
+        return APIConnectionError(f"MisoTTS engine failed to load: {exc}", retryable=row.retryable)
+    if isinstance(exc, ConnectionError):  # url= (or the inference process): unreachable, or connection lost
+        return APIConnectionError(f"MisoTTS server connection failed: {exc}", retryable=row.retryable)
+    if isinstance(exc, EngineClosed) or code == "internal":
+        return APIConnectionError(f"MisoTTS engine error: {type(exc).__name__}: {exc}", retryable=row.retryable)
+    return APIStatusError(
+        f"MisoTTS refused the request ({code}): {exc}", status_code=row.http_status, retryable=row.retryable
+    )
 
 
 class TTS(tts.TTS):

@@ -56,7 +56,7 @@ from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.errors import EngineClosed, InvalidRequest, MisoError
+from misotts_agents.errors import EngineClosed, InvalidRequest, MisoError, error_code
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -513,7 +513,7 @@ class MisoTTSService(TTSService):
                 category=ErrorCategory.CONNECTIVITY,
             )
         if isinstance(exc, MisoError):  # invalid request (text, settings, audio), engine busy, missing watermark
-            refused = getattr(exc, "code", None) == "unauthorized"  # url=: the server refused our token
+            refused = error_code(exc) == "unauthorized"  # url=: the server refused our token
             return ErrorFrame(
                 error=f"{self}: {exc}", exception=exc, category=ErrorCategory.AUTHENTICATION if refused else None
             )
