@@ -42,7 +42,7 @@ from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordAligner, estimated_duration_s, split_for_length
 from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError, from_wire
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
-from misotts_agents.livekit.tts import SPLIT_SHARE
+from misotts_agents.livekit.speaker import SPLIT_SHARE
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 
 RATE = 24_000
