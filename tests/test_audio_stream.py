@@ -97,7 +97,7 @@ async def test_a_remote_stream_refused_by_the_server_is_never_admitted(server, e
 @pytest.mark.asyncio
 async def test_a_session_stream_forwards_its_engine_streams_admission():
     held = HeldStream()
-    stream = SessionStream(held, ConversationMemory(), more=False)  # pyright: ignore[reportArgumentType]
+    stream = SessionStream(held, ConversationMemory(), more=False)
     assert stream.queued
     held.admit.set()
     assert await asyncio.wait_for(stream.wait_admitted(), 5) is True
