@@ -20,10 +20,10 @@ from livekit.agents.types import TimedString
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.engine.audio_stream import AudioSource, AudioStream, first_chunk
-from misotts_agents.engine.request import AudioChunk, Segment
+from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.words import split_for_length, words_of
 from misotts_agents.livekit.errors import map_error
-from misotts_agents.livekit.tone import SpokenSegment
+from misotts_agents.livekit.tone import SpokenSegment, current_tracker
 
 if TYPE_CHECKING:
     from misotts_agents.livekit.tts import TTS
@@ -33,6 +33,8 @@ log = logging.getLogger("misotts_agents.livekit")
 # A sentence is split (at clauses) when it would take more than this share of max_audio_ms at a
 # typical speaking rate: real speech varies, and the cap must not be what ends it.
 SPLIT_SHARE = 0.5
+# Earlier sentences of the segment kept as the agent's context for the next sentence.
+SEGMENT_CONTEXT_SENTENCES = 2
 
 
 class Speaker:
@@ -42,7 +44,10 @@ class Speaker:
     def __init__(self, owner: TTS, conn_options: APIConnectOptions) -> None:
         self._tts = owner
         self._timeout = conn_options.timeout
-        self._memory, self._tracker = owner._memory_for_stream()
+        self._tracker = current_tracker()  # the session's, when its agent has MisoToneMixin
+        self._memory = owner.memory  # the TTS's own, else the session's when tone conditioning is on
+        if self._memory is None and self._tracker is not None and owner._opts.tone_conditioning:
+            self._memory = self._tracker.memory
         self._segment: SpokenSegment | None = self._tracker.begin_segment() if self._tracker is not None else None
         self._earlier: list[Segment] = []
         self._pushed_s = 0.0  # audio pushed so far: where the next request's words start
@@ -63,11 +68,20 @@ class Speaker:
         for part in split_for_length(text, max_s):
             await self._request(engine, part, emitter)
 
+    def _engine_request(self, text: str) -> SynthesisRequest:
+        """The request for ``text`` with the TTS's options now, conditioned on the conversation's tone
+        and the segment's last sentences."""
+        opts = self._tts._opts
+        reply = self._earlier[-SEGMENT_CONTEXT_SENTENCES:]
+        if self._memory is None or not opts.tone_conditioning:
+            return opts.request(text, opts.voice, tuple(reply))
+        return opts.request(text, opts.voice or self._memory.voice, self._memory.reply_context(reply=reply))
+
     async def _request(self, engine: AudioSource, text: str, emitter: tts.AudioEmitter) -> None:
         if self._earlier:  # release the last sentence's held-back tail while this one is prefilled
             emitter.flush()
         try:
-            request = self._tts._request(text, self._memory, self._earlier)
+            request = self._engine_request(text)
             stream = engine.stream(request)
         except Exception as exc:
             raise map_error(exc) from exc

@@ -22,21 +22,18 @@ from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
 from misotts_agents.engine.audio_stream import AudioSource
 from misotts_agents.engine.memory import ConversationMemory
-from misotts_agents.engine.request import Segment, SynthesisRequest
+from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 from misotts_agents.livekit.errors import map_error
 from misotts_agents.livekit.options import TTSOptions
 from misotts_agents.livekit.speaker import attempt
-from misotts_agents.livekit.tone import ToneTracker, current_tracker
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger("misotts_agents.livekit")
 
 MIME_TYPE = "audio/pcm"
 NUM_CHANNELS = 1
-# Earlier sentences of the segment kept as the agent's context for the next sentence.
-SEGMENT_CONTEXT_SENTENCES = 2
 
 
 class TTS(tts.TTS):
@@ -229,22 +226,7 @@ class TTS(tts.TTS):
                 raise map_error(exc) from exc
         return self._engine
 
-    # -- requests -----------------------------------------------------------------------------
-
-    def _memory_for_stream(self) -> tuple[ConversationMemory | None, ToneTracker | None]:
-        tracker = current_tracker()
-        if self._memory is not None:
-            return self._memory, tracker
-        if tracker is not None and self._opts.tone_conditioning:
-            return tracker.memory, tracker
-        return None, tracker
-
-    def _request(self, text: str, memory: ConversationMemory | None, earlier: list[Segment]) -> SynthesisRequest:
-        opts = self._opts
-        reply = earlier[-SEGMENT_CONTEXT_SENTENCES:]
-        if memory is None or not opts.tone_conditioning:
-            return opts.request(text, opts.voice, tuple(reply))
-        return opts.request(text, opts.voice or memory.voice, memory.reply_context(reply=reply))
+    # -- streams ------------------------------------------------------------------------------
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
         return self._track(ChunkedStream(tts=self, input_text=text, conn_options=conn_options))
