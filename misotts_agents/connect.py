@@ -11,13 +11,14 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from misotts_agents.engine.audio_stream import AudioSource
     from misotts_agents.server.client import RemoteEngine
 
 TOKEN_ENV = "MISOTTS_TOKEN"
 """The server's bearer token when ``url=`` is given without ``token=``."""
 
 
-def server_connection(engine: object | None, url: str | None, token: str | None = None) -> RemoteEngine | None:
+def server_connection(engine: AudioSource | None, url: str | None, token: str | None = None) -> RemoteEngine | None:
     """The integration's own :class:`RemoteEngine` for ``url`` (None without one: the integration uses
     ``engine`` or the process-wide engine). ``token`` defaults to ``$MISOTTS_TOKEN``. The connection
     opens on first use and belongs to the integration, which closes it. ``engine`` and ``url`` together

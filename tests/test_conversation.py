@@ -11,7 +11,7 @@ from misotts_agents.audio import to_mono
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
-from misotts_agents.engine.request import AudioChunk
+from misotts_agents.engine.request import AudioChunk, Segment
 from misotts_agents.engine.words import CHARS_PER_S, WordAligner, WordTiming, split_for_length
 
 
@@ -380,3 +380,21 @@ def test_server_session_turn_is_cut_by_the_words_heard(step_s, chunks, barge_at,
     assert turn.text == " ".join(w.word for w in words)
     assert said.startswith(turn.text)
     assert turn.text != said
+
+
+def test_reply_context_is_the_turns_then_the_reply_so_far():
+    """What a reply's next sentence hears: the turns (the memory's, or the caller's), then the reply so
+    far (the open agent turn, or the caller's own record of it), the last ``max_turns`` of them."""
+    mem = ConversationMemory()
+    mem.add_turn(1, "Where is my order?", tone(0.5))
+    assert mem.reply_context() == mem.context()  # no reply open
+    mem.agent_started("It ships today.")
+    mem.push_agent_audio(tone(0.4))
+    turn, current = mem.reply_context()
+    assert (turn.text, current.text) == ("Where is my order?", "It ships today.")
+    assert [s.text for s in mem.reply_context(reply=())] == ["Where is my order?"]
+    assert [s.text for s in mem.reply_context(turns=())] == ["It ships today."]
+    earlier = Segment(0, "Sure.", tone(0.2), 24_000)
+    assert [s.text for s in mem.reply_context(reply=[earlier])] == ["Where is my order?", "Sure."]
+    assert [s.text for s in mem.reply_context(max_turns=1)] == ["It ships today."]
+    assert mem.reply_context(max_turns=0) == ()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from engines import load_tiny
+from fakes import AdmittedAtOnce
 from livekit import rtc
 from livekit.agents import (
     APIConnectionError,
@@ -39,9 +40,9 @@ from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordAligner, estimated_duration_s, split_for_length
-from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
+from misotts_agents.errors import EngineBusy, EngineClosed, InvalidRequest, ModelSourceError, from_wire
 from misotts_agents.livekit import TTS, InferenceEngine, MisoInferenceRunner, MisoToneMixin, map_error, tone_for
-from misotts_agents.livekit.tts import SPLIT_SHARE
+from misotts_agents.livekit.speaker import SPLIT_SHARE
 from misotts_agents.server import RemoteConnectionError, RemoteEngine, RemoteError
 
 RATE = 24_000
@@ -185,6 +186,8 @@ def test_error_mapping():
         (RuntimeError("CUDA error"), APIConnectionError, True),
         (RemoteConnectionError("cannot connect", "connection"), APIConnectionError, True),
         (RemoteError("step failed", "internal"), APIConnectionError, True),
+        (RemoteError("not a message", "bad_message"), APIStatusError, False),  # as the error table says
+        (from_wire("too_many", "limit"), APIStatusError, True),
     ]
     for exc, kind, retryable in cases:
         mapped = map_error(exc)
@@ -192,7 +195,7 @@ def test_error_mapping():
         assert mapped.retryable is retryable, exc
 
 
-class FailingEngine:
+class FailingEngine(AdmittedAtOnce):
     def __init__(self, exc: Exception | None) -> None:
         self.exc = exc
         self.calls = 0
@@ -712,7 +715,7 @@ class ScriptedEngine:
         return _Once(AudioChunk(tone(frames * 0.08), 0, frames, True, words=words))
 
 
-class _Once:
+class _Once(AdmittedAtOnce):
     def __init__(self, chunk: AudioChunk) -> None:
         self.chunk = chunk
 
@@ -760,6 +763,10 @@ class QueuedStream:
     @property
     def queued(self) -> bool:
         return time.monotonic() < self.admitted_at
+
+    async def wait_admitted(self) -> bool:
+        await asyncio.sleep(max(0.0, self.admitted_at - time.monotonic()))
+        return True
 
     def cancel(self) -> None:
         pass
@@ -882,6 +889,25 @@ async def test_inference_context_audio_arrives_as_24k_mono(lk_engine):
     assert seg.sample_rate == RATE
     assert seg.audio.shape == expected.shape == (12_000,)
     np.testing.assert_allclose(seg.audio, expected, atol=1 / 32767)  # int16 on the way
+
+
+@pytest.mark.asyncio
+async def test_inference_process_stream_learns_its_admission_from_the_polls(lk_engine):
+    """Admitted (True) while it is iterated, with the engine's figures at the end; a request the
+    inference process cannot run ends without a slot (False)."""
+    stream = InferenceEngine(InProcessExecutor(MisoInferenceRunner(engine=lk_engine))).stream(
+        SynthesisRequest("Hello.", max_audio_ms=160, seed=0)
+    )
+    admission = asyncio.ensure_future(stream.wait_admitted())
+    frames = sum([chunk.frames async for chunk in stream])
+    assert await asyncio.wait_for(admission, 5) is True
+    assert stream.stats.frames == frames == 2
+    assert stream.stats.stop_reason == "max_frames"
+    refused = InferenceEngine(InProcessExecutor(MisoInferenceRunner())).stream(SynthesisRequest("Hello."))
+    with pytest.raises(ModelSourceError):
+        async for _ in refused:
+            pass
+    assert await asyncio.wait_for(refused.wait_admitted(), 1) is False
 
 
 @pytest.mark.asyncio

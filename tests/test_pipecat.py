@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from engines import load_tiny
+from fakes import AdmittedAtOnce
 from pipecat.frames.frames import (
     AggregatedTextProgressFrame,
     ErrorFrame,
@@ -270,7 +271,7 @@ def test_interruption_frees_the_slot_within_a_frame_step(mode):
     assert Probe.waited[0] < 1.0  # one frame step of the tiny model is ~0.1 s on 2 CPU cores
 
 
-class FakeStream:
+class FakeStream(AdmittedAtOnce):
     """A stream that hands over ``seconds`` of audio at once (faster than real time), then waits."""
 
     def __init__(self, seconds: float, fail: Exception | None = None, hold: bool = False, delay: float = 0.0) -> None:
@@ -301,7 +302,7 @@ class FakeStream:
         raise StopAsyncIteration
 
 
-class PacedStream:
+class PacedStream(AdmittedAtOnce):
     """What the engine streams for a sentence, at a chosen pace: a chunk of ``CHUNK_S`` every
     ``every_s`` seconds (0: all at once, generation far ahead of playback; more than ``CHUNK_S``:
     slower than real time, so playback stalls), each with the words whose start falls in it (one word

@@ -236,6 +236,26 @@ async def test_requests_without_session_over_both_endpoints(ray_app):
         assert "misotts_engine_free_slots" in metrics.text
 
 
+@pytest.mark.asyncio
+async def test_admission_is_forwarded_from_the_replica(ray_app):
+    """Asked for ``queue``, a request through the ingress is ``queued`` until its replica's engine gives
+    it a slot, then ``admitted``, before its audio; the remote stream's ``wait_admitted`` follows."""
+    async with connect(f"ws://127.0.0.1:{ray_app}/v1/stream", max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "id": "q", "text": "Hello.", "max_audio_ms": 160, "queue": True}))
+        kinds: list[str] = []
+        async with asyncio.timeout(60):
+            while kinds[-1:] not in (["end"], ["error"]):
+                data = await ws.recv()
+                kinds.append("audio" if isinstance(data, bytes) else json.loads(data)["type"])
+    assert kinds[:3] == ["queued", "admitted", "audio"]
+    assert kinds[-1] == "end"
+    async with RemoteEngine(f"ws://127.0.0.1:{ray_app}") as remote:
+        stream = remote.stream(SynthesisRequest("Hello.", max_audio_ms=160))
+        admission = asyncio.ensure_future(stream.wait_admitted())
+        assert [c async for c in stream]
+        assert await admission is True
+
+
 def replica_of(sid: str) -> dict:
     """The figures of the replica holding ``sid``, once it has reported the session to Serve (this
     test's handle is another caller than the ingress: it learns where a session lives from Serve,

@@ -364,6 +364,24 @@ class ConversationMemory:
             segments.append(pending)
         return tuple(segments[-self.max_turns :])
 
+    def reply_context(
+        self,
+        turns: Sequence[Segment] | None = None,
+        reply: Sequence[Segment] | None = None,
+        max_turns: int | None = None,
+    ) -> tuple[Segment, ...]:
+        """What the next sentence of a reply is conditioned on: the turns before it (``turns``, by
+        default :meth:`context`) then the reply so far, so later sentences hear the earlier ones
+        (``reply``: the caller's own record of it, by default the open agent turn as one segment);
+        only the last ``max_turns`` segments when given."""
+        if reply is None:
+            current = self.current_agent_segment()
+            reply = (current,) if current is not None else ()
+        segments = (*(self.context() if turns is None else turns), *reply)
+        if max_turns is None:
+            return segments
+        return segments[-max_turns:] if max_turns else ()
+
     def clear(self) -> None:
         with self._lock:
             self._turns.clear()

@@ -16,12 +16,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from misotts_agents.audio import FRAME_MS
+from misotts_agents.engine.audio_stream import StreamEnd
 from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
 from misotts_agents.engine.words import WordAligner
 from misotts_agents.model.config import MAX_SEQ_LEN
@@ -29,11 +30,6 @@ from misotts_agents.model.watermark_stream import StreamWatermarker
 
 if TYPE_CHECKING:
     from misotts_agents.engine.marking import StepMarker
-
-
-@dataclass(frozen=True)
-class _End:
-    reason: str
 
 
 class Mailbox:
@@ -180,7 +176,7 @@ class SpeechStream:
 
     def end(self, reason: str) -> None:
         if self._record(reason):
-            self._send(_End(reason))
+            self._send(StreamEnd(reason))
         self._settle_admission(False)
 
     def fail(self, exc: BaseException) -> None:
@@ -261,7 +257,7 @@ class SpeechStream:
         self.stats.elapsed_s = max(self.stats.elapsed_s, time.perf_counter() - self.submitted_at)
         if isinstance(item, BaseException):
             raise item
-        if isinstance(item, _End) and item.reason == "eos" and self._end_frame and self._aligner.remaining:
+        if isinstance(item, StreamEnd) and item.reason == "eos" and self._end_frame and self._aligner.remaining:
             # End of speech came right after a chunk: its last words come with an empty final chunk.
             words = self._aligner.advance(self._end_frame * FRAME_MS / 1000, ended=True)
             return AudioChunk(np.zeros(0, dtype=np.float32), self._end_frame, 0, True, words=words)

@@ -12,9 +12,10 @@ Worker modes: with ``JobExecutorType.THREAD`` every job shares the process-wide 
 worker's inference process holds the one engine (see ``inference_process.py``).
 """
 
+from misotts_agents.livekit.errors import map_error
 from misotts_agents.livekit.inference_process import InferenceEngine, MisoInferenceRunner, register_inference_runner
 from misotts_agents.livekit.tone import MisoToneMixin, ToneTracker, tone_for
-from misotts_agents.livekit.tts import TTS, ChunkedStream, SynthesizeStream, map_error
+from misotts_agents.livekit.tts import TTS, ChunkedStream, SynthesizeStream
 
 __all__ = [
     "TTS",

@@ -27,8 +27,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cachetools import LRUCache
@@ -36,10 +36,14 @@ from livekit.agents.inference_runner import _InferenceRunner
 
 from misotts_agents import errors
 from misotts_agents.audio import SAMPLE_RATE, from_int16, to_int16, to_mono
-from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
+from misotts_agents.engine.audio_stream import Admission
+from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordTiming
 from misotts_agents.model.sources import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from misotts_agents.engine.stream import SpeechStream
 
 log = logging.getLogger("misotts_agents.livekit")
 
@@ -73,7 +77,7 @@ def _raise(err: dict[str, str]) -> None:
 
 @dataclass
 class _Active:
-    stream: Any
+    stream: SpeechStream
     items: deque[AudioChunk] = field(default_factory=deque)
     error: BaseException | None = None
     done: bool = False
@@ -205,8 +209,9 @@ class MisoInferenceRunner(_InferenceRunner):
             chunks[-1]["final"] = chunk.final
             chunks[-1]["words"] = [[w.word, w.start_s, w.end_s] for w in chunk.words]
             pieces.append(to_int16(chunk.pcm))
-        reply: dict[str, Any] = {"done": done, "chunks": chunks, "queued": getattr(active.stream, "queued", None)}
+        reply: dict[str, Any] = {"done": done, "chunks": chunks, "queued": active.stream.queued}
         if done:
+            reply["stats"] = asdict(active.stream.stats)
             if active.error is not None:
                 reply["error"] = _error(active.error)
             with self._lock:
@@ -300,7 +305,9 @@ def _describe(seg_speaker: int, text: str, audio: np.ndarray) -> tuple[dict[str,
 
 
 class InferenceProcessStream:
-    """Async iterator of :class:`AudioChunk` for one request run in the inference process."""
+    """Async iterator of :class:`AudioChunk` for one request run in the inference process (an
+    :class:`~misotts_agents.engine.audio_stream.AudioStream`); its admission is read from the polls,
+    so it is settled while the stream is iterated."""
 
     def __init__(self, engine: InferenceEngine, request: SynthesisRequest) -> None:
         self._engine = engine
@@ -310,7 +317,9 @@ class InferenceProcessStream:
         self._done = False
         self._cancelled = False
         self._buffer: deque[AudioChunk] = deque()
-        self.queued: bool | None = None  # waiting for an engine slot, as of the last poll (None: unknown)
+        self.stats = StreamStats(seed=request.seed or 0)  # as the inference process reports it at the end
+        self.queued = False  # waiting for an engine slot, as of the last poll
+        self._admission = Admission()
 
     async def _start(self) -> None:
         r = self._request
@@ -363,11 +372,19 @@ class InferenceProcessStream:
             offset += nbytes
             words = tuple(WordTiming(w, a, b) for w, a, b in c.get("words", ()))
             self._buffer.append(AudioChunk(pcm, c["start_frame"], c["frames"], c["final"], words=words))
-        self.queued = reply.get("queued") if not reply["done"] else False
+        self.queued = bool(reply.get("queued")) and not reply["done"]
+        if self._buffer or not (self.queued or reply["done"]):
+            self._admission.settle(True)
         if reply["done"]:
             self._done = True
+            self._admission.settle(False)
+            if "stats" in reply:
+                self.stats = StreamStats(**reply["stats"])
             if "error" in reply:
                 _raise(reply["error"])
+
+    async def wait_admitted(self) -> bool:
+        return await self._admission.wait()
 
     def __aiter__(self) -> InferenceProcessStream:
         return self
@@ -388,12 +405,17 @@ class InferenceProcessStream:
         except asyncio.CancelledError:
             self.cancel()
             raise
+        except Exception:  # the end, or a failed start or poll: no slot now if none before
+            self._admission.settle(False)
+            raise
 
     def cancel(self) -> None:
         """Stop the request (fire-and-forget over the IPC); safe to call more than once."""
+        self._admission.settle(False)
         if self._cancelled or self._done:
             return
         self._cancelled = True
+        self.stats.stop_reason = "cancelled"
         self._engine._spawn(self._engine.call({"op": "cancel", "id": self.id}))
 
     close = cancel

@@ -1,138 +1,39 @@
 """MisoTTS as a LiveKit Agents TTS: streaming, one engine per process, errors mapped to APIError.
 
-One ``stream()`` carries one speech segment (LiveKit 1.8 creates one per segment). Text is cut into
-sentences as it arrives from the LLM; each sentence is one engine request, started as soon as the
-sentence is complete, and its audio is pushed to the emitter chunk by chunk while it is generated.
-Earlier sentences of the same segment go into the prompt as the agent's own context (voice
-continuity inside a reply), after the conversation's tone context (see :mod:`.tone`).
-
-Each chunk's words (engine/words.py: estimated timings) are pushed as ``TimedString``s (the TTS
-declares ``aligned_transcript``), so with ``AgentSession(use_tts_aligned_transcript=True)`` LiveKit's
-transcript follows the audio word by word, and an interrupted reply's chat message ends on the
-last word heard. A sentence longer than half of ``max_audio_ms`` (at a typical speaking rate) is
-split at clause boundaries first, so the per-request cap does not cut it; if the cap still cuts
-one, a warning says so.
-
-Cancelling the stream's task (an interruption) cancels the engine request: the scheduler drops it
-at its next frame step and frees its slot. Every attempt (LiveKit retries retryable errors) starts
-afresh; a stream is forgotten by the TTS as soon as it ends, however it ends, and ``TTS.aclose()``
-ends every stream still running, one-shot ``synthesize`` ones too. ``conn_options.timeout`` counts
-from when a request leaves the engine's queue (a busy engine is not a failed one).
-
-With ``url=`` the engine is a :class:`~misotts_agents.server.RemoteEngine` on a ``misotts-agents
-serve`` server: the same requests (the tone context travels in each one), a cancel message instead
-of a local cancel, and the server's errors raised as the engine's exception classes.
+One ``stream()`` carries one speech segment; each sentence of it is one engine request (speaker.py),
+conditioned on the conversation's tone (tone.py) and the segment's earlier sentences. How it fits
+LiveKit (sentences, word timings, retries, timeouts, remote mode): docs/livekit.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-from livekit.agents import (
-    DEFAULT_API_CONNECT_OPTIONS,
-    APIConnectionError,
-    APIConnectOptions,
-    APIError,
-    APIStatusError,
-    APITimeoutError,
-    tokenize,
-    tts,
-    utils,
-)
-from livekit.agents.types import NOT_GIVEN, NotGivenOr, TimedString
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions, tokenize, tts, utils
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
+from misotts_agents.engine.audio_stream import AudioSource
 from misotts_agents.engine.memory import ConversationMemory
-from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
+from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.engine.words import split_for_length, words_of
-from misotts_agents.errors import CheckpointError, EngineBusy, EngineClosed, InvalidRequest, ModelSourceError
-from misotts_agents.livekit.tone import SpokenSegment, ToneTracker, current_tracker
+from misotts_agents.errors import InvalidRequest
+from misotts_agents.livekit.errors import map_error
+from misotts_agents.livekit.options import TTSOptions
+from misotts_agents.livekit.speaker import attempt
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 log = logging.getLogger("misotts_agents.livekit")
 
 MIME_TYPE = "audio/pcm"
 NUM_CHANNELS = 1
-# Earlier sentences of the segment kept as the agent's context for the next sentence.
-SEGMENT_CONTEXT_SENTENCES = 2
-# A sentence is split (at clauses) when it would take more than this share of max_audio_ms at a
-# typical speaking rate: real speech varies, and the cap must not be what ends it.
-SPLIT_SHARE = 0.5
-# While a request waits for an engine slot, how often the wait is checked (its timeout not running).
-QUEUE_POLL_S = 0.02
-
-
-class AudioSource(Protocol):
-    """What the TTS needs from an engine: ``stream(request)`` -> async iterator of AudioChunk with
-    ``cancel()``. :class:`~misotts_agents.MisoEngine`, :class:`.InferenceEngine` and
-    :class:`~misotts_agents.server.RemoteEngine` all fit."""
-
-    def stream(self, request: SynthesisRequest) -> Any: ...
-
-
-@dataclass
-class _Options:
-    model: str
-    speaker: int
-    temperature: float
-    topk: int
-    max_audio_ms: float
-    voice: VoicePrompt | None
-    tone_conditioning: bool
-    max_ahead_s: float | None
-
-    def check(self) -> _Options:
-        """Raise ValueError (InvalidRequest) unless every request made with these options is valid:
-        the request declares the bounds (SamplingParams for the sampling options)."""
-        self.request("x", self.voice)
-        if not isinstance(self.tone_conditioning, bool):
-            raise InvalidRequest(f"tone_conditioning must be True or False, got {self.tone_conditioning!r}")
-        return self
-
-    def request(self, text: str, voice: VoicePrompt | None, context: tuple[Segment, ...] = ()) -> SynthesisRequest:
-        """The engine request for ``text`` with these options."""
-        return SynthesisRequest(
-            text,
-            speaker=self.speaker,
-            context=context,
-            voice=voice,
-            temperature=self.temperature,
-            topk=self.topk,
-            max_audio_ms=self.max_audio_ms,
-            max_ahead_s=self.max_ahead_s,
-        )
-
-
-def map_error(exc: BaseException) -> APIError:
-    """An engine exception as the LiveKit error the framework's retry logic understands."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, InvalidRequest):  # the same input fails the same way: do not retry
-        return APIStatusError(f"MisoTTS rejected the request: {exc}", status_code=400, retryable=False)
-    if isinstance(exc, EngineBusy):  # every slot and the queue are full: a later try may get in
-        return APIStatusError(f"MisoTTS engine busy: {exc}", status_code=503, retryable=True)
-    if isinstance(exc, EngineClosed):
-        return APIConnectionError(f"MisoTTS engine is closed: {exc}", retryable=False)
-    if getattr(exc, "code", None) == "unauthorized":  # url=: the server refused the token
-        return APIStatusError(f"MisoTTS server refused the connection: {exc}", status_code=401, retryable=False)
-    if isinstance(exc, ConnectionError):  # RemoteConnectionError: server unreachable or connection lost
-        return APIConnectionError(f"MisoTTS server connection failed: {exc}", retryable=True)
-    if isinstance(exc, (ModelSourceError, CheckpointError)):  # the model could not be loaded
-        return APIConnectionError(f"MisoTTS engine failed to load: {exc}", retryable=False)
-    if isinstance(exc, TimeoutError):
-        return APITimeoutError(f"MisoTTS produced no audio in time: {exc}")
-    return APIConnectionError(f"MisoTTS engine error: {type(exc).__name__}: {exc}", retryable=True)
 
 
 class TTS(tts.TTS):
@@ -185,7 +86,7 @@ class TTS(tts.TTS):
         load_options: dict[str, Any] | None = None,
     ) -> None:
         # Every option is checked now, not on the first reply.
-        self._opts = _Options(
+        self._opts = TTSOptions(
             model=str(model),
             speaker=speaker,
             temperature=temperature,
@@ -325,25 +226,7 @@ class TTS(tts.TTS):
                 raise map_error(exc) from exc
         return self._engine
 
-    # -- requests -----------------------------------------------------------------------------
-
-    def _memory_for_stream(self) -> tuple[ConversationMemory | None, ToneTracker | None]:
-        tracker = current_tracker()
-        if self._memory is not None:
-            return self._memory, tracker
-        if tracker is not None and self._opts.tone_conditioning:
-            return tracker.memory, tracker
-        return None, tracker
-
-    def _request(self, text: str, memory: ConversationMemory | None, earlier: list[Segment]) -> SynthesisRequest:
-        opts = self._opts
-        context: tuple[Segment, ...] = ()
-        voice = opts.voice
-        if memory is not None and opts.tone_conditioning:
-            context = memory.context()
-            voice = voice or memory.voice
-        context = context + tuple(earlier[-SEGMENT_CONTEXT_SENTENCES:])
-        return opts.request(text, voice, context)
+    # -- streams ------------------------------------------------------------------------------
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> ChunkedStream:
         return self._track(ChunkedStream(tts=self, input_text=text, conn_options=conn_options))
@@ -375,129 +258,6 @@ class TTS(tts.TTS):
             await self._remote.aclose()
 
 
-class _Speaker:
-    """Speaks sentences one after another into one emitter: one stream attempt's state, made afresh
-    for every attempt (a retry is conditioned on nothing the failed attempt produced)."""
-
-    def __init__(self, owner: TTS, conn_options: APIConnectOptions) -> None:
-        self._tts = owner
-        self._timeout = conn_options.timeout
-        self._memory, self._tracker = owner._memory_for_stream()
-        self._segment: SpokenSegment | None = self._tracker.begin_segment() if self._tracker is not None else None
-        self._earlier: list[Segment] = []
-        self._pushed_s = 0.0  # audio pushed so far: where the next request's words start
-        self._words = 0  # words pushed so far (the first goes without a leading space)
-
-    def abandon(self) -> None:
-        """The attempt failed. Without audio it never plays: the tracker forgets it (the retry's
-        segment takes its place); audio it did push plays, so its record stays."""
-        if self._segment is not None and self._tracker is not None and not self._segment.seconds:
-            self._tracker.discard(self._segment)
-
-    async def speak(self, text: str, emitter: tts.AudioEmitter) -> None:
-        text = text.strip()
-        if not text:
-            return
-        engine = await self._tts._get_engine()
-        max_s = self._tts._opts.max_audio_ms / 1000 * SPLIT_SHARE
-        for part in split_for_length(text, max_s):
-            await self._request(engine, part, emitter)
-
-    async def _request(self, engine: AudioSource, text: str, emitter: tts.AudioEmitter) -> None:
-        if self._earlier:  # release the last sentence's held-back tail while this one is prefilled
-            emitter.flush()
-        try:
-            request = self._tts._request(text, self._memory, self._earlier)
-            stream = engine.stream(request)
-        except Exception as exc:
-            raise map_error(exc) from exc
-        if self._segment is not None:
-            self._segment.sentence(text)
-        pieces: list[np.ndarray] = []
-        spoken: list[str] = []
-        last: AudioChunk | None = None
-        try:
-            async for chunk in _chunks(stream, self._timeout):
-                if chunk.pcm.size:
-                    emitter.push(chunk.to_int16())
-                    pieces.append(chunk.pcm)
-                for w in chunk.words:
-                    start, end = self._pushed_s + w.start_s, self._pushed_s + w.end_s
-                    emitter.push_timed_transcript(
-                        TimedString(w.word if not self._words else f" {w.word}", start_time=start, end_time=end)
-                    )
-                    self._words += 1
-                    spoken.append(w.word)
-                if self._segment is not None:
-                    self._segment.audio(chunk.pcm, chunk.words)
-                last = chunk
-        finally:
-            stream.cancel()  # no-op when it ended by itself; frees the slot on cancel/errors
-        if last is not None and last.final and last.start_frame + last.frames >= request.max_frames:
-            rest = " ".join(words_of(text)[len(spoken) :])
-            log.warning(
-                "MisoTTS: max_audio_ms=%s cut a sentence short even after splitting it: %s",
-                self._tts._opts.max_audio_ms,
-                f"not spoken: {rest!r}" if rest else f"the end of {text!r} may be clipped",
-            )
-        if pieces:
-            audio = np.concatenate(pieces)
-            self._pushed_s += audio.size / SAMPLE_RATE
-            heard = " ".join(spoken) if spoken else text  # the words its audio holds
-            self._earlier.append(Segment(self._tts._opts.speaker, heard, audio, SAMPLE_RATE))
-
-
-def _queued(stream: Any) -> bool:
-    """Whether the request still waits for an engine slot (streams that cannot tell: no)."""
-    return getattr(stream, "queued", None) is True
-
-
-async def _chunks(stream: Any, timeout: float) -> AsyncIterator[AudioChunk]:
-    """The stream's chunks; ``timeout`` bounds the wait for each, counted for the first one from when
-    the request leaves the engine's queue (a busy engine delays it; it has not failed)."""
-    iterator = stream.__aiter__()
-    first = True
-    while True:
-        try:
-            if first:
-                chunk = await _first_chunk(iterator, stream, timeout)
-                first = False
-            else:
-                chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
-        except StopAsyncIteration:
-            return
-        except TimeoutError as exc:
-            raise APITimeoutError(f"MisoTTS produced no audio for {timeout} s") from exc
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise map_error(exc) from exc
-        yield chunk
-
-
-async def _first_chunk(iterator: Any, stream: Any, timeout: float) -> AudioChunk:
-    loop = asyncio.get_running_loop()
-    pending = asyncio.ensure_future(iterator.__anext__())
-    deadline: float | None = None
-    try:
-        while True:
-            if _queued(stream):  # (a server may say so a moment after the start: the clock restarts)
-                deadline = None
-            elif deadline is None:
-                deadline = loop.time() + timeout
-            wait = QUEUE_POLL_S if deadline is None else min(QUEUE_POLL_S, deadline - loop.time())
-            done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
-            if done:
-                return pending.result()
-            if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError
-    finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-
-
 def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:
     """Declare what follows: one request id, 24 kHz mono raw PCM."""
     output_emitter.initialize(
@@ -509,16 +269,6 @@ def _initialize(output_emitter: tts.AudioEmitter, *, stream: bool) -> None:
     )
 
 
-@contextlib.contextmanager
-def _attempt(owner: TTS, conn_options: APIConnectOptions) -> Iterator[_Speaker]:
-    speaker = _Speaker(owner, conn_options)
-    try:
-        yield speaker
-    except Exception:  # (a cancel, an interruption, keeps the record: what played is reported)
-        speaker.abandon()
-        raise
-
-
 class ChunkedStream(tts.ChunkedStream):
     """One-shot text (``session.say`` / ``tts.synthesize``), streamed sentence by sentence."""
 
@@ -528,7 +278,7 @@ class ChunkedStream(tts.ChunkedStream):
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         _initialize(output_emitter, stream=False)
-        with _attempt(self._miso, self._conn_options) as speaker:
+        with attempt(self._miso, self._conn_options) as speaker:
             for sentence in self._miso._sentences.tokenize(self.input_text) or [self.input_text]:
                 await speaker.speak(sentence, output_emitter)
 
@@ -555,7 +305,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         feeder = asyncio.create_task(feed(), name="misotts-feed-text")
         started = False
         try:
-            with _attempt(self._miso, self._conn_options) as speaker:
+            with attempt(self._miso, self._conn_options) as speaker:
                 async for token in sentences:
                     if not token.token.strip():
                         continue

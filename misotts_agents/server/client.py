@@ -2,7 +2,8 @@
 
 It offers :class:`MisoEngine`'s interface: ``stream(request)`` returns an object to ``async for`` or
 ``for`` (AudioChunk: float32 24 kHz ``pcm``, ``frames``, ``start_frame``, ``final``), with
-``cancel()``, ``with`` / ``async with``, ``.stats`` and ``.codes``; ``synthesize(request)`` blocks for
+``cancel()``, ``wait_admitted()``, ``with`` / ``async with``, ``.stats`` and ``.codes`` (an
+:class:`~misotts_agents.engine.audio_stream.AudioStream`); ``synthesize(request)`` blocks for
 a whole utterance. The engine's figures are the server's ``/metrics``: ``metrics()`` is None here.
 One WebSocket connection per RemoteEngine (opened on first use, reopened after a drop) carries
 every request, multiplexed by id. The connection belongs to one event loop: the loop of the first
@@ -24,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from misotts_agents.audio import from_int16
+from misotts_agents.engine.audio_stream import Admission, StreamEnd
 from misotts_agents.engine.request import AudioChunk, StreamStats, Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.words import WordTiming
 from misotts_agents.errors import EngineClosed, MisoError, RemoteError, from_wire
@@ -42,10 +44,6 @@ def _ws_url(url: str) -> str:
     if "/v1/stream" not in url:
         url = url.rstrip("/") + "/v1/stream"
     return url
-
-
-class _End:
-    pass
 
 
 def _running(loop: asyncio.AbstractEventLoop) -> bool:
@@ -191,7 +189,6 @@ class RemoteEngine:
                     stream = self._streams.get(rid)
                     if stream is not None:
                         words, stream._words = stream._words, ()  # from the words message just before
-                        stream.queued = False
                         stream._push(AudioChunk(from_int16(pcm), start, frames, final, words=words))
                     continue
                 msg = json.loads(data)
@@ -199,7 +196,7 @@ class RemoteEngine:
                 if stream is None:
                     continue
                 if msg.get("type") in ("queued", "admitted"):
-                    stream.queued = msg["type"] == "queued"
+                    stream._queue_news(msg["type"])
                 elif msg.get("type") == "words":
                     try:
                         stream._words = protocol.parse_words(msg)
@@ -267,13 +264,15 @@ class WebSocketSpeechStream:
         self._started = False
         self._resent = False
         self._words: tuple[WordTiming, ...] = ()  # from a words message, for the next audio frame
-        self.queued: bool | None = None  # waiting for a slot on the server (None: the server has not said)
+        self._queued = False  # the server said it waits for a slot, and has not said it has one yet
+        self._admission = Admission()
         self._ended = False
         self._cancelled = False
 
     # -- fed by the reader --------------------------------------------------------------------
 
     def _push(self, item: Any) -> None:
+        self._admit(isinstance(item, AudioChunk))  # audio comes from a slot; an end or error before it: none
         if self._queue is None:
             self._pending.append(item)
         else:
@@ -291,9 +290,31 @@ class WebSocketSpeechStream:
         self.stats.stop_reason = s.get("stop_reason", "eos")
         if msg.get("codes") is not None:
             self._codes = protocol.codes_array(msg["codes"])
-        self._push(_End())
+        self._push(StreamEnd(self.stats.stop_reason))
+
+    def _queue_news(self, kind: str) -> None:
+        """The server's ``queued`` (it waits for a slot) or ``admitted`` (it has one) message."""
+        if kind == "admitted":
+            self._admit(True)
+        elif not self._admission.settled:
+            self._queued = True
+
+    def _admit(self, admitted: bool) -> None:
+        """The server's ``admitted`` message, the first audio (True), or the end (False) settles it."""
+        self._queued = False
+        self._admission.settle(admitted)
 
     # -- caller side ------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> bool:
+        """Waiting for a slot on the server, as the server said (``queued``, then ``admitted``)."""
+        return self._queued
+
+    async def wait_admitted(self) -> bool:
+        """True once the server said the request has a slot (or sent its audio), False if it ended
+        without one. Settled as the stream is iterated (the request is sent on its first step)."""
+        return await self._admission.wait()
 
     @property
     def codes(self) -> np.ndarray:
@@ -355,8 +376,9 @@ class WebSocketSpeechStream:
         except asyncio.CancelledError:
             self.cancel()
             raise
-        except BaseException:
+        except BaseException:  # a failed connection or start
             self._ended = True
+            self._admit(False)
             raise
         if isinstance(item, AudioChunk):
             if self.stats.time_to_first_audio_s is None:
@@ -374,6 +396,7 @@ class WebSocketSpeechStream:
             return
         self._cancelled = True
         self.stats.stop_reason = "cancelled"
+        self._admit(False)
         self.engine._streams.pop(self.id, None)
         if self._started and self._conn is not None:
             self.engine._spawn(self._conn.send(protocol.message("cancel", id=self.id)))

@@ -27,6 +27,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel
 
 from misotts_agents.audio import FRAME_MS, to_int16
+from misotts_agents.engine.audio_stream import AudioStream
 from misotts_agents.errors import EngineClosed, MisoError
 from misotts_agents.server import protocol, schema
 from misotts_agents.server.budget import MemoryBudget
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = 4008  # the close code of a client cut off for not reading (protocol.py)
 TRANSPORT_KEY = "misotts.transport"  # in a WebSocket's scope: uvicorn's transport of the connection
-QUEUE_POLL_S = 0.02  # how often a request waiting for an engine slot is checked (start option "queue")
 
 
 class ClientGone(Exception):
@@ -475,16 +475,14 @@ class Connection:
             first = (done or [current])[0]
             self.metrics.finished("websocket", outcome, first.stats if first is not None else None)
 
-    async def report_queue(self, rid: str, stream: Any) -> None:
-        """Tell the client when its request waits for an engine slot and when it gets one (so its
-        timeout for the first audio can start there). Only streams that say so (``queued``)."""
-        if getattr(stream, "queued", None) is not True:
-            return
+    async def report_queue(self, rid: str, stream: AudioStream) -> None:
+        """Tell the client when its request waits for an engine slot (``queued``) and when it has one
+        (``admitted``, also when it never waited), so its timeout for the first audio starts there."""
         try:
-            await self.send(protocol.message("queued", id=rid))
-            while stream.queued:
-                await asyncio.sleep(QUEUE_POLL_S)
-            await self.send(protocol.message("admitted", id=rid))
+            if stream.queued:
+                await self.send(protocol.message("queued", id=rid))
+            if await stream.wait_admitted():
+                await self.send(protocol.message("admitted", id=rid))
         except ClientGone:  # the pump sees it too, and ends the request
             return
 

@@ -74,8 +74,9 @@ interleave)::
     ``misotts_agents.engine.words``. A frame with ``frames == 0`` may follow, carrying only words
     (end of speech came right after the previous frame).
 ``{"type": "queued", "id": "r1"}`` then ``{"type": "admitted", "id": "r1"}``
-    Only when the start asked for ``queue``, and only when the request had to wait: it is waiting for
-    an engine slot (busy engine, or its prompt being prepared), then it has one (generation starts).
+    Only when the start asked for ``queue``: ``queued`` when the request has to wait for an engine slot
+    (busy engine, or its prompt being prepared), ``admitted`` once it has one (generation starts; sent
+    at once when it did not wait; never for a request that ends without one).
 ``{"type": "end", "id": "r1", "stats": {...}}``
     The request is over (finished, hit a limit, or cancelled): ``stats`` holds ``seed``, ``frames``,
     ``stop_reason`` (eos | max_frames | context_full | cancelled; ``empty`` for an incremental request

@@ -30,6 +30,7 @@ from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.engine.stats import EngineStats
+from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
 from misotts_agents.server import schema
@@ -91,7 +92,7 @@ class SessionStream:
     """An engine stream whose audio also goes into the session's memory as the agent's turn."""
 
     def __init__(
-        self, stream: Any, memory: ConversationMemory, more: bool, on_end: Callable[[], None] | None = None
+        self, stream: SpeechStream, memory: ConversationMemory, more: bool, on_end: Callable[[], None] | None = None
     ) -> None:
         self._stream = stream
         self._memory = memory
@@ -108,9 +109,11 @@ class SessionStream:
         return self._stream.codes
 
     @property
-    def queued(self) -> bool | None:
-        """Waiting for an engine slot (None: the engine does not say)."""
-        return getattr(self._stream, "queued", None)
+    def queued(self) -> bool:
+        return self._stream.queued
+
+    async def wait_admitted(self) -> bool:
+        return await self._stream.wait_admitted()
 
     def __aiter__(self) -> SessionStream:
         return self
@@ -198,10 +201,9 @@ class EngineBackend:
         session = self.sessions.get(sid)
         memory = session.memory
         continuing = start.continue_ and memory.agent_speaking
-        context = request.context if "context" in start.model_fields_set else memory.context()
-        if continuing:  # a later part of an utterance: condition it on the parts already spoken
-            current = memory.current_agent_segment()
-            context = (*context, current) if current is not None else context
+        turns = request.context if "context" in start.model_fields_set else None
+        # A later part of an utterance is conditioned on the parts already spoken.
+        context = memory.reply_context(turns, reply=None if continuing else ())
         request = dataclasses.replace(request, context=context, voice=request.voice or session.voice)
         stream = self.engine.stream(request, client=client)
         if continuing:

@@ -111,14 +111,16 @@ class EngineReplica:
         log.info("engine replica %s ready: %s, max_batch=%d", self.replica, model, max_batch)
 
     async def start(self, msg: dict[str, Any], client: str | None = None):
-        """Run one ``start`` message: yields AudioChunks, then ``("end", stats, codes, figures)``,
-        or an error item. Cancelling the call (the client cancelled or went away) raises
+        """Run one ``start`` message: yields ``("admitted", bool)`` once the request has an engine slot
+        (or ended without one), its AudioChunks, then ``("end", stats, codes, figures)``, or an error
+        item. Cancelling the call (the client cancelled or went away) raises
         CancelledError in here, and the ``finally`` frees the engine slot at once. ``client`` (the
         ingress connection) shares the engine's preparation fairly between clients."""
         stream = None
         try:
             await self._use(protocol.session_id(msg))
             stream = self.backend.start(msg, client=client)
+            yield ("admitted", await stream.wait_admitted())  # for the ingress's stream (stream.py)
             async for chunk in stream:
                 yield chunk
             codes = stream.codes.tolist() if msg.get("codes") else None

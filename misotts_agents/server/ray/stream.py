@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray.serve.exceptions import RequestCancelledError
 
+from misotts_agents.engine.audio_stream import Admission
 from misotts_agents.engine.request import AudioChunk, StreamStats
 from misotts_agents.server import protocol
 from misotts_agents.server.ray.transport import error_from_item, transport_error
@@ -26,9 +27,11 @@ class ReplicaStreamStats(StreamStats):
 
 
 class ReplicaStream:
-    """One ``start`` run on an engine replica, shaped like the engine's stream: ``async for`` its
-    AudioChunks; ``stats`` and ``codes`` once it ended; ``cancel()`` cancels the replica's call,
-    which stops the engine request and frees its slot there."""
+    """One ``start`` run on an engine replica, shaped like the engine's stream (an
+    :class:`~misotts_agents.engine.audio_stream.AudioStream`): ``async for`` its AudioChunks; ``stats``
+    and ``codes`` once it ended; ``cancel()`` cancels the replica's call, which stops the engine
+    request and frees its slot there. Its admission is the replica's first item, so it is settled
+    while the stream is iterated."""
 
     def __init__(
         self, backend: RayEngineBackend, msg: dict[str, Any], sid: str | None, client: str | None = None
@@ -44,6 +47,7 @@ class ReplicaStream:
         self._submitted = 0.0
         self._done = False
         self._cancelled = False
+        self._admission = Admission()
 
     @property
     def replica(self) -> str | None:
@@ -52,6 +56,14 @@ class ReplicaStream:
     @property
     def codes(self) -> np.ndarray:
         return protocol.codes_array(self._codes)
+
+    @property
+    def queued(self) -> bool:
+        """Until the replica says the request has a slot (or it ends), it waits for one."""
+        return not self._admission.settled
+
+    async def wait_admitted(self) -> bool:
+        return await self._admission.wait()
 
     def __aiter__(self) -> ReplicaStream:
         return self
@@ -62,24 +74,17 @@ class ReplicaStream:
         if self._call is None:
             self._submitted = time.perf_counter()
             self._call = self.backend.call(self.sid, stream=True).start.remote(self.msg, self.client)
-        try:
-            item = await self._call.__anext__()
-        except StopAsyncIteration:
-            self._done = True
-            raise RuntimeError("the engine replica ended the stream without its end") from None
-        except (asyncio.CancelledError, RequestCancelledError):
-            self.cancel()
-            raise
-        except Exception as exc:
-            self._done = True
-            self.stats.stop_reason = "error"
-            raise transport_error(exc) from exc
+        item = await self._next_item()
+        if isinstance(item, tuple) and item[0] == "admitted":
+            self._admission.settle(item[1])
+            item = await self._next_item()
         if isinstance(item, AudioChunk):
             if self.stats.time_to_first_audio_s is None:
                 self.stats.time_to_first_audio_s = time.perf_counter() - self._submitted
             self.stats.frames += item.frames
             return item
         self._done = True
+        self._admission.settle(False)
         if item[0] == "end":
             _, stats, codes, figures = item
             for key, value in stats.items():
@@ -91,8 +96,26 @@ class ReplicaStream:
         self.stats.stop_reason = "error"
         raise error_from_item(item)
 
+    async def _next_item(self) -> Any:
+        assert self._call is not None
+        try:
+            return await self._call.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            self._admission.settle(False)
+            raise RuntimeError("the engine replica ended the stream without its end") from None
+        except (asyncio.CancelledError, RequestCancelledError):
+            self.cancel()
+            raise
+        except Exception as exc:
+            self._done = True
+            self._admission.settle(False)
+            self.stats.stop_reason = "error"
+            raise transport_error(exc) from exc
+
     def cancel(self) -> None:
         """Stop the request: Serve cancels the replica's call (a CancelledError in its generator)."""
+        self._admission.settle(False)
         if self._cancelled or self._done:
             return
         self._cancelled = True
