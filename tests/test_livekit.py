@@ -875,9 +875,9 @@ async def test_inference_context_audio_arrives_as_24k_mono(lk_engine):
     received = []
 
     class Spy:
-        def stream(self, request):
+        def stream(self, request, **options):
             received.append(request)
-            return lk_engine.stream(request)
+            return lk_engine.stream(request, **options)
 
     runner = MisoInferenceRunner(engine=Spy())
     stereo = np.stack([tone(0.5, 48_000, 200), tone(0.5, 48_000, 300)])  # (channels, samples) at 48 kHz

@@ -386,3 +386,10 @@ def test_a_step_failing_after_some_rows_ended_keeps_the_scheduler_alive(engine):
         list(doomed)
     assert engine.synthesize(SynthesisRequest("Still alive.", max_audio_ms=160)).codes.shape == (2, 32)
     assert wait_until(lambda: engine.free_slots == engine.max_batch)
+
+
+def test_the_chunk_that_reaches_the_frame_limit_is_the_final_one(engine):
+    """Chunks of 1 then 2 frames: the third frame both completes the second chunk and reaches the
+    limit, and that chunk goes out once, marked final."""
+    chunks = list(engine.stream(SynthesisRequest("Three frames.", seed=4, max_audio_ms=80 * 3)))
+    assert [(c.start_frame, c.frames, c.final) for c in chunks] == [(0, 1, False), (1, 2, True)]

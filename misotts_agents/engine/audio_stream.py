@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,7 +47,11 @@ class AudioSource(Protocol):
     """What takes requests: :class:`~misotts_agents.MisoEngine`, the server client
     (:class:`~misotts_agents.server.RemoteEngine`) and LiveKit's ``InferenceEngine`` all fit."""
 
-    def stream(self, request: SynthesisRequest) -> AudioStream: ...
+    def stream(self, request: SynthesisRequest, *, client: Hashable | None = None) -> AudioStream:
+        """Submit ``request``; ``client`` (e.g. the integration instance of one conversation) is whose
+        request it is, for the engine's fair admission (an engine over a server or LiveKit's IPC keys
+        by its connection or job instead)."""
+        ...
 
 
 @dataclass(frozen=True)

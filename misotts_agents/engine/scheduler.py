@@ -458,8 +458,9 @@ class Scheduler:
         stream = job.stream
         stream.add_codes(codes)
         stream.stats.invalid_codes += int((codes >= codec.CODEBOOK_SIZE).sum())
-        stream.push_frame(pcm, now)
-        if stream.stats.frames >= stream.request.max_frames:
+        full = stream.stats.frames + 1 >= stream.request.max_frames
+        stream.push_frame(pcm, now, last=full or position >= MAX_SEQ_LEN)
+        if full:
             self._finish(job, reason=StopReason.MAX_FRAMES)
         elif position >= MAX_SEQ_LEN:
             self._finish(job, reason=StopReason.CONTEXT_FULL)

@@ -23,7 +23,7 @@ import numpy as np
 
 from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.audio_stream import StreamEnd
-from misotts_agents.engine.request import AudioChunk, StreamStats, SynthesisRequest
+from misotts_agents.engine.request import AudioChunk, StopReason, StreamStats, SynthesisRequest
 from misotts_agents.engine.words import WordAligner
 from misotts_agents.model.config import MAX_SEQ_LEN
 from misotts_agents.model.watermark_stream import StreamWatermarker
@@ -134,11 +134,12 @@ class SpeechStream:
     def add_codes(self, codes: np.ndarray) -> None:
         self._codes.append(codes)
 
-    def push_frame(self, pcm: np.ndarray, now: float) -> None:
-        """One more frame of audio; a chunk goes out when the request's chunk schedule says so."""
+    def push_frame(self, pcm: np.ndarray, now: float, last: bool = False) -> None:
+        """One more frame of audio; a chunk goes out when the request's chunk schedule says so, but
+        not after its ``last`` frame: that goes out with the end, as the final chunk."""
         self._pieces.append(pcm)
         self.stats.frames += 1
-        if len(self._pieces) >= self._want:
+        if not last and len(self._pieces) >= self._want:
             self.flush(final=False)
             self._want = next(self._sizes)
             if self.first_chunk_at is None:
@@ -208,7 +209,7 @@ class SpeechStream:
         It overrides an end recorded just before: the caller sees the error, not that end."""
         with self._outcome:
             self._aborted = True
-            self.stats.stop_reason = "error"
+            self.stats.stop_reason = StopReason.ERROR
             self.stats.elapsed_s = time.perf_counter() - self.submitted_at
         self.cancelled.set()
         self._on_cancel()
@@ -257,7 +258,12 @@ class SpeechStream:
         self.stats.elapsed_s = max(self.stats.elapsed_s, time.perf_counter() - self.submitted_at)
         if isinstance(item, BaseException):
             raise item
-        if isinstance(item, StreamEnd) and item.reason == "eos" and self._end_frame and self._aligner.remaining:
+        if (
+            isinstance(item, StreamEnd)
+            and item.reason == StopReason.EOS
+            and self._end_frame
+            and self._aligner.remaining
+        ):
             # End of speech came right after a chunk: its last words come with an empty final chunk.
             words = self._aligner.advance(self._end_frame * FRAME_MS / 1000, ended=True)
             return AudioChunk(np.zeros(0, dtype=np.float32), self._end_frame, 0, True, words=words)

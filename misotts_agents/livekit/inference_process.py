@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from livekit.agents.inference_runner import _InferenceRunner
 from misotts_agents import errors
 from misotts_agents.audio import SAMPLE_RATE, from_int16, to_int16, to_mono
 from misotts_agents.engine.audio_stream import Admission
-from misotts_agents.engine.request import AudioChunk, Segment, StreamStats, SynthesisRequest
+from misotts_agents.engine.request import AudioChunk, Segment, StopReason, StreamStats, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.engine.words import WordTiming
 from misotts_agents.model.sources import DEFAULT_MODEL
@@ -178,7 +179,7 @@ class MisoInferenceRunner(_InferenceRunner):
         rid = header["id"]
         if rid in self._cancelled:
             return pack({"id": rid})
-        active = _Active(engine.stream(request))
+        active = _Active(engine.stream(request, client=header.get("client")))
         with self._lock:
             self._active[rid] = active
         threading.Thread(target=self._consume, args=(active,), name=f"misotts-runner-{rid[:8]}", daemon=True).start()
@@ -260,6 +261,7 @@ class InferenceEngine:
         self.poll_interval = poll_interval
         self._sent: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.key = uuid.uuid4().hex  # this job's key in the inference process's fair admission
 
     @property
     def executor(self) -> Any:
@@ -281,7 +283,9 @@ class InferenceEngine:
             _raise(reply["error"])
         return reply, rest
 
-    def stream(self, request: SynthesisRequest) -> InferenceProcessStream:
+    def stream(self, request: SynthesisRequest, *, client: Hashable | None = None) -> InferenceProcessStream:
+        """A stream for ``request``. The inference process takes its requests in turn with other
+        jobs' by this job (its engine instance), so ``client`` adds nothing here."""
         return InferenceProcessStream(self, request)
 
     async def stats(self) -> dict[str, Any]:
@@ -352,6 +356,7 @@ class InferenceProcessStream:
             header = {
                 "op": "start",
                 "id": self.id,
+                "client": self._engine.key,
                 "request": fields,
                 "segments": [d for d, _ in parts],
                 "voice": voice[0] if voice else None,
@@ -415,7 +420,7 @@ class InferenceProcessStream:
         if self._cancelled or self._done:
             return
         self._cancelled = True
-        self.stats.stop_reason = "cancelled"
+        self.stats.stop_reason = StopReason.CANCELLED
         self._engine._spawn(self._engine.call({"op": "cancel", "id": self.id}))
 
     close = cancel

@@ -82,7 +82,7 @@ class Speaker:
             emitter.flush()
         try:
             request = self._engine_request(text)
-            stream = engine.stream(request)
+            stream = engine.stream(request, client=self._tts)  # this session's turn in fair admission
         except Exception as exc:
             raise map_error(exc) from exc
         if self._segment is not None:

@@ -267,7 +267,7 @@ class MisoTTSService(TTSService):
         try:
             if self._tone_conditioning:
                 self._open_agent_turn(context_id)
-            stream = self._engine.stream(self._request(text))
+            stream = self._engine.stream(self._request(text), client=self)  # this conversation's turn
             if self._tone_conditioning:
                 self._memory.agent_add_text(text)
             keepalive = self.create_task(self._keep_context_alive(context_id), name=f"{self}::keepalive")

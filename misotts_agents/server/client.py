@@ -17,7 +17,7 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Hashable
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from misotts_agents.audio import from_int16
 from misotts_agents.engine.audio_stream import Admission, StreamEnd
-from misotts_agents.engine.request import AudioChunk, StreamStats, Synthesis, SynthesisRequest, join_stream
+from misotts_agents.engine.request import AudioChunk, StopReason, StreamStats, Synthesis, SynthesisRequest, join_stream
 from misotts_agents.engine.words import WordTiming
 from misotts_agents.errors import EngineClosed, MisoError, RemoteError, from_wire
 from misotts_agents.server import protocol
@@ -79,8 +79,10 @@ class RemoteEngine:
 
     # -- MisoEngine's surface ---------------------------------------------------------------
 
-    def stream(self, request: SynthesisRequest) -> WebSocketSpeechStream:
-        """A stream for ``request``; it is sent to the server when first iterated."""
+    def stream(self, request: SynthesisRequest, *, client: Hashable | None = None) -> WebSocketSpeechStream:
+        """A stream for ``request``; it is sent to the server when first iterated. (The server takes
+        its requests in turn with other connections' by this connection and its token's tenant, so
+        ``client`` adds nothing here.)"""
         if self._closed:
             raise EngineClosed("the remote engine is closed")
         return WebSocketSpeechStream(self, request)
@@ -287,7 +289,7 @@ class WebSocketSpeechStream:
         for key in ("queued_s", "time_to_first_audio_s", "elapsed_s"):
             if s.get(key) is not None:
                 setattr(self.stats, key, float(s[key]))
-        self.stats.stop_reason = s.get("stop_reason", "eos")
+        self.stats.stop_reason = str(s.get("stop_reason", StopReason.EOS))  # the wire string, as the server sent it
         if msg.get("codes") is not None:
             self._codes = protocol.codes_array(msg["codes"])
         self._push(StreamEnd(self.stats.stop_reason))
@@ -386,7 +388,7 @@ class WebSocketSpeechStream:
             return item
         self._ended = True
         if isinstance(item, BaseException):
-            self.stats.stop_reason = "error"
+            self.stats.stop_reason = StopReason.ERROR
             raise item
         raise StopAsyncIteration
 
@@ -395,7 +397,7 @@ class WebSocketSpeechStream:
         if self._cancelled or self._ended:
             return
         self._cancelled = True
-        self.stats.stop_reason = "cancelled"
+        self.stats.stop_reason = StopReason.CANCELLED
         self._admit(False)
         self.engine._streams.pop(self.id, None)
         if self._started and self._conn is not None:
