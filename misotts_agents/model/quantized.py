@@ -1,0 +1,121 @@
+"""8-bit weights for the linear layers of the backbone and the depth decoder: int8 and fp8.
+
+Every output channel (weight row) has its own scale, ``w ~= q * scale[:, None]``, symmetric (no
+zero point): int8 ``q`` in [-127, 127], or fp8 e4m3 in [-448, 448]. Per channel, because one row
+with large weights then costs only that row its resolution, and because the scale multiplies the
+product's output column after the matrix product, which itself reads one byte per weight.
+
+- **int8** (any device) is gpt-fast's WeightOnlyInt8Linear: ``F.linear(x, q.to(x.dtype)) * scale``.
+  Eagerly the conversion is a kernel of its own (correct, not faster than bf16); under
+  ``torch.compile`` inductor fuses it into the product's loads, and on CUDA the frame step runs
+  compiled layers under CUDA graphs (engine/step.py), so a step reads the int8 bytes.
+- **fp8** (CUDA, compute capability >= 8.9) quantizes the activations per row on the fly and
+  multiplies e4m3 x e4m3 on the tensor cores (``torch._scaled_mm``, row-wise scales, bf16 out).
+
+What stays in the model's dtype (bf16 on CUDA) and why: the embeddings (a frame reads 33 of their
+rows, not the matrices: nothing to save in bandwidth), the RMSNorm scales (fp32, tiny), and
+``projection``, ``codebook0_head`` and ``audio_head``: together about 1.5% of the bytes a frame
+reads (README, "8-bit weights"), and the heads make the logits the codes are drawn from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from misotts_agents.model.config import WeightFormat
+from misotts_agents.model.tensorfile import TensorFile
+
+STORAGE: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_LIMIT = {"int8": 127.0, "fp8": torch.finfo(torch.float8_e4m3fn).max}
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: fp8 tensor cores
+BLOCK_BYTES = 64 << 20  # fp32 rows quantized at once (the lean loader's piece size)
+
+
+def check_supported(weights: WeightFormat, device: torch.device) -> None:
+    """Refuse fp8 where the device has no fp8 tensor cores (before any weight is read)."""
+    if weights != "fp8":
+        return
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    if device.type != "cuda":
+        raise ValueError(f"weights='fp8' needs a CUDA GPU of compute capability >= {need}; not {device}: use 'int8'")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"weights='fp8' needs compute capability >= {need}; {torch.cuda.get_device_name(device)} has "
+            f"{capability[0]}.{capability[1]}: use 'int8'"
+        )
+
+
+def scale_dtype(weights: WeightFormat, dtype: torch.dtype) -> torch.dtype:
+    """int8 scales multiply outputs in the model's dtype; ``_scaled_mm`` takes fp32 scales."""
+    return torch.float32 if weights == "fp8" else dtype
+
+
+@torch.no_grad()
+def quantize_rows(weight: torch.Tensor, weights: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, fp32 scale per row) of a 2-D weight: ``q * scale[:, None]`` approximates it."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _LIMIT[weights]
+    scaled = w / scale
+    if weights == "int8":
+        return scaled.round_().clamp_(-127, 127).to(torch.int8), scale.squeeze(1)
+    return scaled.clamp_(-_LIMIT["fp8"], _LIMIT["fp8"]).to(torch.float8_e4m3fn), scale.squeeze(1)
+
+
+def quantize_streamed(
+    f: TensorFile, name: str, weights: WeightFormat, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize tensor ``name`` of an open checkpoint, a block of rows at a time, onto ``device``:
+    memory holds the 8-bit result plus one block of at most :data:`BLOCK_BYTES` in fp32."""
+    rows, cols = f.tensors[name].shape
+    q = torch.empty(rows, cols, dtype=STORAGE[weights], device=device)
+    scale = torch.empty(rows, dtype=torch.float32, device=device)
+    step = max(1, BLOCK_BYTES // (4 * cols))
+    block = torch.empty(min(step, rows), cols, dtype=torch.float32, device=device)
+    for first in range(0, rows, step):
+        part = block[: min(step, rows - first)]
+        f.read_into(name, part, first_row=first)
+        q[first : first + len(part)], scale[first : first + len(part)] = quantize_rows(part, weights)
+    return q, scale
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for a full-precision weight (``scale`` None) or an 8-bit one and its scales."""
+    if scale is None:
+        return F.linear(x, weight)
+    if weight.dtype == torch.int8:
+        return F.linear(x, weight.to(x.dtype)) * scale
+    flat = x.reshape(-1, x.size(-1))
+    x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / _LIMIT["fp8"]
+    xq = (flat.float() / x_scale).clamp(-_LIMIT["fp8"], _LIMIT["fp8"]).to(torch.float8_e4m3fn)
+    scaled_mm = torch._scaled_mm  # pyright: ignore[reportPrivateImportUsage] - the public fp8 product
+    out = scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], -1)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with 8-bit weights: buffers ``weight`` (out, in) and
+    ``weight_scale`` (out,), both in ``state_dict`` under the layer's name (the quantized
+    checkpoint's keys)."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, weights: WeightFormat) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=STORAGE[weights]))
+        dtype = scale_dtype(weights, torch.get_default_dtype())
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.weight_scale)
+
+
+def make_linear(in_features: int, out_features: int, weights: WeightFormat) -> nn.Linear | QuantLinear:
+    """The stacks' linear layer for a weight format: ``nn.Linear`` (bf16: the model's dtype) or 8-bit."""
+    if weights == "bf16":
+        return nn.Linear(in_features, out_features, bias=False)
+    return QuantLinear(in_features, out_features, weights)
