@@ -13,16 +13,18 @@ mapped in, as the kernel counts them) and its wall time. The file is deleted at 
   the map lives as long as the model (hence the "after first use" column, which reads every page).
 - ``lean``: ``misotts_agents.model.weights.load_model`` (plain reads in 64 MB pieces into each
   destination tensor, tensorfile.py).
+- ``int8``: the same with ``weights="int8"`` (linear layers quantized as they stream in, 64 MB of
+  fp32 rows at a time; the rest in ``--dtypes``).
 
     uv run python benchmarks/loading.py                          # CSM-1B size, bf16 (needs ~10 GB free)
     uv run python benchmarks/loading.py --dtypes bfloat16,float32
+    uv run python benchmarks/loading.py --loaders lean,int8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shlex
@@ -35,33 +37,10 @@ from pathlib import Path
 import torch
 
 from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
-from misotts_agents.model.weights import expected_shapes, load_model
+from misotts_agents.model.weights import load_model
+from misotts_agents.testing.random_weights import write_random_checkpoint
 
 SIZES = {"csm-1b": CSM_1B, "misotts-8b": MISOTTS_8B}
-WRITE_PIECE = 16 << 20  # floats generated and written at a time
-
-
-def write_random_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> int:
-    """An fp32 safetensors file with the official keys and random values; returns its size."""
-    shapes = dict(sorted(expected_shapes(config).items()))
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    generator = torch.Generator().manual_seed(seed)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        for key, shape in shapes.items():
-            remaining = math.prod(shape)
-            while remaining:
-                n = min(remaining, WRITE_PIECE)
-                values = torch.ones(n) if key.endswith(".scale") else torch.randn(n, generator=generator) * 0.02
-                f.write(values.numpy().tobytes())
-                remaining -= n
-    return path.stat().st_size
 
 
 def previous_load_model(path: Path, config: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -94,7 +73,7 @@ def child(loader: str, path: Path, size: str, dtype_name: str) -> None:
     if loader == "previous":
         model = previous_load_model(path, config, dtype)
     else:
-        model = load_model(path, config, dtype=dtype, progress=False)
+        model = load_model(path, config, dtype=dtype, progress=False, weights="int8" if loader == "int8" else "bf16")
     seconds = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tensors = list(model.state_dict().values())
