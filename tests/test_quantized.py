@@ -178,3 +178,49 @@ def test_cli_quantize_and_say(tiny_dir, tmp_path, capsys):
     assert main([*args, "--max-ms", "160", "--seed", "1"]) == 0
     assert out.stat().st_size > 44
     assert "wrote" in capsys.readouterr().out
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_FORMATS = [
+    "int8",
+    pytest.param(
+        "fp8",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs >= 8.9"
+        ),
+    ),
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("weights", CUDA_FORMATS)
+def test_cuda_8bit_step_compiles_captures_and_replays_the_eager_codes(weights):
+    """The frame step's compile-then-CUDA-graph path with 8-bit layers: every shape captured, and
+    the graphs replay what the compiled step computes without them."""
+    from test_step import cuda_stepper, run_frames
+
+    step = cuda_stepper(TINY_CONFIG, torch.bfloat16, 4, weights=weights)
+    assert step.compiled
+    assert set(step.graphs) == set(step.shapes())
+    replayed = run_frames(step, [0, 2], start=10, frames=6)
+    graphs, step.graphs = step.graphs, {}
+    try:
+        eager = run_frames(step, [0, 2], start=10, frames=6)
+    finally:
+        step.graphs = graphs
+    assert torch.equal(replayed, eager)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("weights", CUDA_FORMATS)
+def test_cuda_8bit_logits_stay_near_fp32(tiny_dir, weights):
+    codes = torch.randint(0, 2048, (200, 32), generator=torch.Generator().manual_seed(0))
+    path = tiny_dir / "model.safetensors"
+    reference = teacher_forced(load_model(path, TINY_CONFIG, "cuda", torch.float32, progress=False), codes)
+    model = load_model(path, TINY_CONFIG, "cuda", torch.bfloat16, progress=False, weights=weights)
+    ours = teacher_forced(model, codes)
+    bound = 2 * INT8_LOGIT_BOUND if weights == "int8" else 4 * INT8_LOGIT_BOUND  # bf16 compute; fp8 activations
+    assert relative_error(ours.c0_logits, reference.c0_logits) < bound
+    assert relative_error(ours.depth_logits, reference.depth_logits) < bound
