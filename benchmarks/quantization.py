@@ -106,7 +106,7 @@ def peak_rss(path: Path, size: str) -> dict[str, dict]:
         child = [sys.executable, str(LOADING), "--child", loader, str(path), size, "bfloat16"]
         out = subprocess.run(child, capture_output=True, text=True, check=True)
         figures["bf16" if loader == "lean" else "int8"] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\n{size}: loading in a fresh process (ru_maxrss)")
+    print(f"\n{size}: loading in a fresh process (peak RSS: VmHWM)")
     print(f"{'weights':<9}{'model':>9}{'peak RSS':>10}{'peak/model':>12}{'imports':>9}{'(peak-imports)/model':>22}")
     for name, f in figures.items():
         grown = (f["peak_gb"] - f["before_gb"]) / f["model_gb"]
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="tiny,csm-1b", help="comma-separated: tiny, csm-1b")
     parser.add_argument("--frames", type=int, default=256, help="teacher-forced frames (at most 2048)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where checkpoints are written")
+    parser.add_argument("--parts", default="fidelity,rss", help="comma-separated: fidelity, rss (csm-1b only)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if not 2 <= args.frames <= 2048:
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="misotts-quantization-") as tmp:
             path, config = checkpoint(size, Path(tmp))
-            print(f"{size}: {args.frames} frames, teacher-forced", flush=True)
-            results[size] = {"errors": report(size, fidelity(path, config, args.frames))}
-            if size != "tiny":
+            results[size] = {}
+            if "fidelity" in args.parts:
+                print(f"{size}: {args.frames} frames, teacher-forced", flush=True)
+                results[size]["errors"] = report(size, fidelity(path, config, args.frames))
+            if "rss" in args.parts and size != "tiny":
                 results[size]["rss"] = peak_rss(path, size)
     print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     if args.json:

@@ -86,7 +86,9 @@ def _converted(
     """The quantized file's tensors in its order: 8-bit weights and their scales, the rest in bf16."""
     for key in tqdm(order, desc=f"quantizing {f.path.name} to {weights}", unit="tensor", disable=not progress):
         if key in eight_bit:
-            q, scale = quantize_streamed(f, key, weights, torch.device("cpu"))
+            q = torch.empty(f.tensors[key].shape, dtype=STORAGE[weights])
+            scale = torch.empty(q.size(0))
+            quantize_streamed(f, key, weights, q, scale)
             yield key, q
             yield key + SCALE_SUFFIX, scale
         else:

@@ -56,29 +56,33 @@ def scale_dtype(weights: WeightFormat, dtype: torch.dtype) -> torch.dtype:
 @torch.no_grad()
 def quantize_rows(weight: torch.Tensor, weights: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, fp32 scale per row) of a 2-D weight: ``q * scale[:, None]`` approximates it."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / _LIMIT[weights]
-    scaled = w / scale
+    q = torch.empty(weight.shape, dtype=STORAGE[weights], device=weight.device)
+    return q, _quantize_into(weight.to(torch.float32, copy=True), weights, q)
+
+
+def _quantize_into(block: torch.Tensor, weights: WeightFormat, out: torch.Tensor) -> torch.Tensor:
+    """Quantize the fp32 rows ``block`` into ``out`` and return their scales. ``block`` is
+    overwritten: no temporary of its size is made (loading's peak is the model plus one block)."""
+    limit = _LIMIT[weights]
+    scale = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg_()).clamp_(min=1e-12).div_(limit)
+    block.div_(scale[:, None])
     if weights == "int8":
-        return scaled.round_().clamp_(-127, 127).to(torch.int8), scale.squeeze(1)
-    return scaled.clamp_(-_LIMIT["fp8"], _LIMIT["fp8"]).to(torch.float8_e4m3fn), scale.squeeze(1)
+        block.round_()
+    out.copy_(block.clamp_(-limit, limit))
+    return scale
 
 
-def quantize_streamed(
-    f: TensorFile, name: str, weights: WeightFormat, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize tensor ``name`` of an open checkpoint, a block of rows at a time, onto ``device``:
-    memory holds the 8-bit result plus one block of at most :data:`BLOCK_BYTES` in fp32."""
+def quantize_streamed(f: TensorFile, name: str, weights: WeightFormat, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """Quantize tensor ``name`` of an open checkpoint into ``out`` (8-bit, on its device) and
+    ``scales`` (any float dtype), a block of rows at a time: memory holds the result plus one block
+    of at most :data:`BLOCK_BYTES` in fp32."""
     rows, cols = f.tensors[name].shape
-    q = torch.empty(rows, cols, dtype=STORAGE[weights], device=device)
-    scale = torch.empty(rows, dtype=torch.float32, device=device)
     step = max(1, BLOCK_BYTES // (4 * cols))
-    block = torch.empty(min(step, rows), cols, dtype=torch.float32, device=device)
+    block = torch.empty(min(step, rows), cols, dtype=torch.float32, device=out.device)
     for first in range(0, rows, step):
         part = block[: min(step, rows - first)]
         f.read_into(name, part, first_row=first)
-        q[first : first + len(part)], scale[first : first + len(part)] = quantize_rows(part, weights)
-    return q, scale
+        scales[first : first + len(part)] = _quantize_into(part, weights, out[first : first + len(part)])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

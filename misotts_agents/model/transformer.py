@@ -137,6 +137,15 @@ def fuse_linears(
     return fused
 
 
+def fuse_group(owner: nn.Module, name: str, children: tuple[str, ...]) -> None:
+    """``owner.<name>`` := the ``children``'s weights stacked (:func:`fuse_linears`), and for 8-bit
+    layers ``owner.<name>_scale`` := their scales stacked the same way."""
+    setattr(owner, name, fuse_linears(owner, children, getattr(owner, name)))
+    if isinstance(getattr(owner, children[0]), QuantLinear):
+        scales = fuse_linears(owner, children, getattr(owner, name + "_scale"), "weight_scale")
+        setattr(owner, name + "_scale", scales)
+
+
 class _Pass(NamedTuple):
     """What every layer of one forward shares: rotation, cache addressing, window and mask."""
 
@@ -154,6 +163,7 @@ class Attention(nn.Module):
     v_cache: torch.Tensor | None
     wqkv: torch.Tensor  # fused by fuse_weights() in __init__
     wqkv_scale: torch.Tensor | None  # and the 8-bit layers' scales, fused the same way
+    FUSED = ("wqkv", ("q_proj", "k_proj", "v_proj"))  # a fused matrix and the layers it stacks
 
     def __init__(self, flavor: Flavor, weights: WeightFormat = "bf16") -> None:
         super().__init__()
@@ -174,10 +184,7 @@ class Attention(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        names = ("q_proj", "k_proj", "v_proj")
-        self.wqkv = fuse_linears(self, names, self.wqkv)
-        if isinstance(self.q_proj, QuantLinear):
-            self.wqkv_scale = fuse_linears(self, names, self.wqkv_scale, "weight_scale")
+        fuse_group(self, *self.FUSED)
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (max_batch, self.num_kv_heads, max_len, self.head_dim)
@@ -217,6 +224,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     w13: torch.Tensor  # fused by fuse_weights() in __init__
     w13_scale: torch.Tensor | None  # and the 8-bit layers' scales
+    FUSED = ("w13", ("w1", "w3"))
 
     def __init__(self, flavor: Flavor, weights: WeightFormat = "bf16") -> None:
         super().__init__()
@@ -229,9 +237,7 @@ class MLP(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        self.w13 = fuse_linears(self, ("w1", "w3"), self.w13)
-        if isinstance(self.w1, QuantLinear):
-            self.w13_scale = fuse_linears(self, ("w1", "w3"), self.w13_scale, "weight_scale")
+        fuse_group(self, *self.FUSED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.w13, self.w13_scale).chunk(2, dim=-1)
