@@ -8,7 +8,8 @@ product's output column after the matrix product, which itself reads one byte pe
 - **int8** (any device) is gpt-fast's WeightOnlyInt8Linear: ``F.linear(x, q.to(x.dtype)) * scale``.
   Eagerly the conversion is a kernel of its own (correct, not faster than bf16); under
   ``torch.compile`` inductor fuses it into the product's loads, and on CUDA the frame step runs
-  compiled layers under CUDA graphs (engine/step.py), so a step reads the int8 bytes.
+  compiled layers under CUDA graphs (engine/step.py), so a step should read the int8 bytes (not
+  yet measured on a GPU).
 - **fp8** (CUDA, compute capability >= 8.9) quantizes the activations per row on the fly and
   multiplies e4m3 x e4m3 on the tensor cores (``torch._scaled_mm``, row-wise scales, bf16 out).
 
