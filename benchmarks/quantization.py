@@ -18,7 +18,7 @@ Random weights are not trained ones: their rows have no outliers and their activ
 structure, so the int8 error here is only a rough guide to the error on real weights (the check on
 those is scripts/quantization_wer.py: word error rate of the same prompts in bf16 and int8).
 
-    uv run python benchmarks/quantization.py                        # tiny + CSM-1B size (~10 GB free, ~15 min)
+    uv run python benchmarks/quantization.py                        # tiny + CSM-1B size (~10 GB free, ~10 min)
     uv run python benchmarks/quantization.py --sizes tiny --frames 300
 """
 

@@ -38,6 +38,7 @@ measuring a GPU the moment it is available; ``tiny`` or a JSON config does the s
     uv run misotts-agents bench --levels 1,4,16 --frames 50 --watermark
     uv run misotts-agents bench --model MisoLabs/MisoTTS --levels 1,2,4,8,16,32     # on your GPU
     misotts-agents bench --random-weights llama-8B --levels 1,8,32,64,128 --modes batched,no-overlap --batch-buckets
+    misotts-agents bench --random-weights llama-8B --weights int8 --levels 1,8,32,64,128 --modes batched --batch-buckets
 """
 
 from __future__ import annotations

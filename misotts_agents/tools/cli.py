@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize", help="write a checkpoint directory with 8-bit linear layers (loads with --weights int8|fp8)"
     )
     quantize.add_argument("source", help="full-precision checkpoint: a local directory or Hub repo id")
-    quantize.add_argument("destination", type=Path, help="directory to write (the other files of SRC are copied)")
+    quantize.add_argument("destination", type=Path, help="directory to write (the source's other files are copied)")
     quantize.add_argument("--weights", choices=WEIGHT_FORMATS[1:], default="int8", help="default: %(default)s")
 
     bench = sub.add_parser(
