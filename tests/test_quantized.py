@@ -160,6 +160,22 @@ def test_fp8_on_cpu_is_a_clear_error(tiny_dir):
         load_tiny(tiny_dir, weights="fp8")
 
 
+def test_int8_layer_compiles_as_one_graph():
+    """The frame step compiles each layer (dynamic shapes) before capturing CUDA graphs: an int8
+    layer must trace without a graph break and compute what it computes eagerly (~20 s on 2 cores)."""
+    from misotts_agents.model.transformer import CacheWindow
+
+    model = random_model_on(TINY_CONFIG, "cpu", torch.float32, weights="int8")
+    model.setup_caches(2)
+    x, pos, window = torch.randn(2, 1, 48), torch.full((2, 1), 3), CacheWindow(4, masked=False)
+    eager = model.decoder(x, pos, window)
+    model.decoder.compiled_layers = [torch.compile(la, dynamic=True, fullgraph=True) for la in model.decoder.layers]
+    try:
+        torch.testing.assert_close(model.decoder(x, pos, window), eager, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_random_int8_model_for_benchmarks():
     model = random_model_on(TINY_CONFIG, "cpu", torch.float32, weights="int8")
     assert model.decoder.layers[0].mlp.w13.dtype == torch.int8  # type: ignore[union-attr]

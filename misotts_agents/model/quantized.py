@@ -14,9 +14,9 @@ product's output column after the matrix product, which itself reads one byte pe
   multiplies e4m3 x e4m3 on the tensor cores (``torch._scaled_mm``, row-wise scales, bf16 out).
 
 What stays in the model's dtype (bf16 on CUDA) and why: the embeddings (a frame reads 33 of their
-rows, not the matrices: nothing to save in bandwidth), the RMSNorm scales (fp32, tiny), and
-``projection``, ``codebook0_head`` and ``audio_head``: together 1.8% of the bytes an 8B frame
-reads (README, "8-bit weights"), and the heads make the logits the codes are drawn from.
+rows, not the matrices: nothing to save in bandwidth), the RMSNorm scales (tiny; the norm runs in
+fp32), and ``projection``, ``codebook0_head`` and ``audio_head``: together 1.8% of the bytes an 8B
+frame reads (README, "8-bit weights"), and the heads make the logits the codes are drawn from.
 """
 
 from __future__ import annotations
