@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from misotts_agents.model.config import ModelConfig
-from misotts_agents.model.rope import llama3_rope_cache
 from misotts_agents.model.sampling import SamplingState, exponential_noise, open_unit_interval, sample_topk
-from misotts_agents.model.transformer import CacheWindow, MisoModel, length_buckets
+from misotts_agents.model.transformer import CacheWindow, MisoModel, length_buckets, llama3_rope_cache
 
 pytest.importorskip("torchtune", reason="the torchtune oracle needs the dev dependencies")
 from oracle import OracleModel, reference_sample_topk
