@@ -3,7 +3,7 @@
 # needs is decided here, and its minutes go to measuring.
 #
 #   scripts/gpu_check.sh prepare        # here, once (needs PyPI): cp312 wheels + tokenizer into .whl/
-#   scripts/gpu_check.sh [RESULTS_DIR]  # on the GPU machine: about 5-8 minutes on one H100/H200
+#   scripts/gpu_check.sh [RESULTS_DIR]  # on the GPU machine: about 5-8 minutes on one H100/H200, then int8 (stage 6) within 9.5
 #   MISOTTS_GPU_CHECK_DRY=1 scripts/gpu_check.sh /tmp/gpu_check   # CPU dry run: tiny layout, 2 levels
 #
 # The check, each stage under its own time limit so one hang cannot eat the others:
