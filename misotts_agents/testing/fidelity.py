@@ -25,7 +25,10 @@ class Outputs:
 
 @torch.no_grad()
 def teacher_forced(model: MisoModel, codes: torch.Tensor) -> Outputs:
-    """The model's logits for ``codes`` (frames, codebooks), each frame predicted from the ones before."""
+    """The model's logits for ``codes`` (frames, codebooks), each frame predicted from the ones before.
+
+    It sizes the model's KV caches for this (one backbone row, a decoder row per frame): a model of
+    its own, not an engine's."""
     frames, k = codes.shape
     device, dtype = model.device, model.dtype
     codes = codes.to(device)

@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": device,
             "device_name": floor["device"],
             "dtype": dtype,
+            "weights": engine.model.weights,
             "torch": torch.__version__,
             "max_batch": max_batch,
             "batch_buckets": args.batch_buckets,
