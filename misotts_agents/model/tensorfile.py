@@ -1,4 +1,5 @@
-"""A safetensors file read one tensor at a time with plain file reads, never mapped.
+"""A safetensors file read one tensor (or block of rows) at a time with plain file reads, never
+mapped; and written one tensor at a time (:func:`write_tensorfile`, for converting checkpoints).
 
 Why not ``safetensors.safe_open``: it maps the whole file, and every tensor read through the map
 stays resident (counted in the process's resident size) until the map closes, so loading a bf16
