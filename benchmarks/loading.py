@@ -3,8 +3,9 @@
 It writes a random checkpoint of the given size (default CSM-1B: 1.55 B parameters, 6.2 GB of fp32)
 to a temporary directory (``--dir``, default /tmp), tensor by tensor so the writer itself stays
 small, then loads it in a fresh subprocess per loader and dtype and reports each subprocess's peak
-resident size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: anonymous memory and the file pages
-mapped in, as the kernel counts them) and its wall time. The file is deleted at the end.
+resident size (``VmHWM`` of ``/proc/self/status``: anonymous memory and the file pages mapped in,
+as the kernel counts them, since the subprocess's exec; ``ru_maxrss`` would start from the parent's
+own peak, which the kernel carries across fork and exec) and its wall time. The file is deleted at the end.
 
 - ``previous``: the loader before lean loading, reproduced here as the baseline: the file opened
   with ``safetensors.safe_open`` (mapped), each tensor read through the map and converted, the
@@ -13,18 +14,19 @@ mapped in, as the kernel counts them) and its wall time. The file is deleted at 
   the map lives as long as the model (hence the "after first use" column, which reads every page).
 - ``lean``: ``misotts_agents.model.weights.load_model`` (plain reads in 64 MB pieces into each
   destination tensor, tensorfile.py).
+- ``int8``: the same with ``weights="int8"`` (linear layers quantized as they stream in, 64 MB of
+  fp32 rows at a time; the rest in ``--dtypes``).
 
     uv run python benchmarks/loading.py                          # CSM-1B size, bf16 (needs ~10 GB free)
     uv run python benchmarks/loading.py --dtypes bfloat16,float32
+    uv run python benchmarks/loading.py --loaders lean,int8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -35,33 +37,10 @@ from pathlib import Path
 import torch
 
 from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
-from misotts_agents.model.weights import expected_shapes, load_model
+from misotts_agents.model.weights import load_model
+from misotts_agents.testing.random_weights import write_random_checkpoint
 
 SIZES = {"csm-1b": CSM_1B, "misotts-8b": MISOTTS_8B}
-WRITE_PIECE = 16 << 20  # floats generated and written at a time
-
-
-def write_random_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> int:
-    """An fp32 safetensors file with the official keys and random values; returns its size."""
-    shapes = dict(sorted(expected_shapes(config).items()))
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    generator = torch.Generator().manual_seed(seed)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        for key, shape in shapes.items():
-            remaining = math.prod(shape)
-            while remaining:
-                n = min(remaining, WRITE_PIECE)
-                values = torch.ones(n) if key.endswith(".scale") else torch.randn(n, generator=generator) * 0.02
-                f.write(values.numpy().tobytes())
-                remaining -= n
-    return path.stat().st_size
 
 
 def previous_load_model(path: Path, config: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -84,23 +63,31 @@ def previous_load_model(path: Path, config: ModelConfig, dtype: torch.dtype) -> 
     return model
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident size since its exec, in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
+
+
 def child(loader: str, path: Path, size: str, dtype_name: str) -> None:
     """Load once in this fresh process and print its figures as one JSON line."""
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
     config = SIZES[size]
-    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before_kb = peak_rss_kb()
     started = time.perf_counter()
     if loader == "previous":
         model = previous_load_model(path, config, dtype)
     else:
-        model = load_model(path, config, dtype=dtype, progress=False)
+        model = load_model(path, config, dtype=dtype, progress=False, weights="int8" if loader == "int8" else "bf16")
     seconds = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = peak_rss_kb()
     tensors = list(model.state_dict().values())
     for t in tensors:  # read one value per 4 KB page: weights a loader left in the file map come in now
         t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
-    used_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    used_kb = peak_rss_kb()
     used_s = time.perf_counter() - started
     figures = {
         "peak_gb": peak_kb / 1e6,
@@ -154,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{loader:<10}{dtype:<10}{f['model_gb']:>6.2f}GB{f['peak_gb']:>16.2f}GB{f['used_gb']:>15.2f}GB"
             f"{f['before_gb']:>11.2f}GB{f['s']:>6.1f}s{f['used_s']:>12.1f}s"
         )
-    print(f"file: {size / 1e9:.2f} GB fp32 (deleted). peak RSS = ru_maxrss of the loading process (anonymous")
+    print(f"file: {size / 1e9:.2f} GB fp32 (deleted). peak RSS = VmHWM of the loading process (anonymous")
     print("memory and touched pages of mapped files); after first use = the same once every weight was read")
     print("(a loader that leaves fp32 weights in the file map is lazy: they come in on first use);")
     print("before load = its peak after the imports (torch). Times depend on the page cache (the file was")

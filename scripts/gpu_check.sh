@@ -3,7 +3,7 @@
 # needs is decided here, and its minutes go to measuring.
 #
 #   scripts/gpu_check.sh prepare        # here, once (needs PyPI): cp312 wheels + tokenizer into .whl/
-#   scripts/gpu_check.sh [RESULTS_DIR]  # on the GPU machine: about 5-8 minutes on one H100/H200
+#   scripts/gpu_check.sh [RESULTS_DIR]  # on the GPU machine: about 5-8 minutes on one H100/H200, then int8 (stage 6) within 9.5
 #   MISOTTS_GPU_CHECK_DRY=1 scripts/gpu_check.sh /tmp/gpu_check   # CPU dry run: tiny layout, 2 levels
 #
 # The check, each stage under its own time limit so one hang cannot eat the others:
@@ -21,7 +21,9 @@
 #      originals are not carried, their columns say absent)                    -> codecs.log
 #   5. each step's watermark in one batched call vs one call per stream, at
 #      1/8/32/64 streams (benchmarks/watermark_streaming.py)                   -> watermark.log
-#   6. the last lines of each                                                    -> summary.txt
+#   6. stage 3 again with int8 weights (batched only), next to stage 3's bf16:
+#      ms per step, peak device memory, streams that fit at full context       -> bench_8b_int8.{log,json}
+#   7. the last lines of each                                                    -> summary.txt
 # RESULTS_DIR defaults to $OUT (the device tool's folder that comes back) or out/gpu_check.
 # Missing packages travel as wheels in .whl/ (device tool: carry [".whl"]); the package itself
 # runs from this checkout (PYTHONPATH), nothing is installed into the machine's Python.
@@ -96,7 +98,8 @@ EOF
 tail -n 3 "$RESULTS/env.txt" | tee -a "$RESULTS/summary.txt"
 
 log "2. CUDA-marked tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py tests/test_overlap.py tests/test_codec.py -rs > "$RESULTS/cuda_tests.log" 2>&1
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_step.py tests/test_overlap.py tests/test_codec.py \
+    tests/test_quantized.py -rs > "$RESULTS/cuda_tests.log" 2>&1
 log "   pytest exit status $? (0: passed; see cuda_tests.log)"
 tail -n 8 "$RESULTS/cuda_tests.log" | tee -a "$RESULTS/summary.txt"
 
@@ -128,4 +131,18 @@ timeout 45 "$PY" benchmarks/watermark_streaming.py --device cuda --seconds 4 --l
     > "$RESULTS/watermark.log" 2>&1
 log "   watermark exit status $?"
 tail -n 12 "$RESULTS/watermark.log" | tee -a "$RESULTS/summary.txt"
+log "6. int8 weights next to bf16 (stage 3): the same layout and levels, batched"
+left=$(( 570 - $(elapsed) ))
+if [ $left -lt 90 ]; then
+    log "   skipped: $left s left of the device's 10 minutes"
+else
+    timeout $(( left < 240 ? left : 240 )) "$PY" -m misotts_agents.tools.bench --random-weights "$LAYOUT" \
+        --weights int8 --levels "$LEVELS" --frames "$FRAMES" --modes batched --batch-buckets \
+        "${TOKENIZER_ARGS[@]}" "${EXTRA[@]}" --plot "$RESULTS/bench_8b_int8.png" --json "$RESULTS/bench_8b_int8.json" \
+        > "$RESULTS/bench_8b_int8.log" 2>&1
+    log "   int8 bench exit status $?"
+    for run in bench_8b bench_8b_int8; do  # ms per step and memory (peak, streams at full context), side by side
+        grep -E "weights read per frame|memory:|batched +measured" "$RESULTS/$run.log" | sed "s/^/$run: /"
+    done | tee -a "$RESULTS/summary.txt"
+fi
 log "done in $(elapsed) s; results in $RESULTS"

@@ -261,14 +261,14 @@ def test_wait_admitted_returns_when_a_slot_frees_or_the_request_ends(small_engin
 def test_concurrent_submissions_never_exceed_the_queue(small_engine, monkeypatch):
     """The capacity check and the submission are one step: six callers at once (each slowed down
     between the two, where the old code let them all through) get one slot and one queue place."""
-    import misotts_agents.engine.miso_engine as facade
+    import misotts_agents.engine.miso_engine as miso_engine
 
-    class SlowStream(facade.SpeechStream):
+    class SlowStream(miso_engine.SpeechStream):
         def __init__(self, *args, **kwargs) -> None:
             time.sleep(0.2)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(facade, "SpeechStream", SlowStream)
+    monkeypatch.setattr(miso_engine, "SpeechStream", SlowStream)
     start = threading.Barrier(6)
     accepted, refused = [], []
 

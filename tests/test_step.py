@@ -12,7 +12,7 @@ from engines import load_tiny
 
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.engine.step import FrameStepper, HostRows, StepShape, _Captured, bucket_sizes
-from misotts_agents.model.config import ModelConfig
+from misotts_agents.model.config import ModelConfig, WeightFormat
 from misotts_agents.model.sampling import SamplingState
 from misotts_agents.model.transformer import CacheWindow
 from misotts_agents.testing.random_weights import random_model_on
@@ -218,8 +218,10 @@ MID_CONFIG = ModelConfig(  # big enough for bf16 rounding to show, small enough 
 )
 
 
-def cuda_stepper(config: ModelConfig, dtype: torch.dtype, max_batch: int, **options) -> FrameStepper:
-    model = random_model_on(config, "cuda", dtype, seed=5, std=0.05)
+def cuda_stepper(
+    config: ModelConfig, dtype: torch.dtype, max_batch: int, weights: WeightFormat = "bf16", **options
+) -> FrameStepper:
+    model = random_model_on(config, "cuda", dtype, seed=5, std=0.05, weights=weights)
     model.setup_caches(max_batch)
     return FrameStepper(model, max_batch, **options)
 

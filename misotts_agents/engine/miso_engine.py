@@ -32,7 +32,8 @@ from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import CachedVoice, VoiceCache
 from misotts_agents.errors import EngineBusy, EngineClosed, ModelSourceError
 from misotts_agents.model import codec
-from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig
+from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig, WeightFormat, parse_weights
+from misotts_agents.model.quantized import check_supported
 from misotts_agents.model.sources import DEFAULT_MODEL, DEFAULT_TOKENIZER, fetch_file
 from misotts_agents.model.tokenizer import TextTokenizer
 from misotts_agents.model.transformer import MisoModel
@@ -43,7 +44,7 @@ from misotts_agents.model.watermark import (
     Watermarker,
 )
 from misotts_agents.model.watermark_stream import StreamWatermarker
-from misotts_agents.model.weights import load_model
+from misotts_agents.model.weights import load_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class MisoEngine:
         fair: bool = True,
         max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
         progress: bool = True,
+        weights: WeightFormat = "bf16",
     ) -> MisoEngine:
         """Load everything from a local directory or a Hub repo id (downloaded once, then cached).
 
@@ -172,12 +174,19 @@ class MisoEngine:
         mirror and the standard Mimi (kyutai's, downloaded). ``watermark`` is True (SilentCipher from the model
         directory's ``silentcipher/`` when present, else from the Hub), a directory or repo id, or
         False to disable it explicitly.
+
+        ``weights``: the transformers' linear layers in ``dtype`` (``"bf16"``, named for the CUDA
+        default; fp32 on CPU unless ``dtype`` says otherwise), or 8-bit: ``"int8"`` (any device) or
+        ``"fp8"`` (CUDA, compute capability >= 8.9), quantized while the checkpoint streams in, or read
+        as they are from a ``misotts-agents quantize`` checkpoint (model/quantized.py).
         """
         prefill_chunk = parse_prefill_chunk(prefill_chunk)  # a bad setting fails before the weights load
+        weights = parse_weights(weights)
         device = torch.device(device) if device is not None else default_device()
+        check_supported(weights, device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        config = _load_config(model)
-        weights = fetch_file(model, "model.safetensors", "model weights", MAKE_TINY_HINT)
+        config, stored = _load_config(model)
+        checkpoint = fetch_file(model, "model.safetensors", "model weights", MAKE_TINY_HINT)
         local = Path(model).expanduser()
         if tokenizer is None:
             tokenizer = local if (local / "tokenizer.json").is_file() else DEFAULT_TOKENIZER
@@ -194,7 +203,7 @@ class MisoEngine:
                 watermark = bundled if (bundled / "hparams.yaml").is_file() else DEFAULT_WATERMARK_SOURCE
             # On the engine's device: on CPU SilentCipher costs ~0.5 core-second per second of audio.
             watermarker = Watermarker.load(watermark, device=str(device), key=watermark_key)
-        net = load_model(weights, config, device=device, dtype=dtype, progress=progress)
+        net = load_model(checkpoint, config, device, dtype, progress, weights=weights, stored=stored)
         engine = cls(
             net,
             text_tokenizer,
@@ -348,10 +357,10 @@ class MisoEngine:
                 self._unprepared.discard(job)
 
 
-def _load_config(model: str | Path) -> ModelConfig:
+def _load_config(model: str | Path) -> tuple[ModelConfig, WeightFormat]:
     try:
-        return ModelConfig.load(fetch_file(model, "config.json", "model config", MAKE_TINY_HINT))
+        return read_config(fetch_file(model, "config.json", "model config", MAKE_TINY_HINT))
     except ModelSourceError:
         if str(model) in KNOWN_CONFIGS:
-            return KNOWN_CONFIGS[str(model)]
+            return KNOWN_CONFIGS[str(model)], "bf16"
         raise

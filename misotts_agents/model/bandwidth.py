@@ -51,18 +51,21 @@ def gpu_bandwidth_gbs(device: torch.device) -> tuple[float | None, str]:
     return None, name
 
 
-def weight_bytes_per_frame(config: ModelConfig, bytes_per_param: int) -> int:
-    """Weight bytes one frame step reads (batch-independent while memory-bound)."""
+def weight_bytes_per_frame(config: ModelConfig, bytes_per_param: int, linear_bytes: int | None = None) -> int:
+    """Weight bytes one frame step reads (batch-independent while memory-bound); ``linear_bytes``:
+    the stacks' linear layers' own width when 8-bit (model/quantized.py; their scales neglected)."""
     b, d = config.backbone, config.decoder
     k, vocab = config.audio_num_codebooks, config.audio_vocab_size
+    width = bytes_per_param if linear_bytes is None else linear_bytes
 
-    def transformer(f):  # attention (q, k, v, out) + SwiGLU + norms
+    def transformer(f):  # attention (q, k, v, out) + SwiGLU, then the norms
         attn = f.embed_dim * f.head_dim * (2 * f.num_heads + 2 * f.num_kv_heads)
-        return f.num_layers * (attn + 3 * f.embed_dim * f.intermediate_dim + 2 * f.embed_dim) + f.embed_dim
+        linears = f.num_layers * (attn + 3 * f.embed_dim * f.intermediate_dim)
+        return linears * width + (2 * f.num_layers + 1) * f.embed_dim * bytes_per_param
 
-    backbone = transformer(b) + vocab * b.embed_dim  # + codebook-0 head
-    per_depth_step = transformer(d) + d.embed_dim * b.embed_dim + d.embed_dim * vocab  # + projection, head slice
-    return (backbone + (k - 1) * per_depth_step) * bytes_per_param
+    backbone = transformer(b) + vocab * b.embed_dim * bytes_per_param  # + codebook-0 head
+    heads = (d.embed_dim * b.embed_dim + d.embed_dim * vocab) * bytes_per_param  # projection, head slice
+    return backbone + (k - 1) * (transformer(d) + heads)
 
 
 def kv_bytes_per_frame(config: ModelConfig, bytes_per_param: int, batch: int, context: int) -> int:
@@ -80,16 +83,23 @@ def kv_bytes_per_frame(config: ModelConfig, bytes_per_param: int, batch: int, co
     return batch * (per_position(b) * context + per_position(d) * depth_positions) * bytes_per_param
 
 
-def bytes_per_frame(config: ModelConfig, bytes_per_param: int, batch: int = 1, context: int = 0) -> int:
+def bytes_per_frame(
+    config: ModelConfig, bytes_per_param: int, batch: int = 1, context: int = 0, linear_bytes: int | None = None
+) -> int:
     """Bytes one frame step must read: the weights once, plus ``batch`` rows' KV at ``context`` positions."""
     kv = kv_bytes_per_frame(config, bytes_per_param, batch, context) if context else 0
-    return weight_bytes_per_frame(config, bytes_per_param) + kv
+    return weight_bytes_per_frame(config, bytes_per_param, linear_bytes) + kv
 
 
 def floor_ms(
-    config: ModelConfig, bytes_per_param: int, bandwidth_gbs: float, batch: int = 1, context: int = 0
+    config: ModelConfig,
+    bytes_per_param: int,
+    bandwidth_gbs: float,
+    batch: int = 1,
+    context: int = 0,
+    linear_bytes: int | None = None,
 ) -> float:
-    return bytes_per_frame(config, bytes_per_param, batch, context) / (bandwidth_gbs * 1e9) * 1e3
+    return bytes_per_frame(config, bytes_per_param, batch, context, linear_bytes) / (bandwidth_gbs * 1e9) * 1e3
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 MAX_SEQ_LEN = 2048  # backbone positions; the reference's generate() budget
 NUM_CODEBOOKS = 32  # codebooks per frame (Mimi has 32; moshi's default of 8 is for Moshi itself)
@@ -21,6 +21,18 @@ ROPE_SCALE_FACTOR = 32.0
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_OLD_CONTEXT_LEN = 8192
+
+# How the transformers' linear layers hold their weights (model/quantized.py): the model's dtype,
+# or 8 bits with a scale per output channel.
+WeightFormat = Literal["bf16", "int8", "fp8"]
+WEIGHT_FORMATS: tuple[WeightFormat, ...] = get_args(WeightFormat)
+
+
+def parse_weights(value: str) -> WeightFormat:
+    """The weight format named by ``value`` (``ValueError`` listing the known ones otherwise)."""
+    if value not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {value!r}")
+    return cast("WeightFormat", value)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A safetensors file read one tensor at a time with plain file reads, never mapped.
+"""A safetensors file read one tensor (or block of rows) at a time with plain file reads, never
+mapped; and written one tensor at a time (:func:`write_tensorfile`, for converting checkpoints).
 
 Why not ``safetensors.safe_open``: it maps the whole file, and every tensor read through the map
 stays resident (counted in the process's resident size) until the map closes, so loading a bf16
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -109,20 +112,27 @@ class TensorFile:
             tensors[name] = TensorInfo(dtype, shape, start + begin, nbytes)
         return tensors
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read tensor ``name`` into ``out`` (same shape; any dtype and device: converted piece by piece)."""
+    def read_into(self, name: str, out: torch.Tensor, first_row: int | None = None) -> None:
+        """Read tensor ``name`` into ``out`` (same shape; any dtype and device: converted piece by piece).
+
+        With ``first_row``, ``out`` holds ``len(out)`` rows from that row on (a block of a matrix).
+        """
         info = self.tensors[name]
-        if tuple(out.shape) != info.shape or not out.is_contiguous():
-            raise ValueError(f"{name}: destination {tuple(out.shape)} does not match {info.shape}")
+        rows = info.shape if first_row is None else (len(out), *info.shape[1:])
+        start = 0 if first_row is None else first_row * math.prod(info.shape[1:])
+        bad_block = first_row is not None and not 0 <= first_row <= first_row + len(out) <= info.shape[0]
+        if tuple(out.shape) != rows or bad_block or not out.is_contiguous():
+            raise ValueError(f"{name}: destination {tuple(out.shape)} (row {first_row}) does not match {info.shape}")
         flat = out.view(-1)
+        offset = info.offset + start * info.dtype.itemsize
         if out.dtype == info.dtype and out.device.type == "cpu":
-            self._read_exactly(info.offset, flat.view(torch.uint8), name)  # straight into place
+            self._read_exactly(offset, flat.view(torch.uint8), name)  # straight into place
             return
         per_piece = max(1, PIECE_BYTES // info.dtype.itemsize)
         for first in range(0, flat.numel(), per_piece):
             count = min(per_piece, flat.numel() - first)
             raw = self._piece(count * info.dtype.itemsize, out.device)
-            self._read_exactly(info.offset + first * info.dtype.itemsize, raw, name)
+            self._read_exactly(offset + first * info.dtype.itemsize, raw, name)
             flat[first : first + count].copy_(raw.view(info.dtype))
 
     def _piece(self, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -141,3 +151,35 @@ class TensorFile:
             if not n:
                 raise TensorFileError(f"{name}: the file ends inside the tensor")
             done += n
+
+
+def write_tensorfile(
+    path: str | Path,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file one tensor at a time: the header from ``layout`` (name: dtype,
+    shape, in file order), then each tensor as ``tensors`` yields it, in the same order and
+    matching its entry. Only one tensor is ever held, so a checkpoint can be converted in memory
+    the size of its largest tensor."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned, as the reference writes
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        expected = iter(layout.items())
+        for name, tensor in tensors:
+            want, (dtype, shape) = next(expected, (None, (None, None)))
+            if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} {tensor.dtype} {tuple(tensor.shape)} is not the next entry ({want})")
+            out.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        left = next(expected, None)
+        if left is not None:
+            raise ValueError(f"no tensor given for {left[0]}")

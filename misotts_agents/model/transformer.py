@@ -38,17 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misotts_agents.model.config import (
-    MAX_SEQ_LEN,
-    NORM_EPS,
-    ROPE_BASE,
-    ROPE_HIGH_FREQ_FACTOR,
-    ROPE_LOW_FREQ_FACTOR,
-    ROPE_OLD_CONTEXT_LEN,
-    ROPE_SCALE_FACTOR,
-    Flavor,
-    ModelConfig,
-)
+from misotts_agents.model.config import MAX_SEQ_LEN, NORM_EPS, Flavor, ModelConfig, WeightFormat
+from misotts_agents.model.quantized import QuantLinear, linear, make_linear
+from misotts_agents.model.rope import apply_rope, llama3_rope_cache
 from misotts_agents.model.sampling import SamplingState, sample_topk
 
 # Backbone attention windows are multiples of this many positions (see length_buckets).
@@ -125,50 +117,33 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.scale_fp32, NORM_EPS).to(x.dtype)
 
 
-def llama3_rope_cache(head_dim: int, max_seq_len: int, device: torch.device) -> torch.Tensor:
-    """(max_seq_len, head_dim/2, 2) cos/sin table with Llama-3 frequency scaling, in fp32."""
-    steps = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float()
-    freqs = 1.0 / (ROPE_BASE ** (steps / head_dim))
-    wavelen = 2 * torch.pi / freqs
-    low_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_LOW_FREQ_FACTOR
-    high_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_HIGH_FREQ_FACTOR
-    smooth = (ROPE_OLD_CONTEXT_LEN / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
-    blended = (1 - smooth) * freqs / ROPE_SCALE_FACTOR + smooth * freqs
-    theta = torch.where(
-        wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / ROPE_SCALE_FACTOR, blended)
-    )
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), theta)
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (b, s, heads, head_dim) by ``rotation`` (b, s, 1, head_dim/2, 2)
-    = (cos, sin), in fp32: (x0 cos - x1 sin, x1 cos + x0 sin), the reference's arithmetic.
-
-    Eagerly it is one complex product (one kernel instead of seven; the same roundings). Inductor
-    generates no code for complex operators, so under ``torch.compile`` the real form is traced
-    and fused instead.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        x0, x1, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
-        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)
-    else:
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
-    return out.flatten(-2).type_as(x)
-
-
-def fuse_linears(owner: nn.Module, names: tuple[str, ...], fused: torch.Tensor | None) -> torch.Tensor:
-    """One matrix of the bias-free Linear children ``names`` stacked by rows; each child's weight
-    becomes a view of its rows, so the module keeps one copy under the official names. ``fused``
-    is returned as it is while every weight is still a view of it (an in-place load kept them)."""
-    parts = [getattr(owner, name).weight for name in names]
+def fuse_linears(
+    owner: nn.Module, names: tuple[str, ...], fused: torch.Tensor | None, attr: str = "weight"
+) -> torch.Tensor:
+    """One tensor of the bias-free linear children ``names``' ``attr`` (weights, or 8-bit layers'
+    ``weight_scale``) stacked by rows; each child's becomes a view of its rows, so the module keeps
+    one copy under the official names. ``fused`` is returned as it is while every part is still a
+    view of it (an in-place load kept them)."""
+    parts = [getattr(getattr(owner, name), attr) for name in names]
     if fused is not None and all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts):
         return fused
     fused = torch.cat([p.detach() for p in parts])
-    for name, view in zip(names, fused.split([p.size(0) for p in parts]), strict=True):
-        getattr(owner, name).weight = nn.Parameter(view, requires_grad=False)
+    for name, part, view in zip(names, parts, fused.split([p.size(0) for p in parts]), strict=True):
+        setattr(
+            getattr(owner, name),
+            attr,
+            nn.Parameter(view, requires_grad=False) if isinstance(part, nn.Parameter) else view,
+        )
     return fused
+
+
+def fuse_group(owner: nn.Module, name: str, children: tuple[str, ...]) -> None:
+    """``owner.<name>`` := the ``children``'s weights stacked (:func:`fuse_linears`), and for 8-bit
+    layers ``owner.<name>_scale`` := their scales stacked the same way."""
+    setattr(owner, name, fuse_linears(owner, children, getattr(owner, name)))
+    if isinstance(getattr(owner, children[0]), QuantLinear):
+        scales = fuse_linears(owner, children, getattr(owner, name + "_scale"), "weight_scale")
+        setattr(owner, name + "_scale", scales)
 
 
 class _Pass(NamedTuple):
@@ -187,26 +162,29 @@ class Attention(nn.Module):
     k_cache: torch.Tensor | None  # (max_batch, kv heads, max_len, head_dim) once setup_cache ran
     v_cache: torch.Tensor | None
     wqkv: torch.Tensor  # fused by fuse_weights() in __init__
+    wqkv_scale: torch.Tensor | None  # and the 8-bit layers' scales, fused the same way
+    FUSED = ("wqkv", ("q_proj", "k_proj", "v_proj"))  # a fused matrix and the layers it stacks
 
-    def __init__(self, flavor: Flavor) -> None:
+    def __init__(self, flavor: Flavor, weights: WeightFormat = "bf16") -> None:
         super().__init__()
         self.num_heads = flavor.num_heads
         self.num_kv_heads = flavor.num_kv_heads
         self.head_dim = flavor.head_dim
         self.group = self.num_heads // self.num_kv_heads
         dim = flavor.embed_dim
-        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.output_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.q_proj = make_linear(dim, self.num_heads * self.head_dim, weights)
+        self.k_proj = make_linear(dim, self.num_kv_heads * self.head_dim, weights)
+        self.v_proj = make_linear(dim, self.num_kv_heads * self.head_dim, weights)
+        self.output_proj = make_linear(self.num_heads * self.head_dim, dim, weights)
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
         self.register_buffer("wqkv", None, persistent=False)
+        self.register_buffer("wqkv_scale", None, persistent=False)
         self.fuse_weights()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        self.wqkv = fuse_linears(self, ("q_proj", "k_proj", "v_proj"), self.wqkv)
+        fuse_group(self, *self.FUSED)
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (max_batch, self.num_kv_heads, max_len, self.head_dim)
@@ -224,7 +202,7 @@ class Attention(nn.Module):
         heads, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache not set up: call setup_caches() first")
-        qkv = F.linear(x, self.wqkv).view(b, s, heads + 2 * kv, hd)
+        qkv = linear(x, self.wqkv, self.wqkv_scale).view(b, s, heads + 2 * kv, hd)
         q, k = apply_rope(qkv[:, :, : heads + kv], p.rotation).split([heads, kv], dim=2)
         v = qkv[:, :, heads + kv :]
         self.k_cache[p.write_rows, :, p.input_pos] = k
@@ -245,31 +223,34 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     w13: torch.Tensor  # fused by fuse_weights() in __init__
+    w13_scale: torch.Tensor | None  # and the 8-bit layers' scales
+    FUSED = ("w13", ("w1", "w3"))
 
-    def __init__(self, flavor: Flavor) -> None:
+    def __init__(self, flavor: Flavor, weights: WeightFormat = "bf16") -> None:
         super().__init__()
-        self.w1 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
-        self.w2 = nn.Linear(flavor.intermediate_dim, flavor.embed_dim, bias=False)
-        self.w3 = nn.Linear(flavor.embed_dim, flavor.intermediate_dim, bias=False)
+        self.w1 = make_linear(flavor.embed_dim, flavor.intermediate_dim, weights)
+        self.w2 = make_linear(flavor.intermediate_dim, flavor.embed_dim, weights)
+        self.w3 = make_linear(flavor.embed_dim, flavor.intermediate_dim, weights)
         self.register_buffer("w13", None, persistent=False)
+        self.register_buffer("w13_scale", None, persistent=False)
         self.fuse_weights()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def fuse_weights(self) -> None:
-        self.w13 = fuse_linears(self, ("w1", "w3"), self.w13)
+        fuse_group(self, *self.FUSED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        gate, up = linear(x, self.w13, self.w13_scale).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
-    def __init__(self, flavor: Flavor) -> None:
+    def __init__(self, flavor: Flavor, weights: WeightFormat = "bf16") -> None:
         super().__init__()
         self.sa_norm = RMSNorm(flavor.embed_dim)
-        self.attn = Attention(flavor)
+        self.attn = Attention(flavor, weights)
         self.mlp_norm = RMSNorm(flavor.embed_dim)
-        self.mlp = MLP(flavor)
+        self.mlp = MLP(flavor, weights)
 
     def forward(self, x: torch.Tensor, p: _Pass) -> torch.Tensor:
         h = self.attn(self.sa_norm(x), p) + x
@@ -277,17 +258,18 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of layers over a static KV cache of ``max_len`` positions (no embeddings, no output head)."""
+    """A stack of layers over a static KV cache of ``max_len`` positions (no embeddings, no output
+    head); their linear layers in ``weights`` (quantized.py)."""
 
     rope: torch.Tensor  # buffers made by init_buffers()
     key_positions: torch.Tensor
     row_index: torch.Tensor
 
-    def __init__(self, flavor: Flavor, max_len: int) -> None:
+    def __init__(self, flavor: Flavor, max_len: int, weights: WeightFormat = "bf16") -> None:
         super().__init__()
         self.flavor = flavor
         self.max_len = max_len
-        self.layers = nn.ModuleList(Layer(flavor) for _ in range(flavor.num_layers))
+        self.layers = nn.ModuleList(Layer(flavor, weights) for _ in range(flavor.num_layers))
         self.norm = RMSNorm(flavor.embed_dim)
         self.compiled_layers: list[Callable[..., torch.Tensor]] | None = None
         self.init_buffers(self.norm.scale.device, self.norm.scale.dtype)
@@ -389,18 +371,23 @@ class Transformer(nn.Module):
 
 
 class MisoModel(nn.Module):
-    """Backbone + depth decoder + embeddings and heads, named as in the official checkpoint."""
+    """Backbone + depth decoder + embeddings and heads, named as in the official checkpoint.
+
+    ``weights``: the format of the stacks' linear layers (quantized.py): ``bf16`` (the model's
+    dtype, whatever it is), or 8-bit ``int8`` / ``fp8`` (their keys gain a ``weight_scale``).
+    """
 
     codebook_offsets: torch.Tensor  # a buffer: codebook i's codes start at i * audio_vocab_size
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, weights: WeightFormat = "bf16") -> None:
         super().__init__()
         self.config = config
+        self.weights = weights
         backbone, decoder = config.backbone, config.decoder
         self.num_codebooks = config.audio_num_codebooks
         self.audio_vocab_size = config.audio_vocab_size
-        self.backbone = Transformer(backbone, MAX_SEQ_LEN)
-        self.decoder = Transformer(decoder, config.audio_num_codebooks)
+        self.backbone = Transformer(backbone, MAX_SEQ_LEN, weights)
+        self.decoder = Transformer(decoder, config.audio_num_codebooks, weights)
         self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.embed_dim)
         self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.embed_dim)
         self.projection = nn.Linear(backbone.embed_dim, decoder.embed_dim, bias=False)

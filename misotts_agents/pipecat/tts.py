@@ -30,6 +30,7 @@ from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineClosed, InvalidRequest, MisoError, error_code
+from misotts_agents.model.config import WeightFormat
 from misotts_agents.model.sources import DEFAULT_MODEL
 from misotts_agents.pipecat.capture import MisoUserAudioTap, UserTurnCapture
 from misotts_agents.pipecat.settings import DEFAULT_VOICE, MisoTTSSettings, default_settings, settings_request
@@ -71,6 +72,7 @@ class MisoTTSService(TTSService):
         token: str | None = None,
         device: str | None = None,
         watermark: bool | str = True,
+        weights: WeightFormat = "bf16",
         voice: VoicePrompt | None = None,
         memory: ConversationMemory | None = None,
         tone_conditioning: bool = True,
@@ -92,6 +94,7 @@ class MisoTTSService(TTSService):
             token: the server's bearer token (default: ``$MISOTTS_TOKEN``); used only with ``url``.
             device: device for the engine the service loads (default: CUDA when available).
             watermark: passed to the engine load: True (SilentCipher), a directory/repo, or False.
+            weights: passed to the engine load: ``bf16``, ``int8`` or ``fp8`` linear layers.
             voice: voice prompt fixing the agent's voice (its prefill is cached by the engine);
                 registered as ``"default"``.
             memory: the conversation memory to use (default: a new one for this service).
@@ -143,6 +146,8 @@ class MisoTTSService(TTSService):
             options: dict[str, Any] = {} if device is None else {"device": device}
             if watermark is not True:
                 options["watermark"] = watermark
+            if weights != "bf16":
+                options["weights"] = weights
             self._engine = shared_engine(model if model is not None else DEFAULT_MODEL, **options)
         self._memory = memory
         self._capture = UserTurnCapture(memory)

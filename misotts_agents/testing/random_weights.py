@@ -9,16 +9,20 @@ shapes, same kernels); the audio is noise.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from misotts_agents.engine.miso_engine import MisoEngine
-from misotts_agents.model.config import CSM_1B, FLAVORS, MISOTTS_8B, ModelConfig
+from misotts_agents.model.config import CSM_1B, FLAVORS, MISOTTS_8B, ModelConfig, WeightFormat
 from misotts_agents.model.mimi import MimiModel, default_config
+from misotts_agents.model.quantized import QuantLinear, check_supported, quantize_rows
+from misotts_agents.model.tensorfile import write_tensorfile
 from misotts_agents.model.tokenizer import TextTokenizer
 from misotts_agents.model.transformer import MisoModel
+from misotts_agents.model.weights import expected_shapes
 from misotts_agents.testing.mimi import build_tiny_mimi, random_mimi_model
 from misotts_agents.testing.tiny import TINY_CONFIG, bundled_tokenizer
 
@@ -51,14 +55,16 @@ def random_model_on(
     dtype: torch.dtype,
     seed: int = 0,
     std: float = 0.02,
+    weights: WeightFormat = "bf16",
 ) -> MisoModel:
-    """A model with N(0, std) weights (norm scales 1) allocated and drawn on ``device`` in ``dtype``."""
+    """A model with N(0, std) weights (norm scales 1) allocated and drawn on ``device`` in ``dtype``;
+    with 8-bit ``weights`` each linear layer is drawn in fp32 and quantized, one layer at a time."""
     device = torch.device(device)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: never an fp32 copy of 8B parameters
     try:
         with torch.device("meta"):
-            model = MisoModel(config)
+            model = MisoModel(config, weights)
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
@@ -68,9 +74,29 @@ def random_model_on(
             param.fill_(1.0)
         else:
             param.normal_(0.0, std, generator=generator)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            drawn = torch.empty(module.weight.shape, device=device).normal_(0.0, std, generator=generator)
+            q, scale = quantize_rows(drawn, weights)
+            module.weight.copy_(q)
+            module.weight_scale.copy_(scale)
     model.init_buffers()
     model.fuse_weights()
     return model.eval().requires_grad_(False)
+
+
+def write_random_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> int:
+    """An fp32 safetensors file with the official keys and N(0, 0.02) values (norm scales 1),
+    written one tensor at a time (tensorfile.py); returns its size."""
+    shapes = dict(sorted(expected_shapes(config).items()))
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, shape in shapes.items():
+            yield key, torch.ones(shape) if key.endswith(".scale") else torch.randn(shape, generator=generator) * 0.02
+
+    write_tensorfile(path, {k: (torch.float32, shape) for k, shape in shapes.items()}, tensors())
+    return path.stat().st_size
 
 
 def random_mimi(device: torch.device | str, full_size: bool, seed: int = 0) -> MimiModel:
@@ -89,6 +115,7 @@ def random_engine(
     tokenizer: str | Path | None = None,
     full_size_mimi: bool | None = None,
     seed: int = 0,
+    weights: WeightFormat = "bf16",
     **engine_options: Any,
 ) -> MisoEngine:
     """An engine over :func:`random_model_on` weights (no watermark): the real serving path at any
@@ -100,6 +127,7 @@ def random_engine(
         raise FileNotFoundError(f"no tokenizer.json at {path} (pass one: the dev dependency ships it)")
     if full_size_mimi is None:
         full_size_mimi = config in (MISOTTS_8B, CSM_1B)
-    model = random_model_on(config, device, dtype, seed)
+    check_supported(weights, torch.device(device))
+    model = random_model_on(config, device, dtype, seed, weights=weights)
     mimi = random_mimi(device, full_size_mimi, seed)
     return MisoEngine(model, TextTokenizer(path), mimi, None, **engine_options)

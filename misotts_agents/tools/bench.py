@@ -38,6 +38,7 @@ measuring a GPU the moment it is available; ``tiny`` or a JSON config does the s
     uv run misotts-agents bench --levels 1,4,16 --frames 50 --watermark
     uv run misotts-agents bench --model MisoLabs/MisoTTS --levels 1,2,4,8,16,32     # on your GPU
     misotts-agents bench --random-weights llama-8B --levels 1,8,32,64,128 --modes batched,no-overlap --batch-buckets
+    misotts-agents bench --random-weights llama-8B --weights int8 --levels 1,8,32,64,128 --modes batched --batch-buckets
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ from misotts_agents.model.bandwidth import (
     kv_bytes_per_frame,
     weight_bytes_per_frame,
 )
+from misotts_agents.model.config import WEIGHT_FORMATS
+from misotts_agents.model.footprint import device_memory
 from misotts_agents.testing.random_weights import random_engine
 from misotts_agents.testing.tiny import make_tiny
 
@@ -213,13 +216,16 @@ def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: flo
     known, name = gpu_bandwidth_gbs(engine.device)
     gbs = bandwidth_gbs or known
     config, nbytes = engine.model.config, dtype_bytes(engine.model.dtype)
-    weights = weight_bytes_per_frame(config, nbytes)
-    print(f"weights read per frame step: {weights / 1e9:.3f} GB ({engine.model.dtype}); device: {name}")
+    eight_bit = 1 if engine.model.weights != "bf16" else None  # 8-bit linear layers (model/quantized.py)
+    weights = weight_bytes_per_frame(config, nbytes, eight_bit)
+    print(f"weights read per frame step: {weights / 1e9:.3f} GB ({engine.model.dtype}, {engine.model.weights})")
+    print(f"device: {name}; memory: {device_memory(engine.model)}")
     out: dict = {"device": name, "bandwidth_gbs": gbs, "weight_bytes": weights, "levels": {}, "levels_no_overlap": {}}
+    out["memory"] = device_memory(engine.model)
     if gbs is None:
         print("bandwidth floor: unknown memory bandwidth for this device (pass --bandwidth-gbs)")
     else:
-        floor = floor_ms(config, nbytes, gbs)
+        floor = floor_ms(config, nbytes, gbs, linear_bytes=eight_bit)
         print(
             f"bandwidth floor at {gbs:.0f} GB/s, weights only: {floor:.2f} ms per step "
             f"= RTF {floor / 80:.3f} per stream"
@@ -232,7 +238,7 @@ def print_floor(engine: MisoEngine, results: list[RunResult], bandwidth_gbs: flo
         kv = kv_bytes_per_frame(config, nbytes, r.level, context)
         level = {"ms_per_step": step_ms, "context": context, "kv_bytes": kv}
         if gbs is not None:
-            floor = floor_ms(config, nbytes, gbs, r.level, context)
+            floor = floor_ms(config, nbytes, gbs, r.level, context, eight_bit)
             level.update(floor_ms=floor, x_floor=step_ms / floor)
             print(
                 f"  N={r.level:<3} {r.mode:<10} measured {step_ms:7.2f} ms per step; floor {floor:6.2f} ms "
@@ -284,7 +290,9 @@ def build_engine(args: argparse.Namespace, max_batch: int, tmp: Path) -> MisoEng
         )
         if args.watermark:
             raise SystemExit("--watermark needs a model directory (random weights come without SilentCipher)")
-        return random_engine(args.random_weights, device=device, dtype=dtype, tokenizer=args.tokenizer, **options)
+        return random_engine(
+            args.random_weights, device=device, dtype=dtype, tokenizer=args.tokenizer, weights=args.weights, **options
+        )
     model = args.model or make_tiny(tmp / "tiny")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return MisoEngine.load(
@@ -293,6 +301,7 @@ def build_engine(args: argparse.Namespace, max_batch: int, tmp: Path) -> MisoEng
         dtype=dtype,
         watermark=args.watermark,
         progress=True,  # the weights' loading bar (stderr)
+        weights=args.weights,
         **options,
     )
 
@@ -376,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny, a config.json path or a JSON config",
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16", help="linear layers (default: bf16)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for --random-weights (default: the bundled one)")
     parser.add_argument(
         "--modes",
@@ -443,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": device,
             "device_name": floor["device"],
             "dtype": dtype,
+            "weights": engine.model.weights,
             "torch": torch.__version__,
             "max_batch": max_batch,
             "batch_buckets": args.batch_buckets,

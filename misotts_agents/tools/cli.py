@@ -1,4 +1,4 @@
-"""The `misotts-agents` command: demo, say, make-tiny, bench, watermark-check."""
+"""The `misotts-agents` command: demo, say, serve, make-tiny, quantize, bench, watermark-check."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from misotts_agents.errors import MisoError
+from misotts_agents.model.config import WEIGHT_FORMATS
 from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ def _add_watermark_args(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="bf16",
+        help="the transformers' linear layers: bf16 (the model's dtype), int8, or fp8 (CUDA, compute "
+        "capability >= 8.9); 8-bit weights are quantized while loading, or read from a `quantize` "
+        "checkpoint (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="misotts-agents", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -62,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
+    _add_weights_arg(say)
     say.add_argument("--speaker", type=int, default=0, help="speaker id of the generated voice (default: 0)")
     say.add_argument("--voice", type=Path, help="a ~10 s clip of the voice to use (any rate; spoken by --speaker)")
     say.add_argument("--voice-text", help="transcript of --voice")
@@ -80,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--tokenizer", default=None, help="tokenizer.json source (default: the bundled Llama-3.2 file)")
+
+    quantize = sub.add_parser(
+        "quantize", help="write a checkpoint directory with 8-bit linear layers (loads with --weights int8|fp8)"
+    )
+    quantize.add_argument("source", help="full-precision checkpoint: a local directory or Hub repo id")
+    quantize.add_argument("destination", type=Path, help="directory to write (the source's other files are copied)")
+    quantize.add_argument("--weights", choices=WEIGHT_FORMATS[1:], default="int8", help="default: %(default)s")
 
     bench = sub.add_parser(
         "bench",
@@ -121,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     serve.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
+    _add_weights_arg(serve)
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
     serve.add_argument(
         "--prefill-chunk",
@@ -211,6 +232,7 @@ def cmd_say(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         watermark=False if args.no_watermark else (args.watermark_model or True),
         watermark_key=args.watermark_key or DEFAULT_WATERMARK_KEY,
+        weights=args.weights,
     )
     stream = engine.stream(request)
     pieces = []
@@ -240,6 +262,14 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
     path = make_tiny(args.directory, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny random checkpoint to {path} (use it as --model {path})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from misotts_agents.model.prequantize import quantize_checkpoint
+
+    path = quantize_checkpoint(args.source, args.destination, args.weights)
+    print(f"wrote {args.weights} weights to {path} (load it with --model {path} --weights {args.weights})")
     return 0
 
 
@@ -331,6 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watermark=not args.no_watermark,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk,
+        weights=args.weights,
     )
     try:
         backend = EngineBackend(engine, limits, voices)
@@ -350,6 +381,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS = {
     "say": cmd_say,
     "make-tiny": cmd_make_tiny,
+    "quantize": cmd_quantize,
     "watermark-check": cmd_watermark_check,
     "bench": cmd_bench,
     "demo": cmd_demo,

@@ -24,6 +24,7 @@ from misotts_agents.server.ray.transport import error_item
 
 if TYPE_CHECKING:
     from misotts_agents.engine.prefill import PrefillChunk
+    from misotts_agents.model.config import WeightFormat
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class EngineReplica:
         session_ttl_s: float = 1800.0,
         torch_threads: int | None = None,
         prefill_chunk: PrefillChunk = "auto",
+        weights: WeightFormat = "bf16",
     ) -> None:
         import torch
 
@@ -98,6 +100,7 @@ class EngineReplica:
             max_queue=max_queue,
             prefill_chunk=prefill_chunk,
             progress=False,
+            weights=weights,
         )
         # The store's own LRU is wider than Serve's, so Serve's eviction (which also updates routing)
         # is the one that normally forgets a session; the store's TTL forgets idle ones.

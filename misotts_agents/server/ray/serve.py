@@ -40,6 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve.deployment import Application
 
+from misotts_agents.model.config import WeightFormat
 from misotts_agents.model.sources import DEFAULT_MODEL
 from misotts_agents.server.protocol import Limits
 from misotts_agents.server.ray.ingress import INGRESS_DEPLOYMENT, MisoIngress
@@ -79,6 +80,9 @@ class RayServeArgs(BaseModel):
     max_per_connection: int = Field(8, ge=1)
     ingress_replicas: int = Field(1, ge=1)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per engine replica")
+    weights: WeightFormat = Field(
+        "bf16", description="linear layers: bf16 (the model's dtype), int8, or fp8 (CUDA >= 8.9); model/quantized.py"
+    )
     prefill_chunk: int | Literal["auto"] | None = Field(
         "auto", description="prefill budget per pass: 'auto', positions, or 0 for whole prompts (engine/prefill.py)"
     )
@@ -128,6 +132,7 @@ def build_app(args: RayServeArgs | dict[str, Any]) -> Application:
         session_ttl_s=a.session_ttl_s,
         torch_threads=a.torch_threads,
         prefill_chunk=a.prefill_chunk,
+        weights=a.weights,
     )
     names = tuple(spec.partition("=")[0] for spec in a.voices)
     return MisoIngress.options(num_replicas=a.ingress_replicas).bind(
