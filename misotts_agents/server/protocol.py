@@ -90,9 +90,10 @@ interleave)::
     ``bad_message`` (not an object with a ``type``; binary; text for no incremental request),
     ``unknown_type``, ``too_large`` (a size limit), ``invalid_request`` (any field of the wrong type,
     out of range, unknown or missing: the message names it), ``unknown_audio``, ``duplicate_id``,
-    ``too_many`` (a limit of the connection or the tenant: requests, sessions, streams), ``busy``
-    (engine queue full), ``closed`` (engine closed, or the server shutting down),
-    ``unavailable`` (the engine lacks what the request needs, e.g. a watermark), ``internal``.
+    ``too_many`` (a limit of the connection or the tenant: requests, sessions, streams, requests
+    waiting for a slot), ``busy`` (engine queue full, or the request waited past the engine's
+    bound), ``closed`` (engine closed, or the server shutting down), ``unavailable`` (the engine
+    lacks what the request needs, e.g. a watermark), ``internal``.
     ``retryable``: whether the same message may succeed if sent again (busy, too_many, unknown_audio
     with the audio, internal). The codes, their exceptions and HTTP statuses are one table:
     ``misotts_agents.errors.WIRE_CODES``. The connection stays open after every error.
