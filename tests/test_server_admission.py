@@ -117,58 +117,51 @@ async def _headers(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int
     return status, headers, task
 
 
+async def refused_both_ways(server, client: httpx.AsyncClient, status: int, code: str, limits: Limits) -> None:
+    """A speech request gets ``status`` with Retry-After and OpenAI's error shape, a WebSocket start
+    an ``error`` with ``code``, retryable."""
+    refused = await client.post(http_url(server, "/v1/audio/speech"), json=SPEECH)
+    assert refused.status_code == status
+    assert refused.headers["retry-after"] == str(limits.retry_after_s)
+    error = refused.json()["error"]
+    assert (error["code"], error["type"]) == (code, "server_error" if status >= 500 else "invalid_request_error")
+    async with connect(ws_url(server)) as ws:
+        await ws.send(start("w", 2))
+        err = await next_json(ws)
+    assert (err["type"], err["code"], err["retryable"]) == ("error", code, True)
+
+
 @pytest.fixture(scope="module")
 def one_slot(tiny_dir):
-    """One slot and no queue: a second request is refused as busy."""
-    with load_tiny(tiny_dir, max_batch=1, max_queue=0) as engine:
-        yield engine
-
-
-@pytest.mark.asyncio
-async def test_busy_is_a_503_with_retry_after_and_a_retryable_error(one_slot):
-    with LoopbackServer(one_slot, token=None) as server:
-        url = http_url(server, "/v1/audio/speech")
-        async with httpx.AsyncClient(timeout=20) as client:
-            status, _, body = await _headers(client, url, LONG)
-            assert status == 200
-            refused = await client.post(url, json=SPEECH)
-            assert refused.status_code == 503
-            assert refused.headers["retry-after"] == str(Limits().retry_after_s)
-            assert refused.json()["error"]["code"] == "busy"
-            assert refused.json()["error"]["type"] == "server_error"
-            async with connect(ws_url(server)) as ws:
-                await ws.send(start("w", 5))
-                err = await next_json(ws)
-                assert (err["type"], err["code"], err["retryable"]) == ("error", "busy", True)
-            body.cancel()
-        assert wait_until(lambda: one_slot.free_slots == 1, timeout=10)
-
-
-@pytest.fixture(scope="module")
-def queueing(tiny_dir):
-    """One slot and room to wait: the tenant's cap on waiting requests is what refuses."""
+    """One slot and room to wait (a test may take the room away: max_queue is read at each submission)."""
     with load_tiny(tiny_dir, max_batch=1, max_queue=8) as engine:
         yield engine
 
 
 @pytest.mark.asyncio
-async def test_a_tenant_over_its_waiting_cap_gets_429_and_its_queued_request_is_served(queueing):
-    limits = Limits(max_waiting_per_tenant=1)
-    with LoopbackServer(queueing, token=None, limits=limits) as server:
+async def test_busy_is_a_503_with_retry_after_and_a_retryable_error(one_slot, monkeypatch):
+    monkeypatch.setattr(one_slot, "max_queue", 0)  # a second request is refused as busy
+    with LoopbackServer(one_slot, token=None) as server:
+        url = http_url(server, "/v1/audio/speech")
+        async with httpx.AsyncClient(timeout=20) as client:
+            status, _, body = await _headers(client, url, LONG)
+            assert status == 200
+            await refused_both_ways(server, client, 503, "busy", Limits())
+            body.cancel()
+        assert wait_until(lambda: one_slot.free_slots == 1, timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_over_its_waiting_cap_gets_429_and_its_queued_request_is_served(one_slot):
+    limits = Limits(max_waiting_per_tenant=1)  # the engine has room: the tenant's cap is what refuses
+    with LoopbackServer(one_slot, token=None, limits=limits) as server:
         url = http_url(server, "/v1/audio/speech")
         async with httpx.AsyncClient(timeout=30) as client:
             _, _, holder = await _headers(client, url, LONG)  # has the slot
             waiting = asyncio.create_task(_headers(client, url, {**SPEECH, "max_audio_ms": 160}))
             await asyncio.sleep(0.3)
             assert not waiting.done()  # queued: no status yet
-            refused = await client.post(url, json=SPEECH)
-            assert refused.status_code == 429
-            assert refused.headers["retry-after"] == str(limits.retry_after_s)
-            assert refused.json()["error"]["code"] == "too_many"
-            async with connect(ws_url(server)) as ws:
-                await ws.send(start("w", 2))
-                err = await next_json(ws)
-                assert (err["code"], err["retryable"]) == ("too_many", True)
+            await refused_both_ways(server, client, 429, "too_many", limits)
             started = time.perf_counter()
             holder.cancel()  # the slot frees: the waiting request gets its status, then its audio
             status, _, body = await asyncio.wait_for(waiting, 20)
