@@ -60,12 +60,8 @@ def _limits(info: ValidationInfo) -> Limits:
 
 def _check_name(value: str) -> str:
     """A client-chosen name: request id, session, audio id, voice name."""
-    if len(value) > MAX_ID_BYTES:  # more characters than bytes allowed: never encoded
-        raise PydanticCustomError(
-            "invalid_name", "must be a non-empty string of at most {n} bytes", {"n": MAX_ID_BYTES}
-        )
-    try:
-        size = len(value.encode())
+    try:  # (more characters than bytes allowed: too long without encoding it)
+        size = len(value.encode()) if len(value) <= MAX_ID_BYTES else len(value)
     except UnicodeEncodeError:
         raise PydanticCustomError("invalid_name", "must be valid UTF-8 (no lone surrogates)") from None
     if not 1 <= size <= MAX_ID_BYTES:

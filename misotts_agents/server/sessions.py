@@ -161,7 +161,7 @@ class EngineBackend:
         sessions: SessionStore | None = None,
     ) -> None:
         self.engine = engine
-        self.limits = limits = limits or Limits()
+        limits = limits or Limits()
         self.voices = dict(voices or {})
         self.sessions = sessions or SessionStore(
             limits.max_sessions_per_tenant, limits.session_ttl_s, budget=MemoryBudget.for_limits(limits)

@@ -124,13 +124,12 @@ async def _respond(tracked: _Tracked, response_format: str, peer: str) -> Respon
     queue, its wait bound, bad input found while preparing) still gets its 4xx / 5xx."""
     try:
         if not await tracked.stream.wait_admitted():
-            await tracked.stream.__anext__()  # raises why it ended without a slot
+            async for _ in tracked.stream:  # raises why it ended without a slot (EngineBusy: its wait bound)
+                break
             raise EngineClosed("the request ended before it got an engine slot")
-    except (ProtocolError, MisoError, StopAsyncIteration) as exc:
+    except (ProtocolError, MisoError) as exc:
         tracked.outcome = "error"
         tracked.done()
-        if isinstance(exc, StopAsyncIteration):
-            exc = EngineClosed("the request ended before it got an engine slot")
         return refused(tracked.server, exc, peer)
     except BaseException:
         tracked.outcome = "error"

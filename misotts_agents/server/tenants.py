@@ -9,7 +9,8 @@ anything about a token. Without any token the server is open: every client is th
 
 What a tenant owns is out of other tenants' reach: its sessions, its audio ids and its named voices
 are looked up under its name (``scope``), and each tenant has its own quota of connections,
-concurrent streams, waiting requests and sessions, so one tenant flooding the server meets its own limits first.
+concurrent streams, requests waiting for an engine slot and sessions, so one tenant flooding the
+server meets its own limits first.
 """
 
 from __future__ import annotations

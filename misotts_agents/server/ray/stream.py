@@ -65,11 +65,11 @@ class ReplicaStream:
     async def wait_admitted(self) -> bool:
         """True once the replica's engine gave the request a slot, False if it ended without one
         (its error comes from the next ``__anext__``)."""
-        while self._admitted is None and self._held is None and not (self._done or self._cancelled):
+        if self._admitted is None and self._held is None and not (self._done or self._cancelled):
             item = await self._receive()
-            if item != ADMITTED:
+            self._admitted = item == ADMITTED
+            if not self._admitted:
                 self._held = item
-            self._admitted = item == ADMITTED or isinstance(item, AudioChunk)
         return bool(self._admitted)
 
     def __aiter__(self) -> ReplicaStream:
@@ -79,15 +79,14 @@ class ReplicaStream:
         item: Any
         if self._held is not None:
             item, self._held = self._held, None
+        elif self._done or self._cancelled:
+            raise StopAsyncIteration
         else:
-            item = ADMITTED
-            while item == ADMITTED and not (self._done or self._cancelled):
+            item = await self._receive()
+            if item == ADMITTED:  # once, before any audio
+                self._admitted = True
                 item = await self._receive()
-                self._admitted = self._admitted or item == ADMITTED
-            if item == ADMITTED:
-                raise StopAsyncIteration
         if isinstance(item, AudioChunk):
-            self._admitted = True
             if self.stats.time_to_first_audio_s is None:
                 self.stats.time_to_first_audio_s = time.perf_counter() - self._submitted
             self.stats.frames += item.frames
