@@ -151,3 +151,18 @@ def test_validated_messages_pickle_as_they_are_for_ray():
     assert isinstance(session, Session)
     assert session.op is SessionOp.VOICE
     assert pickle.loads(pickle.dumps(session)) == session
+
+
+def test_the_server_never_imports_the_cli():
+    """Layers import downwards only: the server (its Ray replica included) takes its named voices
+    from server/voices.py, not from tools/cli.py."""
+    import ast
+    from pathlib import Path
+
+    import misotts_agents.server
+
+    for path in Path(misotts_agents.server.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("misotts_agents.tools") for n in names), path
