@@ -391,7 +391,7 @@ async def test_floods_and_huge_messages_leave_another_client_its_first_audio(two
     )
     assert reason == "message rate"
     assert code == "too_large"
-    assert during <= 2 * alone + 0.05  # (+50 ms: the client and the server share this process's loop)
+    assert during <= 2 * alone + 0.1  # (+100 ms: clients and server share this process and a busy CPU)
 
 
 @pytest.mark.asyncio
