@@ -23,9 +23,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.engine.voice import VoicePrompt
-from misotts_agents.server import Limits
+from misotts_agents.server import Limits, schema
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.protocol import audio_to_b64
+from misotts_agents.server.schema import validated
 from misotts_agents.server.sessions import SESSION_OVERHEAD_BYTES, Session
 from misotts_agents.server.tenants import Tenants, parse_tokens
 
@@ -179,7 +180,8 @@ def test_session_turn_audio_is_an_owned_copy_at_the_cap(lim_engine):
     backend = EngineBackend(lim_engine, LIMITS)
     store = backend.sessions
     data = {"type": "session", "session": "default/long", "op": "user_turn", "text": "Long.", "speaker": 1}
-    asyncio.run(backend.session(data | {"audio_b64": audio_to_b64(tone(60.0))}))
+    turn = validated(schema.Session, data | {"audio_b64": audio_to_b64(tone(60.0))}, LIMITS)
+    asyncio.run(backend.session(turn))
     (segment,) = store.get("default/long").memory.context()
     cap = int(store.get("default/long").memory.max_turn_s * SAMPLE_RATE)
     owner = segment.audio if segment.audio.base is None else segment.audio.base

@@ -29,6 +29,7 @@ from misotts_agents.engine.request import Segment, SynthesisRequest
 from misotts_agents.server import Limits, RemoteEngine
 from misotts_agents.server.protocol import audio_to_b64
 from misotts_agents.server.tenants import Tenants
+from misotts_agents.testing.json_shapes import WS, shapes
 
 GOOD, EVIL, CROWD = "good-tenant-token-0123", "evil-tenant-token-0123", "crowd-tenant-token-0123"
 LIMITS = Limits(
@@ -273,3 +274,155 @@ async def test_good_clients_are_served_whatever_the_others_do(load_engine):
             )
         assert rss[1] - rss[0] <= RSS_BOUND_BYTES  # the first round warms caches and allocator arenas up
         assert rss[2] - rss[1] <= RSS_REPEAT_BOUND_BYTES  # the same load again: nothing kept from it
+
+
+# -- fair under load (issue 23) ---------------------------------------------------------------------
+
+BURST_LIMITS = Limits(max_streams_per_tenant=64, max_waiting_per_tenant=32, max_concurrent_per_connection=8)
+LONG_FRAMES, SHORT_FRAMES = 25, 3
+
+
+@pytest.fixture(scope="module")
+def two_slots(tiny_dir):
+    """Two slots and a small queue: a burst waits, and a burst of 64 meets every refusal."""
+    with load_tiny(tiny_dir, max_batch=2, max_queue=16) as engine:
+        yield engine
+
+
+async def first_audio_s(ws, rid: str, frames: int) -> float:
+    """Send a start; the time to its first audio frame (the rest is drained by ``drain``)."""
+    sent = time.perf_counter()
+    await ws.send(start(rid, frames, seed=3))
+    while not isinstance(await ws.recv(), bytes):
+        pass
+    return time.perf_counter() - sent
+
+
+async def drain(ws, ids: set[str]) -> None:
+    await collect(ws, ids, timeout=120)
+
+
+async def solo(server, token: str, frames: int, rid: str = "solo") -> tuple[float, float]:
+    """(first audio, whole request) of one request on an idle server."""
+    async with connect(ws_url(server), additional_headers=auth(token)) as ws:
+        started = time.perf_counter()
+        first = await first_audio_s(ws, rid, frames)
+        await drain(ws, {rid})
+        return first, time.perf_counter() - started
+
+
+@pytest.mark.asyncio
+async def test_a_second_tenant_is_served_during_another_tenants_burst(two_slots):
+    """Tenant A queues many long requests; tenant B's one short request, 1.5 s later, gets its first
+    audio within 1.5x (one slot's turnover + its solo first audio), not after A's whole burst."""
+    tenants = Tenants({"a": GOOD, "b": EVIL})
+    with LoopbackServer(two_slots, token=None, tenants=tenants, limits=BURST_LIMITS) as server:
+        await solo(server, EVIL, SHORT_FRAMES, "warm")
+        b_solo, _ = await solo(server, EVIL, SHORT_FRAMES)
+        _, turnover = await solo(server, GOOD, LONG_FRAMES)
+        conns = [await connect(ws_url(server), additional_headers=auth(GOOD)) for _ in range(2)]
+        try:
+            burst = {f"a{i}" for i in range(16)}
+            for i, rid in enumerate(sorted(burst)):
+                await conns[i % 2].send(start(rid, LONG_FRAMES))
+            drains = [
+                asyncio.create_task(drain(ws, {r for j, r in enumerate(sorted(burst)) if j % 2 == k}))
+                for k, ws in enumerate(conns)
+            ]
+            await asyncio.sleep(1.5)
+            assert not any(d.done() for d in drains)  # B comes while A's burst runs
+            async with connect(ws_url(server), additional_headers=auth(EVIL)) as b:
+                b_burst = await first_audio_s(b, "b", SHORT_FRAMES)
+                await drain(b, {"b"})
+            await asyncio.gather(*drains)
+        finally:
+            for ws in conns:
+                await ws.close()
+    print(
+        f"\nB first audio: alone {b_solo * 1000:.0f} ms, during A's burst {b_burst * 1000:.0f} ms "
+        f"(slot turnover {turnover * 1000:.0f} ms)"
+    )
+    assert b_burst <= 1.5 * (turnover + b_solo)
+
+
+@pytest.mark.asyncio
+async def test_floods_and_huge_messages_leave_another_client_its_first_audio(two_slots):
+    """One connection floods pings and cancels, another sends a 6 MiB message of distinct keys: each
+    is limited (the flood closed at its message rate, the message refused as too_large within the
+    per-message budget), and a third client's first audio stays within 2x its solo figure."""
+    limits = Limits()
+    with LoopbackServer(two_slots, token=None, limits=limits) as server:
+        await solo(server, "", SHORT_FRAMES, "warm")
+        alone = min([(await solo(server, "", SHORT_FRAMES))[0] for _ in range(3)])
+        keys = shapes(WS)["distinct keys"]()  # 6 MiB, ~700,000 keys
+
+        async def flood() -> tuple[int, str]:
+            sent = 0
+            async with connect(ws_url(server)) as ws:
+                try:
+                    for i in range(20_000):
+                        await ws.send(json.dumps({"type": "ping"} if i % 2 else {"type": "cancel", "id": "x"}))
+                        sent += 1
+                    await ws.recv()
+                    async for _ in ws:
+                        pass
+                except ConnectionClosed as exc:
+                    return sent, exc.rcvd.reason if exc.rcvd else ""
+            return sent, ""
+
+        async def many_keys() -> tuple[str, float]:
+            async with connect(ws_url(server), max_size=None) as ws:
+                sent = time.perf_counter()
+                await ws.send(keys)
+                return (await next_json(ws))["code"], time.perf_counter() - sent
+
+        async def victim() -> float:
+            await asyncio.sleep(0.05)  # the flood and the big message are on their way
+            async with connect(ws_url(server)) as ws:
+                took = await first_audio_s(ws, "v", SHORT_FRAMES)
+                await drain(ws, {"v"})
+                return took
+
+        (sent, reason), (code, refused_s), during = await asyncio.gather(flood(), many_keys(), victim())
+    print(
+        f"\nfirst audio alone {alone * 1000:.0f} ms, next to the floods {during * 1000:.0f} ms; "
+        f"6 MiB of keys refused in {refused_s * 1000:.0f} ms; the flood closed after {sent} messages"
+    )
+    assert reason == "message rate"
+    assert code == "too_large"
+    assert during <= 2 * alone + 0.1  # (+100 ms: clients and server share this process and a busy CPU)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_64_gets_every_status_within_the_queue_bound(two_slots):
+    """64 speech requests at once, tenant A's 32 then tenant B's: each gets its status (200 once
+    admitted, 429 over its tenant's cap on waiting requests, 503 over the engine's queue) within the
+    time the queue takes to drain, each refusal with Retry-After and each 200 with all its audio."""
+    limits = Limits(max_streams_per_tenant=32, max_waiting_per_tenant=10)
+    tenants = Tenants({"a": GOOD, "b": EVIL})
+    with LoopbackServer(two_slots, token=None, tenants=tenants, limits=limits) as server:
+        _, each = await solo(server, GOOD, SHORT_FRAMES)
+        bound = 3 * each * (two_slots.max_queue / two_slots.max_batch + 1) + 5.0
+        body = {"input": "Burst.", "response_format": "pcm", "max_audio_ms": 80 * SHORT_FRAMES}
+        url = http_url(server, "/v1/audio/speech")
+
+        async def one(client: httpx.AsyncClient, token: str) -> tuple[int, float, int, str | None]:
+            sent = time.perf_counter()
+            async with client.stream("POST", url, json=body, headers=auth(token)) as r:
+                status_s = time.perf_counter() - sent
+                content = await r.aread()
+                return r.status_code, status_s, len(content), r.headers.get("retry-after")
+
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+            results = await asyncio.gather(*(one(client, GOOD if i < 32 else EVIL) for i in range(64)))
+    statuses = sorted({status for status, *_ in results})
+    print(
+        f"\n64 at once: {[sum(r[0] == s for r in results) for s in statuses]} of {statuses}; "
+        f"slowest status {max(r[1] for r in results):.1f} s (bound {bound:.1f} s)"
+    )
+    assert set(statuses) <= {200, 429, 503}
+    assert 200 in statuses
+    assert 429 in statuses  # A over its cap (B then fills the engine's queue: 503s too, on most runs)
+    assert max(status_s for _, status_s, _, _ in results) <= bound
+    for status, _, size, retry_after in results:
+        assert size == 2 * SHORT_FRAMES * FRAME_SAMPLES if status == 200 else retry_after is not None

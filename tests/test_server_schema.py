@@ -40,7 +40,7 @@ def server(schema_engine):
 def refused_code(msg: dict) -> str:
     """The code the schema (and the request's own checks) give a start message, in process."""
     try:
-        parse_start(parse_message(json.dumps(msg), LIMITS), LIMITS, {})
+        parse_start(parse_message(json.dumps(msg), LIMITS), {})
     except ProtocolError as exc:
         return exc.code
     except InvalidRequest:  # the engine's own refusal; anything else fails the test
@@ -57,14 +57,14 @@ def test_every_bad_start_value_is_refused_as_invalid(bad):
 
 def test_good_values_pass_and_defaults_come_from_the_declarations():
     msg = parse_message(json.dumps(OK | {"temperature": 1, "seed": 2**63 - 1, "chunks": {"growth": 1}}), LIMITS)
-    request = parse_start(msg, LIMITS, {})
+    request = parse_start(msg, {})
     assert request.temperature == 1.0
     assert request.seed == 2**63 - 1
     assert request.topk == 50
     assert request.chunks.growth == 1.0
     assert request.chunks.max_frames == 25
-    assert SpeechBody.model_validate({"input": "Hi", "voice": "2"}).start(None)["speaker"] == 2
-    assert "speaker" not in SpeechBody.model_validate({"input": "Hi", "voice": "²"}).start(None)
+    assert SpeechBody.model_validate({"input": "Hi", "voice": "2"}).start(None).speaker == 2
+    assert "speaker" not in SpeechBody.model_validate({"input": "Hi", "voice": "²"}).start(None).model_fields_set
 
 
 @pytest.mark.asyncio
@@ -131,3 +131,38 @@ async def test_every_bad_body_is_a_4xx_in_openais_error_shape(server, caplog):
         assert len(ok.content) == 2 * 2 * FRAME_SAMPLES
     assert all(r.exc_info is None for r in caplog.records if r.name.startswith("misotts_agents"))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_validated_messages_pickle_as_they_are_for_ray():
+    """What the server hands its backends (Ray Serve replicas included) is the validated model
+    itself: it crosses a process by pickle unchanged (the session op an enum, the voice an object)."""
+    import pickle
+
+    from misotts_agents.server.schema import Session, SessionOp, Start
+
+    voice = {"text": "Hi.", "audio_b64": "AAAA"}
+    msg = OK | {"temperature": 0.5, "context": [{"text": "Hm.", "audio_b64": "AAAA"}], "voice": voice}
+    start = parse_message(json.dumps(msg), LIMITS)
+    assert isinstance(start, Start)
+    again = pickle.loads(pickle.dumps(start))
+    assert again == start
+    assert again.model_fields_set == start.model_fields_set
+    session = parse_message(json.dumps({"type": "session", "session": "s", "op": "voice", "voice": "anna"}), LIMITS)
+    assert isinstance(session, Session)
+    assert session.op is SessionOp.VOICE
+    assert pickle.loads(pickle.dumps(session)) == session
+
+
+def test_the_server_never_imports_the_cli():
+    """Layers import downwards only: the server (its Ray replica included) takes its named voices
+    from server/voices.py, not from tools/cli.py."""
+    import ast
+    from pathlib import Path
+
+    import misotts_agents.server
+
+    for path in Path(misotts_agents.server.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("misotts_agents.tools") for n in names), path

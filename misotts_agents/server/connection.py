@@ -1,16 +1,18 @@
-"""One WebSocket client of ``/v1/stream``: its messages, its running requests, its bounded send queue.
+"""One WebSocket client of ``/v1/stream``: its messages and its running requests.
 
 Everything a client sends is validated by the schema (schema.py) and answered: a bad message gets
 an ``error`` (logged as one line, no stack trace) and the connection goes on. Requests run as tasks
-(one per id) that pump engine audio into the connection's :class:`Outbox`, a send queue bounded in
-bytes with one writer. A client that stops reading fills it; when a request has waited
+(one per id) that pump engine audio into the connection's :class:`Outbox` (outbox.py), a send queue
+bounded in bytes with one writer. A client that stops reading fills it; when a request has waited
 ``send_timeout_s`` for room, the client is cut off: its requests are cancelled (their engine slots
 freed at the next step) and the connection is closed, so a client that never reads holds neither
 memory nor engine slots for longer than that.
 
-Names the client chooses are its tenant's (tenants.py): sessions are passed to the backend scoped
-(``tenant/name``), audio ids are kept in the tenant's part of the memory budget (budget.py), and a
-voice name finds the tenant's own voice before the server's shared ones.
+The backend gets the validated message itself (a copy of the model, never a dict validated again),
+with the names the client chose made its tenant's (tenants.py): sessions scoped (``tenant/name``),
+audio ids resolved from the tenant's part of the memory budget (budget.py), a voice name the
+tenant's own before the server's shared ones; and the tenant and this connection, the keys the
+engine admits fairly by, within the tenant's cap on waiting requests.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel
@@ -32,6 +33,7 @@ from misotts_agents.errors import EngineClosed, MisoError
 from misotts_agents.server import protocol, schema
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.lifecycle import Lifecycle
+from misotts_agents.server.outbox import ClientGone, Outbox
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.rate import TokenBucket
 from misotts_agents.server.tenants import Quotas, private_session, scope, scoped_voice
@@ -41,83 +43,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = 4008  # the close code of a client cut off for not reading (protocol.py)
 TRANSPORT_KEY = "misotts.transport"  # in a WebSocket's scope: uvicorn's transport of the connection
-
-
-class ClientGone(Exception):
-    """The client is gone (a send failed), or was cut off for not reading."""
-
-
-class Outbox:
-    """A connection's send queue: bounded in bytes, drained in order by one writer task.
-
-    ``put`` waits while the queue is full; after ``timeout_s`` of waiting it gives up (the client
-    is not reading) and calls ``on_stuck``.
-    """
-
-    def __init__(self, ws: WebSocket, max_bytes: int, timeout_s: float, on_stuck: Any) -> None:
-        self.ws = ws
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self._on_stuck = on_stuck
-        self._items: deque[str | bytes] = deque()
-        self._size = 0
-        self._changed = asyncio.Condition()
-        self.closed = False
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def put(self, data: str | bytes) -> None:
-        async with self._changed:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    await self._changed.wait_for(
-                        lambda: self.closed or self._size + len(data) <= self.max_bytes or not self._items
-                    )
-            except TimeoutError:
-                self._on_stuck()
-                raise ClientGone(f"the client read nothing for {self.timeout_s:g} s") from None
-            if self.closed:
-                raise ClientGone("connection closed")
-            self._items.append(data)
-            self._size += len(data)
-            self._changed.notify_all()
-
-    async def flushed(self, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) until everything queued is sent."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s), self._changed:
-                await self._changed.wait_for(lambda: self.closed or not self._items)
-
-    async def run(self) -> None:
-        """The writer: sends queued items in order until the connection closes."""
-        try:
-            while True:
-                async with self._changed:
-                    await self._changed.wait_for(lambda: self.closed or bool(self._items))
-                    if self.closed:
-                        return
-                    data = self._items[0]
-                if isinstance(data, bytes):
-                    await self.ws.send_bytes(data)
-                else:
-                    await self.ws.send_text(data)
-                async with self._changed:
-                    self._items.popleft()
-                    self._size -= len(data)
-                    self._changed.notify_all()
-        except (WebSocketDisconnect, RuntimeError, OSError):  # Starlette: RuntimeError once closed
-            pass
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        async with self._changed:
-            self.closed = True
-            self._items.clear()
-            self._size = 0
-            self._changed.notify_all()
+_Audio = TypeVar("_Audio", bound=schema.AudioItem)
 
 
 class Connection:
@@ -305,12 +231,8 @@ class Connection:
                 self.cancelled.add(msg.id)
                 task.cancel()
         elif isinstance(msg, schema.Session):
-            data = msg.model_dump(exclude_unset=True) | {"session": self.use_session(msg.session)}
-            if isinstance(msg.voice, schema.VoiceItem):
-                data["voice"] = self.resolve(msg.voice.model_dump(exclude_unset=True))
-            elif isinstance(msg.voice, str):
-                data["voice"] = scoped_voice(getattr(self.backend, "voices", None), self.tenant, msg.voice)
-            reply = await self.backend.session(data)
+            update = {"session": self.use_session(msg.session), "voice": self.backend_voice(msg.voice)}
+            reply = await self.backend.session(msg.model_copy(update=update))
             await self.send(protocol.message("session", **(reply | {"session": msg.session})))
         elif isinstance(msg, schema.Ping):
             await self.send(protocol.message("pong"))
@@ -328,17 +250,17 @@ class Connection:
                     "too_many",
                     f"at most {self.limits.max_concurrent_per_connection} concurrent requests per connection",
                 )
-            data = self.backend_start(msg)
+            start = self.backend_start(msg)
             self.quotas.start_stream(self.tenant)
             streams_counted = True
             if msg.incremental:
                 # The options are checked now, not when the first sentence is complete.
-                schema.parse_start(data | {"text": "Check."}, self.limits, getattr(self.backend, "voices", None))
+                schema.parse_start(start.model_copy(update={"text": "Check."}), getattr(self.backend, "voices", None))
                 feed = self.feeds[rid] = TextFeed(self.limits.max_text_chars)
                 feed.append(msg.text)
-                parts = self.incremental_parts(data, feed)
+                parts = self.incremental_parts(start, feed)
             else:
-                parts = _one(self.backend.start(data, client=self))
+                parts = _one(self.backend_stream(start))
         except Exception as exc:
             if streams_counted:
                 self.quotas.end_stream(self.tenant)
@@ -352,52 +274,55 @@ class Connection:
             return
         self.tasks[rid] = asyncio.create_task(self.pump(rid, parts, msg.codes, msg.words, msg.queue))
 
-    def backend_start(self, msg: schema.Start) -> dict[str, Any]:
+    def backend_start(self, msg: schema.Start) -> schema.Start:
         """The start as the backend takes it: the session scoped, audio ids resolved, voice names
-        the tenant's."""
-        data = msg.model_dump(by_alias=True, exclude_unset=True)
-        if msg.session is not None:
-            data["session"] = self.use_session(msg.session)
-        if "context" in data:
-            data["context"] = [self.resolve(item) for item in data["context"]]
-        if isinstance(msg.voice, schema.VoiceItem):
-            data["voice"] = self.resolve(data["voice"])
-        elif isinstance(msg.voice, str):
-            data["voice"] = scoped_voice(getattr(self.backend, "voices", None), self.tenant, msg.voice)
-        return data
+        the tenant's (a copy: nothing validated again)."""
+        update: dict[str, Any] = {"session": self.use_session(msg.session), "voice": self.backend_voice(msg.voice)}
+        if "context" in msg.model_fields_set:
+            update["context"] = [self.resolve(item) for item in msg.context]
+        return msg.model_copy(update=update)
 
-    def resolve(self, item: dict[str, Any]) -> dict[str, Any]:
+    def backend_stream(self, start: schema.Start) -> Any:
+        """The backend's stream for ``start``, within the tenant's cap on waiting requests (tenants.py);
+        this connection and its tenant are the keys the engine shares its slots fairly by."""
+        return self.quotas.start_waiting(
+            self.tenant, lambda: self.backend.start(start, client=self, tenant=self.tenant)
+        )
+
+    def backend_voice(self, voice: str | schema.VoiceItem | None) -> str | schema.VoiceItem | None:
+        """A voice as the backend takes it: an object with its audio, a name the tenant's own first."""
+        if isinstance(voice, schema.VoiceItem):
+            return self.resolve(voice)
+        if isinstance(voice, str):
+            return scoped_voice(getattr(self.backend, "voices", None), self.tenant, voice)
+        return None
+
+    def resolve(self, item: _Audio) -> _Audio:
         """An audio item with its audio: sent now (and kept under its ``audio_id``), or kept before."""
-        aid = item.get("audio_id")
-        if aid is None:
+        if item.audio_id is None:
             return item
-        if item.get("audio_b64"):
-            self.budget.keep_audio(self.tenant, aid, item["audio_b64"])
+        if item.audio_b64:
+            self.budget.keep_audio(self.tenant, item.audio_id, item.audio_b64)
             return item
-        return item | {"audio_b64": self.budget.audio(self.tenant, aid)}
+        return item.model_copy(update={"audio_b64": self.budget.audio(self.tenant, item.audio_id)})
 
-    async def incremental_parts(self, msg: dict[str, Any], feed: TextFeed) -> AsyncGenerator[tuple[Any, bool], None]:
+    async def incremental_parts(self, start: schema.Start, feed: TextFeed) -> AsyncGenerator[tuple[Any, bool], None]:
         """One backend request per sentence, all in one session so each is conditioned on the parts
         already spoken; a request without a session gets a private one for its lifetime."""
-        own = msg.get("session")
+        own = start.session
         sid = own or private_session(self.tenant)
-        base = {k: v for k, v in msg.items() if k not in ("text", "incremental")} | {"session": sid}
+        base = start.model_copy(update={"incremental": False, "session": sid})
         first, last = True, False
         try:
             async for text, last in feed.parts():
-                yield (
-                    self.backend.start(base | {"text": text, "continue": not first, "more": not last}, client=self),
-                    last,
-                )
+                part = base.model_copy(update={"text": text, "continue_": not first, "more": not last})
+                yield self.backend_stream(part), last
                 first = False
         finally:
             if own is None:
-                await self.backend.session({"type": "session", "session": sid, "op": "close"})
+                await self.backend.session(_session_op(sid, schema.SessionOp.CLOSE))
             elif not first and not last:  # the end came after the last part started: close the turn
-                interrupted = not feed.ended
-                await self.backend.session(
-                    {"type": "session", "session": sid, "op": "end_turn", "interrupted": interrupted}
-                )
+                await self.backend.session(_session_op(sid, schema.SessionOp.END_TURN, interrupted=not feed.ended))
 
     # -- a request's audio ----------------------------------------------------------------------
 
@@ -485,6 +410,11 @@ class Connection:
                 await self.send(protocol.message("admitted", id=rid))
         except ClientGone:  # the pump sees it too, and ends the request
             return
+
+
+def _session_op(sid: str, op: schema.SessionOp, interrupted: bool = False) -> schema.Session:
+    """A ``session`` message of the server's own (already scoped, nothing to validate)."""
+    return schema.Session.model_construct(type="session", session=sid, op=op, interrupted=interrupted)
 
 
 async def _one(stream: Any) -> AsyncGenerator[tuple[Any, bool], None]:

@@ -87,13 +87,14 @@ interleave)::
     the ``end`` message is what says a request is over.
 ``{"type": "error", "id": "r1" | null, "code": "...", "message": "...", "retryable": false}``
     The request failed (or, with ``id`` null, a message could not be understood). After an error for
-    an id, nothing more comes for it. Codes: ``bad_json`` (not JSON, or nested deeper than 200),
+    an id, nothing more comes for it. Codes: ``bad_json`` (not JSON, or nested too deep),
     ``bad_message`` (not an object with a ``type``; binary; text for no incremental request),
     ``unknown_type``, ``too_large`` (a size limit), ``invalid_request`` (any field of the wrong type,
     out of range, unknown or missing: the message names it), ``unknown_audio``, ``duplicate_id``,
-    ``too_many`` (a limit of the connection or the tenant: requests, sessions, streams), ``busy``
-    (engine queue full), ``closed`` (engine closed, or the server shutting down),
-    ``unavailable`` (the engine lacks what the request needs, e.g. a watermark), ``internal``.
+    ``too_many`` (a limit of the connection or the tenant: requests, sessions, streams, requests
+    waiting for a slot), ``busy`` (engine queue full, or the request waited past the engine's
+    bound), ``closed`` (engine closed, or the server shutting down), ``unavailable`` (the engine
+    lacks what the request needs, e.g. a watermark), ``internal``.
     ``retryable``: whether the same message may succeed if sent again (busy, too_many, unknown_audio
     with the audio, internal). The codes, their exceptions and HTTP statuses are one table:
     ``misotts_agents.errors.WIRE_CODES``. The connection stays open after every error.
@@ -167,6 +168,10 @@ class Limits:
     max_connections: int = 256
     max_connections_per_tenant: int = 64
     max_streams_per_tenant: int = 32
+    # Requests of one tenant not yet generating (queued for a slot, or being prepared): beyond it a
+    # request is refused (too_many, retryable), so one tenant's burst cannot fill the engine's queue.
+    max_waiting_per_tenant: int = 16
+    retry_after_s: int = 1  # the Retry-After of a busy (503) or too_many (429) HTTP refusal
     max_sessions_per_tenant: int = 256
     session_ttl_s: float = 1800.0
     max_memory_bytes: int = 1024 * 1024 * 1024  # sessions + cached audio of every tenant together
@@ -225,27 +230,6 @@ def exception_message(exc: BaseException, rid: str | None = None) -> str:
     """The ``error`` message for ``exc`` (its code from the one table in errors.py)."""
     code, text, _ = to_wire(exc)
     return error_message(code, text, rid)
-
-
-def name_field(msg: dict[str, Any], key: str) -> str | None:
-    """A client-chosen name (request ``id``, ``session``, ``audio_id``): absent, or a non-empty
-    string of at most MAX_ID_BYTES UTF-8 bytes."""
-    value = msg.get(key)
-    if value is not None and (not isinstance(value, str) or not value or len(value.encode()) > MAX_ID_BYTES):
-        raise ProtocolError("bad_message", f"'{key}' must be a non-empty string of at most {MAX_ID_BYTES} bytes")
-    return value
-
-
-def request_id(msg: dict[str, Any]) -> str:
-    rid = name_field(msg, "id")
-    if rid is None:
-        raise ProtocolError("bad_message", f"'id' (a string of at most {MAX_ID_BYTES} bytes) is required")
-    return rid
-
-
-def session_id(msg: dict[str, Any]) -> str | None:
-    """The message's ``session`` (None when absent); the same rules as request ids."""
-    return name_field(msg, "session")
 
 
 def words_message(rid: str, words: Sequence[WordTiming], offset_s: float = 0.0) -> str:

@@ -10,8 +10,8 @@ The sampling options are not listed here: their fields are made from
 :func:`misotts_agents.engine.params.sampling_fields`, so a new option reaches the protocol, the
 OpenAI body and the integrations from its one declaration.
 
-Raw JSON is size-checked before it is parsed, and parsed by pydantic-core (a nesting limit of 200
-levels, no lone surrogates, no numbers beyond 4300 digits) rather than ``json.loads``.
+Raw JSON is size- and count-checked before it is parsed, and its shape after (jsonshape.py), so
+refusing any message costs time and memory bounded by the limits, not by the shape of its JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,7 +31,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -46,6 +44,7 @@ from misotts_agents.engine.params import SamplingParams, sampling_fields
 from misotts_agents.engine.request import MAX_SPEAKER, ChunkSchedule, Segment, SynthesisRequest
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import InvalidRequest
+from misotts_agents.server.jsonshape import load_json
 from misotts_agents.server.protocol import MAX_ID_BYTES, Limits, ProtocolError
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -61,8 +60,8 @@ def _limits(info: ValidationInfo) -> Limits:
 
 def _check_name(value: str) -> str:
     """A client-chosen name: request id, session, audio id, voice name."""
-    try:
-        size = len(value.encode())
+    try:  # (more characters than bytes allowed: too long without encoding it)
+        size = len(value.encode()) if len(value) <= MAX_ID_BYTES else len(value)
     except UnicodeEncodeError:
         raise PydanticCustomError("invalid_name", "must be valid UTF-8 (no lone surrogates)") from None
     if not 1 <= size <= MAX_ID_BYTES:
@@ -207,12 +206,22 @@ class Cancel(_Model):
     id: Name
 
 
+class SessionOp(StrEnum):
+    """What a ``session`` message does (the wire strings are the values)."""
+
+    VOICE = "voice"
+    USER_TURN = "user_turn"
+    END_TURN = "end_turn"
+    CLEAR = "clear"
+    CLOSE = "close"
+
+
 class Session(_Model):
-    """``session``: change a conversation's server-side state (op: voice, user_turn, end_turn, clear, close)."""
+    """``session``: change a conversation's server-side state (see :class:`SessionOp`)."""
 
     type: Literal["session"]
     session: Name
-    op: Literal["voice", "user_turn", "end_turn", "clear", "close"]
+    op: SessionOp = Field(strict=False)  # from its wire string
     voice: Voice | None = None
     speaker: Speaker = 1
     text: Text | None = None
@@ -221,7 +230,7 @@ class Session(_Model):
 
     @model_validator(mode="after")
     def _turn_complete(self) -> Session:
-        if self.op == "user_turn" and (not (self.text or "").strip() or not self.audio_b64):
+        if self.op is SessionOp.USER_TURN and (not (self.text or "").strip() or not self.audio_b64):
             raise PydanticCustomError("missing_turn", "a user_turn needs 'text' (its transcript) and 'audio_b64'")
         return self
 
@@ -230,8 +239,14 @@ class Ping(_Model):
     type: Literal["ping"]
 
 
-ClientMessage = Annotated[Start | Append | End | Cancel | Session | Ping, Field(discriminator="type")]
-_MESSAGE: TypeAdapter[Any] = TypeAdapter(ClientMessage)
+def _by_type(*models: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Each message model under its ``type`` (the one value of its ``Literal``)."""
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in models}
+
+
+#: What a client may send, by ``type``: a message is validated against its one model (an unknown
+#: type is refused before any validation, so the error never repeats a long ``type`` back).
+MESSAGES = _by_type(Start, Append, End, Cancel, Session, Ping)
 
 
 # -- the OpenAI speech body -------------------------------------------------------------------------
@@ -277,46 +292,35 @@ class SpeechBody(SamplingFields):  # type: ignore[misc, valid-type]
             raise PydanticCustomError("unsupported", "only speed 1.0 is supported")
         return value
 
-    def start(self, voices: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The protocol ``start`` message this body asks for."""
-        start: dict[str, Any] = {"type": "start", "id": "speech", "text": self.input}
+    def start(self, voices: Mapping[str, Any] | None) -> Start:
+        """The protocol ``start`` this body asks for, from fields already checked (not validated again)."""
+        fields: dict[str, Any] = {"type": "start", "id": "speech", "text": self.input}
         voice = self.voice
         if isinstance(voice, str) and voice.isascii() and voice.isdecimal():
             voice = int(voice)
         if isinstance(voice, int):
-            start["speaker"] = voice
+            fields["speaker"] = voice
         elif voice is not None and voices:
-            start["voice"] = voice  # one of the server's named voices (an unknown name is refused)
+            fields["voice"] = voice  # one of the server's named voices (an unknown name is refused)
         # Other OpenAI voice names mean the default voice on a server without named voices.
-        extras = self.model_dump(include={"session", "max_audio_ms", *(f.name for f in sampling_fields())})
-        return start | {k: v for k, v in extras.items() if v is not None and k in self.model_fields_set}
+        extras = {"session", "max_audio_ms", *(f.name for f in sampling_fields())} & self.model_fields_set
+        fields |= {k: getattr(self, k) for k in extras if getattr(self, k) is not None}
+        return Start.model_construct(**fields)
 
 
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-def load_json(text: str | bytes, limit: int) -> Any:
-    """Parsed JSON, size-checked first; a nesting limit and strict UTF-8 (pydantic-core's parser)."""
-    if len(text) > limit:
-        raise ProtocolError("too_large", f"message too large: {len(text)} bytes (at most {limit})")
-    try:
-        return pydantic_core.from_json(text, allow_inf_nan=False)
-    except ValueError as exc:
-        raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
-
-
 def parse_message(text: str, limits: Limits) -> BaseModel:
     """One WebSocket message, validated (raises ProtocolError with the protocol's code)."""
-    data = load_json(text, limits.max_message_bytes)
+    data = load_json(text, limits)
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("bad_message", "a message is a JSON object with a 'type' (a string)")
     rid = _valid_name(data.get("id"))  # for the error's "id", when the id itself is fine
-    try:
-        return _MESSAGE.validate_python(data, context={"limits": limits})
-    except ValidationError as exc:
-        if any(e["type"] == "union_tag_invalid" for e in exc.errors()):
-            raise ProtocolError("unknown_type", f"unknown message type {data['type'][:40]!r}", rid) from None
-        raise invalid(exc, rid, tagged=True) from None
+    model = MESSAGES.get(data["type"])
+    if model is None:
+        raise ProtocolError("unknown_type", f"unknown message type {data['type'][:40]!r}", rid)
+    return validated(model, data, limits, rid)
 
 
 def _valid_name(value: Any) -> str | None:
@@ -327,42 +331,47 @@ def _valid_name(value: Any) -> str | None:
 
 
 def parse_speech_body(body: bytes, limits: Limits) -> SpeechBody:
-    data = load_json(body, limits.max_message_bytes)
+    data = load_json(body, limits)
     if not isinstance(data, dict):
         raise ProtocolError("invalid_request", "the body must be a JSON object")
     return validated(SpeechBody, data, limits)
 
 
-def validated(model: type[_M], data: Mapping[str, Any], limits: Limits, rid: str | None = None) -> _M:
+def validated(model: type[_M], data: dict[str, Any], limits: Limits, rid: str | None = None) -> _M:
     """``data`` as ``model`` under the server's ``limits``; a failure is the protocol's one-line error."""
     try:
-        return model.model_validate(dict(data), context={"limits": limits})
+        return model.model_validate(data, context={"limits": limits})
     except ValidationError as exc:
         raise invalid(exc, rid) from None
 
 
-def invalid(exc: ValidationError, rid: str | None = None, tagged: bool = False) -> ProtocolError:
-    """A validation failure as one line naming each field (at most three), never the input itself.
-    ``tagged``: the first location is the message type (a message of the protocol's union)."""
+def invalid(exc: ValidationError, rid: str | None = None) -> ProtocolError:
+    """A validation failure as one line naming each field (at most three), never the input itself."""
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     code = "too_large" if any(e["type"] == "too_large" for e in errors) else "invalid_request"
     parts = []
     for e in errors[:3]:
-        where = _where(e["loc"][1:] if tagged else e["loc"])
+        where = _where(e["loc"])
         if e["type"] == "missing":
             parts.append(f"'{where}' is required")
         else:
             parts.append(f"'{where}': {e['msg']}" if where else e["msg"])
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     error = ProtocolError(code, "; ".join(parts) + more, rid)
-    error.param = _where(errors[0]["loc"][1:] if tagged else errors[0]["loc"]) or None  # type: ignore[attr-defined]
+    error.param = _where(errors[0]["loc"]) or None  # type: ignore[attr-defined]
     return error
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
     """A field's path (``context.0.text``), without the names pydantic gives union members."""
-    keep = [str(p) for p in loc if isinstance(p, int) or not (p in _MEMBERS or "[" in p)]
+    keep = [_short_key(p) for p in loc if isinstance(p, int) or not (p in _MEMBERS or "[" in p)]
     return ".".join(keep)
+
+
+def _short_key(part: int | str) -> str:
+    """A path part as the error names it: a client's unknown key (at most jsonshape.MAX_KEY_CHARS)
+    printable, a lone surrogate in it escaped."""
+    return str(part) if isinstance(part, int) else part.encode("utf-8", "backslashreplace").decode()
 
 
 _MEMBERS = {"name", "object", "str", "int"}
@@ -381,13 +390,7 @@ def decode_audio(data: str | None, what: str) -> np.ndarray:
     return from_int16(raw)
 
 
-def validate_start(msg: Mapping[str, Any] | Start, limits: Limits) -> Start:
-    if isinstance(msg, Start):
-        return msg
-    return validated(Start, msg, limits, msg.get("id") if isinstance(msg.get("id"), str) else None)
-
-
-def parse_voice(item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | None = None) -> VoicePrompt | None:
+def parse_voice(item: str | VoiceItem | None, voices: Mapping[str, VoicePrompt] | None = None) -> VoicePrompt | None:
     """A ``voice`` field: absent, the name of one of the server's voices, or an audio object."""
     if item is None:
         return None
@@ -397,19 +400,12 @@ def parse_voice(item: Any, limits: Limits, voices: Mapping[str, VoicePrompt] | N
             known = ", ".join(sorted(voices)) or "none (start the server with --voice NAME=CLIP.wav)"
             raise InvalidRequest(f"unknown voice {item!r}; this server's voices: {known}")
         return voices[item]
-    if isinstance(item, Mapping):
-        try:
-            item = validated(VoiceItem, item, limits)
-        except ProtocolError as exc:
-            raise InvalidRequest(f"voice: {exc.message}") from None
     return VoicePrompt(item.speaker, item.text, decode_audio(item.audio_b64, "voice"))
 
 
-def parse_start(
-    msg: Mapping[str, Any] | Start, limits: Limits, voices: Mapping[str, VoicePrompt] | None = None
-) -> SynthesisRequest:
-    """The engine request a ``start`` message asks for (raises ProtocolError / InvalidRequest)."""
-    start = validate_start(msg, limits)
+def parse_start(start: Start, voices: Mapping[str, VoicePrompt] | None = None) -> SynthesisRequest:
+    """The engine request a validated ``start`` asks for (raises InvalidRequest: the request's own
+    bounds, audio that does not decode, an unknown voice)."""
     segments = tuple(
         Segment(item.speaker, item.text, decode_audio(item.audio_b64, f"context[{i}]"))
         for i, item in enumerate(start.context)
@@ -419,19 +415,13 @@ def parse_start(
         text=start.text,
         speaker=start.speaker,
         context=segments,
-        voice=parse_voice(start.voice, limits, voices),
+        voice=parse_voice(start.voice, voices),
         max_audio_ms=start.max_audio_ms,
         chunks=chunks,
         watermark=start.watermark,
         max_ahead_s=start.max_ahead_s,
         **{f.name: getattr(start, f.name) for f in sampling_fields()},
     )
-
-
-def parse_session(msg: Mapping[str, Any] | Session, limits: Limits) -> Session:
-    if isinstance(msg, Session):
-        return msg
-    return validated(Session, msg, limits)
 
 
 def parse_turn(msg: Session) -> tuple[int, str, np.ndarray]:

@@ -12,8 +12,9 @@ tenant's least recently used go first beyond ``max_sessions``, and the budget's 
 tenants' sessions and cached audio together. Turn audio is kept as owned copies, cut to the
 memory's ``max_turn_s``: never a view that pins the whole clip a client sent.
 
-The app (app.py) talks to this class only through ``start``/``session`` and a few figures, so a
-proxy with the same methods (the Ray Serve ingress, ray/ingress.py) can serve the same protocol.
+The app (app.py) talks to this class only through ``start``/``session`` (validated models of
+schema.py, which pickle: the Ray Serve ingress, ray/ingress.py, sends them on to its replicas as
+they are) and a few figures, so a proxy with the same methods can serve the same protocol.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from misotts_agents.errors import InvalidRequest
 from misotts_agents.server import schema
 from misotts_agents.server.budget import MemoryBudget
 from misotts_agents.server.protocol import Limits
+from misotts_agents.server.schema import SessionOp
 from misotts_agents.server.tenants import unscope
 
 SESSION_OVERHEAD_BYTES = 16 * 1024  # what an empty session costs (objects, its memory's buffers)
@@ -113,6 +115,7 @@ class SessionStream:
         return self._stream.queued
 
     async def wait_admitted(self) -> bool:
+        """The engine stream's: True once it has a slot, False if it ended without one."""
         return await self._stream.wait_admitted()
 
     def __aiter__(self) -> SessionStream:
@@ -158,7 +161,7 @@ class EngineBackend:
         sessions: SessionStore | None = None,
     ) -> None:
         self.engine = engine
-        self.limits = limits = limits or Limits()
+        limits = limits or Limits()
         self.voices = dict(voices or {})
         self.sessions = sessions or SessionStore(
             limits.max_sessions_per_tenant, limits.session_ttl_s, budget=MemoryBudget.for_limits(limits)
@@ -188,16 +191,16 @@ class EngineBackend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def start(self, msg: dict[str, Any], client: Hashable | None = None) -> Any:
-        """The stream for a protocol ``start`` message; raises at once for a bad one. ``client``
-        (the connection) shares the engine's preparation fairly between clients."""
-        start = schema.validate_start(msg, self.limits)
-        request = schema.parse_start(start, self.limits, self.voices)
+    def start(self, start: schema.Start, client: Hashable | None = None, tenant: Hashable | None = None) -> Any:
+        """The stream for a validated ``start`` (its session scoped, its audio resolved: see
+        connection.py); raises at once for one the engine refuses. ``client`` (a connection, an HTTP
+        caller) and ``tenant`` are the keys the engine shares its preparation and slots fairly by."""
+        request = schema.parse_start(start, self.voices)
         sid = start.session
         if sid is None:
             if start.continue_ or start.more:
                 raise InvalidRequest("'continue' and 'more' need a 'session'")
-            return self.engine.stream(request, client=client)
+            return self.engine.stream(request, client=client, tenant=tenant)
         session = self.sessions.get(sid)
         memory = session.memory
         continuing = start.continue_ and memory.agent_speaking
@@ -205,7 +208,7 @@ class EngineBackend:
         # A later part of an utterance is conditioned on the parts already spoken.
         context = memory.reply_context(turns, reply=None if continuing else ())
         request = dataclasses.replace(request, context=context, voice=request.voice or session.voice)
-        stream = self.engine.stream(request, client=client)
+        stream = self.engine.stream(request, client=client, tenant=tenant)
         if continuing:
             memory.agent_add_text(request.text)
         else:
@@ -213,23 +216,22 @@ class EngineBackend:
             memory.agent_started(request.text)
         return SessionStream(stream, memory, more=start.more, on_end=lambda: self.sessions.changed(sid))
 
-    async def session(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Apply a protocol ``session`` message; returns the fields of the reply."""
-        m = schema.parse_session(msg, self.limits)
+    async def session(self, m: schema.Session) -> dict[str, Any]:
+        """Apply a validated ``session`` message (its session scoped); returns the fields of the reply."""
         sid, op = m.session, m.op
-        if op == "close":
-            return {"session": sid, "op": op, "closed": self.sessions.close(sid)}
+        if op is SessionOp.CLOSE:
+            return {"session": sid, "op": op.value, "closed": self.sessions.close(sid)}
         session = self.sessions.get(sid)
         memory = session.memory
-        if op == "voice":
-            session.voice = schema.parse_voice(m.voice, self.limits, self.voices)
-        elif op == "user_turn":
+        if op is SessionOp.VOICE:
+            session.voice = schema.parse_voice(m.voice, self.voices)
+        elif op is SessionOp.USER_TURN:
             speaker, text, audio = schema.parse_turn(m)
             # An owned copy of what the memory keeps, never a view pinning the whole clip sent.
             memory.add_turn(speaker, text, audio[-int(memory.max_turn_s * SAMPLE_RATE) :].copy())
-        elif op == "end_turn":  # the last part of an utterance sent with "more": it is complete
+        elif op is SessionOp.END_TURN:  # the last part of an utterance sent with "more": it is complete
             memory.agent_finished(interrupted=m.interrupted)
-        elif op == "clear":
+        elif op is SessionOp.CLEAR:
             memory.clear()
         self.sessions.changed(sid)
-        return {"session": sid, "op": op, "turns": len(memory.context()), "voice": session.voice is not None}
+        return {"session": sid, "op": op.value, "turns": len(memory.context()), "voice": session.voice is not None}

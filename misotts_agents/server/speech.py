@@ -2,9 +2,11 @@
 every HTTP answer of the server uses.
 
 A request is admitted in order (token, origin, not draining, a JSON body within its size and time
-limits, a valid body within the tenant's quota), then its first chunk is awaited before the status
-line goes out, so that a refusal still gets a 4xx; after that the audio is encoded chunk by chunk
-as it comes (encode.py), and a failure can only end the body short.
+limits, a valid body within the tenant's quotas), then the status line and headers go out as soon
+as the engine gives it a slot (not with its first audio: a client sees at once that it is being
+served); a request the engine refuses before that (queue full, or waited past the engine's bound)
+gets its status: 503 ``busy`` or 429 ``too_many``, both with ``Retry-After``. After the status the
+audio is encoded chunk by chunk as it comes (encode.py), and a failure can only end the body short.
 """
 
 from __future__ import annotations
@@ -74,21 +76,25 @@ def _refuse_early(request: Request, server: ServerState, peer: str) -> JSONRespo
 
 
 def _start(raw: bytes, tenant: str, peer: str, server: ServerState) -> tuple[schema.SpeechBody, Any]:
-    """The checked body and its stream, started in the tenant's scope and counted in its quota
+    """The checked body and its stream, started in the tenant's scope and counted in its quotas
     (released again if the backend refuses to start it)."""
     body = schema.parse_speech_body(raw, server.limits)
     voices = getattr(server.backend, "voices", None)
     start = body.start(voices)
-    if body.session is not None:
-        start["session"] = scope(tenant, body.session)
-    if "voice" in start:
-        start["voice"] = scoped_voice(voices, tenant, start["voice"])
+    update: dict[str, Any] = {}
+    if start.session is not None:
+        update["session"] = scope(tenant, start.session)
+    if isinstance(start.voice, str):
+        update["voice"] = scoped_voice(voices, tenant, start.voice)
+    start = start.model_copy(update=update)
     server.quotas.start_stream(tenant)
     try:
-        return body, server.backend.start(start, client=f"http:{tenant}:{peer}")
+        client = f"http:{tenant}:{peer}"
+        stream = server.quotas.start_waiting(tenant, lambda: server.backend.start(start, client=client, tenant=tenant))
     except BaseException:
         server.quotas.end_stream(tenant)
         raise
+    return body, stream
 
 
 class _Tracked:
@@ -114,11 +120,14 @@ class _Tracked:
 
 
 async def _respond(tracked: _Tracked, response_format: str, peer: str) -> Response:
+    """The status once the engine has given the request a slot; a refusal before that (the engine's
+    queue, its wait bound, bad input found while preparing) still gets its 4xx / 5xx."""
     try:
-        first = await tracked.stream.__anext__()  # errors from preparation still get a status code
-    except StopAsyncIteration:
-        first = None
-    except (ProtocolError, MisoError) as exc:  # a backend may refuse here rather than in start() (Ray)
+        if not await tracked.stream.wait_admitted():
+            async for _ in tracked.stream:  # raises why it ended without a slot (EngineBusy: its wait bound)
+                break
+            raise EngineClosed("the request ended before it got an engine slot")
+    except (ProtocolError, MisoError) as exc:
         tracked.outcome = "error"
         tracked.done()
         return refused(tracked.server, exc, peer)
@@ -127,22 +136,19 @@ async def _respond(tracked: _Tracked, response_format: str, peer: str) -> Respon
         tracked.done()
         raise
     media = FORMATS[response_format].content_type
-    content = _encoded(tracked, first, response_format)
+    content = _encoded(tracked, response_format)
     return _Streamed(tracked.done, content, media_type=media, headers={"X-Sample-Rate": str(SAMPLE_RATE)})
 
 
-async def _encoded(tracked: _Tracked, first: Any, response_format: str) -> AsyncIterator[bytes]:
+async def _encoded(tracked: _Tracked, response_format: str) -> AsyncIterator[bytes]:
     """The body: each chunk encoded as it comes (encode.py)."""
     metrics = tracked.server.metrics
     encoder = None
     try:
         encoder = StreamEncoder(response_format)
-        if first is not None:
-            yield encoder.encode(first.pcm)
-            metrics.audio_seconds.inc(first.duration_s)
-            async for chunk in tracked.stream:
-                yield encoder.encode(chunk.pcm)
-                metrics.audio_seconds.inc(chunk.duration_s)
+        async for chunk in tracked.stream:
+            yield encoder.encode(chunk.pcm)
+            metrics.audio_seconds.inc(chunk.duration_s)
         yield encoder.finish()
         tracked.outcome = "completed"
     except MisoError as exc:  # the status line is out: the body ends short
@@ -170,11 +176,14 @@ def unauthorized() -> JSONResponse:
 
 
 def refused(server: ServerState, exc: BaseException, where: str) -> JSONResponse:
-    """Bad input: one log line, no stack trace, and OpenAI's error JSON with the field at fault."""
-    code, message, _ = to_wire(exc)
+    """A refusal: one log line, no stack trace, and OpenAI's error JSON with the field at fault; a
+    retryable one (busy, too_many) says when to retry (``Retry-After``)."""
+    code, message, retryable = to_wire(exc)
     server.metrics.refused.labels(code).inc()
     log.info("refused %s: %s: %s", where, code, message[:300])
-    return openai_error(http_status(exc), message, code, getattr(exc, "param", None))
+    status = http_status(exc)
+    headers = {"Retry-After": str(server.limits.retry_after_s)} if retryable and status in (429, 503) else None
+    return openai_error(status, message, code, getattr(exc, "param", None), headers=headers)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

@@ -9,7 +9,8 @@ anything about a token. Without any token the server is open: every client is th
 
 What a tenant owns is out of other tenants' reach: its sessions, its audio ids and its named voices
 are looked up under its name (``scope``), and each tenant has its own quota of connections,
-concurrent streams and sessions, so one tenant flooding the server meets its own limits first.
+concurrent streams, requests waiting for an engine slot and sessions, so one tenant flooding the
+server meets its own limits first.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from misotts_agents.connect import TOKEN_ENV  # one token (tenant "default"): what the integrations' client sends
 from misotts_agents.server.protocol import Limits, ProtocolError
@@ -34,6 +36,7 @@ DEFAULT_TENANT = "default"
 MIN_TOKEN_CHARS = 16  # beyond loopback: a token someone could guess is no token
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+_S = TypeVar("_S")
 
 
 def _digest(token: str) -> bytes:
@@ -183,13 +186,14 @@ class Quota:
 
 
 class Quotas:
-    """Counts connections and streams per tenant against the limits (the event loop's thread and
-    Starlette's, hence the lock); refusals are ``too_many`` errors (retryable)."""
+    """Counts connections, streams and waiting requests per tenant against the limits (the event
+    loop's thread and Starlette's, hence the lock); refusals are ``too_many`` errors (retryable)."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._connections: Counter[str] = Counter()
         self._streams: Counter[str] = Counter()
+        self._waiting: dict[str, list[Any]] = {}  # streams that were still queued when last looked at
         self._lock = threading.Lock()
 
     def connect(self, tenant: str) -> None:
@@ -220,6 +224,21 @@ class Quotas:
             self._streams[tenant] -= 1
             if self._streams[tenant] <= 0:
                 del self._streams[tenant]
+
+    def start_waiting(self, tenant: str, start: Callable[[], _S]) -> _S:
+        """``start()`` (a backend's stream) unless the tenant has ``max_waiting_per_tenant`` requests
+        still waiting for an engine slot. A stream counts while its ``queued`` is true: the ones
+        admitted or over since the last look are dropped here, so no task watches them."""
+        with self._lock:
+            waiting = [s for s in self._waiting.get(tenant, ()) if getattr(s, "queued", False)]
+            if len(waiting) >= self.limits.max_waiting_per_tenant:
+                self._waiting[tenant] = waiting
+                raise ProtocolError(
+                    "too_many", f"at most {self.limits.max_waiting_per_tenant} waiting requests per tenant"
+                )
+            stream = start()
+            self._waiting[tenant] = [*waiting, stream]
+            return stream
 
     def usage(self, tenant: str) -> Quota:
         with self._lock:

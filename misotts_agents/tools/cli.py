@@ -17,7 +17,6 @@ from misotts_agents.model.sources import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from misotts_agents.engine.prefill import PrefillChunk
-    from misotts_agents.engine.voice import VoicePrompt
 
 
 def _key(text: str) -> tuple[int, ...]:
@@ -164,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-streams-per-tenant", type=int, default=32, help="concurrent requests per tenant (default: %(default)s)"
     )
     serve.add_argument(
+        "--max-waiting-per-tenant",
+        type=int,
+        default=16,
+        help="requests per tenant waiting for an engine slot; more: too_many / HTTP 429 (default: %(default)s)",
+    )
+    serve.add_argument(
         "--memory-mb",
         type=int,
         default=1024,
@@ -300,26 +305,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.args)
 
 
-def named_voices(specs: list[str]) -> dict[str, VoicePrompt]:
-    """``NAME=CLIP`` options as voice prompts; each clip's transcript is the .txt file beside it."""
-    from misotts_agents.audio import read_audio
-    from misotts_agents.engine.voice import VoicePrompt
-
-    voices = {}
-    for spec in specs:
-        name, sep, clip = spec.partition("=")
-        if not sep or not name or not clip:
-            raise SystemExit(f"error: --voice {spec!r}: expected NAME=CLIP (e.g. anna=voices/anna.wav)")
-        transcript = Path(clip).with_suffix(".txt")
-        if not transcript.is_file():
-            raise SystemExit(f"error: --voice {name}: no transcript {transcript} beside the clip")
-        try:
-            voices[name] = VoicePrompt(0, transcript.read_text().strip(), read_audio(clip))
-        except MisoError as exc:
-            raise SystemExit(f"error: --voice {name}: {exc}") from None
-    return voices
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from misotts_agents.engine.miso_engine import MisoEngine
     from misotts_agents.server.app import create_app
@@ -327,6 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from misotts_agents.server.protocol import Limits
     from misotts_agents.server.sessions import EngineBackend
     from misotts_agents.server.tenants import Tenants, check_bind
+    from misotts_agents.server.voices import named_voices
 
     try:
         tenants = Tenants.load(args.token_file, args.token)
@@ -337,7 +323,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("misotts_agents.serve").warning(
             "--token is visible to other users of this machine (ps); prefer $MISOTTS_TOKEN or --token-file"
         )
-    voices = named_voices(args.voice)
+    try:
+        voices = named_voices(args.voice)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     for name in voices:
         owner, sep, _ = name.rpartition("/")
         if sep and owner not in tenants.names:
@@ -351,6 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         message_burst=max(1, round(2 * args.max_messages_per_s)),
         max_connections=args.max_connections,
         max_streams_per_tenant=args.max_streams_per_tenant,
+        max_waiting_per_tenant=args.max_waiting_per_tenant,
         max_memory_bytes=args.memory_mb * 1024 * 1024,
         session_ttl_s=args.session_ttl,
         drain_timeout_s=args.drain_timeout,

@@ -19,10 +19,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from misotts_agents.engine.stats import EngineStats
-from misotts_agents.server import protocol
-from misotts_agents.server.protocol import Limits, ProtocolError
+from misotts_agents.server.protocol import Limits
 from misotts_agents.server.ray.stream import ReplicaStream
 from misotts_agents.server.ray.transport import error_from_item, transport_error
+from misotts_agents.server.schema import Session, Start
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ class RayEngineBackend:
         """The engine handle for a call of session ``sid`` (routed to its replica)."""
         return self.handle.options(multiplexed_model_id=sid or "", stream=stream)
 
-    def start(self, msg: dict[str, Any], client: Any = None) -> ReplicaStream:
-        sid = protocol.session_id(msg)  # a malformed session id is refused at once
-        return ReplicaStream(self, msg, sid, None if client is None else f"{id(client):x}")
+    def start(self, start: Start, client: Any = None, tenant: str | None = None) -> ReplicaStream:
+        """A validated ``start`` (as EngineBackend.start takes it), run on the replica of its session
+        when first iterated; ``client`` travels as a key (its id), the tenant by name."""
+        return ReplicaStream(self, start, None if client is None else f"{id(client):x}", tenant)
 
-    async def session(self, msg: dict[str, Any]) -> dict[str, Any]:
-        sid = protocol.session_id(msg)
-        if sid is None:
-            raise ProtocolError("bad_message", "a session message needs 'session' (the conversation's id)")
+    async def session(self, msg: Session) -> dict[str, Any]:
+        """A validated ``session`` message, applied on the replica of its session."""
+        sid = msg.session
         try:
             answer = await self.call(sid).session.remote(msg)
         except Exception as exc:

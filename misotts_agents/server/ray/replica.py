@@ -17,10 +17,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from misotts_agents.errors import MisoError
-from misotts_agents.server import protocol
 from misotts_agents.server.protocol import Limits, ProtocolError
 from misotts_agents.server.ray.router import SessionAffinityRouter
-from misotts_agents.server.ray.transport import error_item
+from misotts_agents.server.ray.transport import ADMITTED, error_item
+from misotts_agents.server.schema import Session, SessionOp, Start
+from misotts_agents.server.voices import named_voices
 
 if TYPE_CHECKING:
     from misotts_agents.engine.prefill import PrefillChunk
@@ -91,7 +92,7 @@ class EngineReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         if device is None:  # the GPU Ray gave this replica (Ray leaves other devices visible to CPU replicas)
             device = "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
-        named = _named_voices(list(voices))
+        named = named_voices(list(voices))
         self.engine = MisoEngine.load(
             model,
             device=device,
@@ -113,20 +114,21 @@ class EngineReplica:
         self._lease = serve.multiplexed(max_num_models_per_replica=max_sessions)(lease)
         log.info("engine replica %s ready: %s, max_batch=%d", self.replica, model, max_batch)
 
-    async def start(self, msg: dict[str, Any], client: str | None = None):
-        """Run one ``start`` message: yields ``("admitted", bool)`` once the request has an engine slot
-        (or ended without one), its AudioChunks, then ``("end", stats, codes, figures)``, or an error
-        item. Cancelling the call (the client cancelled or went away) raises
-        CancelledError in here, and the ``finally`` frees the engine slot at once. ``client`` (the
-        ingress connection) shares the engine's preparation fairly between clients."""
+    async def start(self, start: Start, client: str | None = None, tenant: str | None = None):
+        """Run one validated ``start``: yields ADMITTED once the engine gives it a slot, its
+        AudioChunks, then ``("end", stats, codes, figures)``, or an error item. Cancelling the call
+        (the client cancelled or went away) raises CancelledError in here, and the ``finally`` frees
+        the engine slot at once. ``client`` (the ingress connection) and ``tenant`` are the keys the
+        engine shares its preparation and slots fairly by."""
         stream = None
         try:
-            await self._use(protocol.session_id(msg))
-            stream = self.backend.start(msg, client=client)
-            yield ("admitted", await stream.wait_admitted())  # for the ingress's stream (stream.py)
+            await self._use(start.session)
+            stream = self.backend.start(start, client=client, tenant=tenant)
+            if await stream.wait_admitted():
+                yield ADMITTED
             async for chunk in stream:
                 yield chunk
-            codes = stream.codes.tolist() if msg.get("codes") else None
+            codes = stream.codes.tolist() if start.codes else None
             yield ("end", dataclasses.asdict(stream.stats), codes, self.figures())
         except Exception as exc:
             if not isinstance(exc, (ProtocolError, MisoError)):
@@ -136,11 +138,11 @@ class EngineReplica:
             if stream is not None:
                 stream.cancel()
 
-    async def session(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Apply a ``session`` message; the reply names this replica."""
+    async def session(self, msg: Session) -> dict[str, Any]:
+        """Apply a validated ``session`` message; the reply names this replica."""
         try:
-            if msg.get("op") != "close":
-                await self._use(protocol.session_id(msg))
+            if msg.op is not SessionOp.CLOSE:
+                await self._use(msg.session)
             reply = await self.backend.session(msg)
             return {"reply": {**reply, "replica": self.replica}, "figures": self.figures()}
         except Exception as exc:
@@ -181,14 +183,3 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
-
-
-def _named_voices(specs: list[str]) -> dict[str, Any]:
-    if not specs:
-        return {}
-    from misotts_agents.tools.cli import named_voices
-
-    try:
-        return named_voices(specs)
-    except SystemExit as exc:  # the CLI's way to report a bad spec; a replica raises instead
-        raise ValueError(str(exc)) from None

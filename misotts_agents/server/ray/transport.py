@@ -15,6 +15,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from misotts_agents.errors import EngineBusy, MisoError, from_wire, to_wire
 
+#: The item a replica sends once its engine gave the request a slot (before any audio).
+ADMITTED = ("admitted",)
+
 
 class ReplicaLost(EngineBusy):
     """The engine replica serving a request or session went away (it died or was stopped mid-call).
