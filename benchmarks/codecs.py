@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
-from misotts_agents.model.codec import CODEBOOK_SIZE, NUM_CODEBOOKS, MimiStreamDecoder
+from misotts_agents.model.codec import CODEBOOK_SIZE, NUM_CODEBOOKS
 from misotts_agents.model.mimi import default_config
+from misotts_agents.model.mimi_stream import MimiStreamDecoder
 from misotts_agents.model.watermark import WATERMARK_MESSAGE_SDR, WATERMARK_SAMPLE_RATE, Watermarker, _resample
 from misotts_agents.testing.mimi import random_mimi_model
 from misotts_agents.testing.silentcipher import make_tiny_silentcipher

@@ -11,7 +11,8 @@ import torch
 
 from misotts_agents.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts_agents.model import codec
-from misotts_agents.model.codec import CODEBOOK_SIZE, NUM_CODEBOOKS, CodecUnavailable, MimiStreamDecoder
+from misotts_agents.model.codec import CODEBOOK_SIZE, NUM_CODEBOOKS, CodecUnavailable
+from misotts_agents.model.mimi_stream import MimiStreamDecoder
 from misotts_agents.testing import mimi as mimi_fixtures
 
 

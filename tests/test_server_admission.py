@@ -176,3 +176,16 @@ def test_the_waiting_cap_has_a_flag_and_a_default():
     args = build_parser().parse_args(["serve", "--max-waiting-per-tenant", "3"])
     assert args.max_waiting_per_tenant == 3
     assert build_parser().parse_args(["serve"]).max_waiting_per_tenant == Limits().max_waiting_per_tenant
+
+
+def test_the_engines_queue_and_wait_bound_have_flags_and_refuse_absurd_values(capsys):
+    from misotts_agents.engine.scheduler import DEFAULT_MAX_WAIT_S
+    from misotts_agents.tools.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--max-queue", "5", "--max-wait-s", "2.5"])
+    assert (args.max_queue, args.max_wait_s) == (5, 2.5)
+    assert build_parser().parse_args(["serve"]).max_wait_s == DEFAULT_MAX_WAIT_S
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--max-wait-s", bad])
+        assert "--max-wait-s" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from misotts_agents.engine.prefill import pass_inputs
 from misotts_agents.engine.prompt import Prompt
 from misotts_agents.engine.step import FrameStepper, HostRows
 from misotts_agents.model import codec
+from misotts_agents.model.mimi_stream import MimiStreamDecoder
 from misotts_agents.model.sampling import SamplingState
 from misotts_agents.model.transformer import MisoModel, length_bucket
 
@@ -67,7 +68,7 @@ class Executor:
     def __init__(
         self,
         model: MisoModel,
-        decoder: codec.MimiStreamDecoder,
+        decoder: MimiStreamDecoder,
         max_batch: int,
         cuda_graphs: bool | None = None,
         compile: bool | None = None,

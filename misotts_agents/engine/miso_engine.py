@@ -33,6 +33,7 @@ from misotts_agents.engine.voice import CachedVoice, VoiceCache
 from misotts_agents.errors import EngineBusy, EngineClosed, ModelSourceError
 from misotts_agents.model import codec
 from misotts_agents.model.config import CSM_1B, MISOTTS_8B, ModelConfig, WeightFormat, parse_weights
+from misotts_agents.model.mimi_stream import MimiStreamDecoder
 from misotts_agents.model.quantized import check_supported
 from misotts_agents.model.sources import DEFAULT_MODEL, DEFAULT_TOKENIZER, fetch_file
 from misotts_agents.model.tokenizer import TextTokenizer
@@ -112,7 +113,7 @@ class MisoEngine:
         self.prompts = PromptBuilder(tokenizer, self._encode_audio, self.num_codebooks)
         model.setup_caches(max_batch)  # slot i is cache row i
         # The decode shapes captured are the frame step's batch sizes (step.py).
-        decoder = codec.MimiStreamDecoder(
+        decoder = MimiStreamDecoder(
             mimi,
             batch_size=max_batch,
             graph_sizes=bucket_sizes(max_batch) if batch_buckets else None,

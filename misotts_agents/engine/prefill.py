@@ -28,13 +28,13 @@ is about ``step + pass``) and the joiners' first audio (the share of the device 
   :data:`MAX_PASS_POSITIONS` (the activation memory of one forward), so a burst of joiners on an
   idle engine is prefilled together and a lone joiner's prompt in one piece (its first audio is
   exactly as before chunking).
-- ``"auto"`` (the default): each pass is sized to take ``max(step, ITERATION_TARGET_S - step)``,
-  from the measured time of recent frame steps and of recent passes per position on this device
-  (a feedback: a pass that took longer than its target makes the next one smaller). While a step
-  is shorter than half the target, an iteration fits in 80% of an 80 ms frame, so the speaking
-  streams stay real time during joins, and prefill gets the rest of the frame; when steps are
-  slower, a speaking stream's chunk gap stays within about two steps and joiners get half of the
-  device. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
+- ``"auto"`` (the default): each pass is sized, from the measured time of recent frame steps and
+  of recent passes per position on this device (a feedback: a pass that took longer than its
+  target makes the next one smaller), to take the frame's spare time, ``ITERATION_TARGET_S - step``
+  (an iteration fits in 80% of an 80 ms frame, so the speaking streams stay real time during joins),
+  plus what the speaking streams' playout slack lends (``allowance_s``, deadline.py). Only when a
+  step alone overruns the frame (no schedule keeps the streams real time) does prefill take one
+  step's time, half of the device, so joiners are not starved by streams that stall anyway. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
   an H100 (an estimate: ~15 GFLOP per position at 500-700 TFLOP/s, not measured here), so with a
   frame step of ~25 ms at the target stream count a pass takes ~40 ms, about 1,500 positions, and
   a ~2,000-position joiner waits two iterations, none of which exceeds the frame.
@@ -145,7 +145,9 @@ class PrefillBudget:
             return self.setting
         if self._step_s is None or self._unit_s is None:
             return FIRST_AUTO_POSITIONS
-        target = max(self._step_s, ITERATION_TARGET_S - self._step_s, allowance_s)
+        step = self._step_s
+        own = ITERATION_TARGET_S - step if step < FRAME_MS / 1000 else step  # the frame's spare, or half
+        target = max(own, allowance_s)
         units = target / max(self._unit_s, 1e-9)
         # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units
         a, b = 0.5 / self.context_scale, 1 + filled / self.context_scale

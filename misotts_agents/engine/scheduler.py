@@ -53,6 +53,7 @@ from misotts_agents.engine.voice import VoiceCache
 from misotts_agents.errors import EngineBusy, EngineClosed
 from misotts_agents.model import codec
 from misotts_agents.model.config import MAX_SEQ_LEN
+from misotts_agents.model.mimi_stream import MimiStreamDecoder
 from misotts_agents.model.transformer import MisoModel
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class Scheduler:
     def __init__(
         self,
         model: MisoModel,
-        decoder: codec.MimiStreamDecoder,
+        decoder: MimiStreamDecoder,
         voices: VoiceCache,
         max_batch: int,
         cuda_graphs: bool | None = None,

@@ -38,6 +38,13 @@ def _prefill_chunk(text: str) -> PrefillChunk:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _add_watermark_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--watermark-model",
@@ -142,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
     _add_weights_arg(serve)
     serve.add_argument("--max-batch", type=int, default=8, help="requests generated at once (default: %(default)s)")
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot; more: busy (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-wait-s",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a request may wait for a slot before it is refused as busy / HTTP 503 (default: %(default)s)",
+    )
     serve.add_argument(
         "--prefill-chunk",
         type=_prefill_chunk,
@@ -350,6 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         watermark=not args.no_watermark,
         max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_wait_s=args.max_wait_s,
         prefill_chunk=args.prefill_chunk,
         weights=args.weights,
     )
