@@ -5,15 +5,18 @@ Schedules (``--schedules``, default ``0,share,auto``): ``0`` whole prompts (one 
 schedule before chunked prefill), ``share`` the chunked "auto" budget without playout deadlines
 (a fixed share of each iteration, the schedule before deadlines), ``auto`` the default (that share,
 stretched by the speaking streams' slack above the floor: engine/deadline.py), or a number of
-positions per pass. Loads (``--loads``, default ``4+4,20+4``): speakers + joiners; the first runs
-well ahead of real time on this CPU, the second (a large batch) near it. For each load and schedule
+positions per pass. Loads (``--loads``, default ``4+4,8+4,12+4``): speakers + joiners; on the 2-core
+CPU the first runs well ahead of real time (a step of ~45 ms per 80 ms frame), the second nearer it
+(~60 ms), the third at it (~80 ms: no schedule can prefill without a gap there, only trade gaps
+against first audio). Every step runs ``max_batch`` = speakers + joiners rows. For each load and schedule
 the script loads one engine on a small random checkpoint whose frame step takes tens of
 milliseconds on a CPU (``--flavor``), then:
 
 1. warms up: one joiner-sized request alone (its context audio is Mimi-encoded once and cached, as
    a conversation's earlier turns are), so the timed joiners only tokenise;
 2. starts the speaking streams, one 80 ms frame per chunk, and waits until each has delivered
-   ``WARM_CHUNKS`` chunks (in the middle of a reply, as far ahead of its listener as the load lets it);
+   ``--warm-s`` seconds of audio (mid-reply: as far ahead of its listener as the load lets a stream
+   get in that time; at 6 s and twice real time, 3 s ahead);
 3. submits the joiners at once, each with ~``--context`` prompt positions (six earlier turns of
    text and audio, then the text to speak);
 4. records every chunk's arrival at the speaking streams' consumers and each joiner's first chunk,
@@ -62,7 +65,6 @@ FLAVORS = {
         decoder_flavor={"num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 128, "intermediate_dim": 384},
     ),
 }
-WARM_CHUNKS = 40  # chunks (frames) each speaking stream delivers before the joins
 AFTER_CHUNKS = 10  # steps recorded after the last joiner's first audio (the step time at the new load)
 ONE_FRAME = ChunkSchedule(first_frames=1, growth=1.0, max_frames=1)
 TURNS = 6  # earlier turns in a joiner's context
@@ -177,7 +179,8 @@ def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Names
             ).start()
             for i in range(n_speakers)
         ]
-        wait_for(lambda: all(len(c.arrivals) >= WARM_CHUNKS for c in speakers), 300, "the speakers to start")
+        warm_chunks = round(args.warm_s / FRAME_S)  # one frame per chunk
+        wait_for(lambda: all(len(c.arrivals) >= warm_chunks for c in speakers), 300, "the speakers to start")
         steps_before = engine.metrics().steps
         joined = time.perf_counter()
         joiners = [
@@ -296,8 +299,11 @@ def verdicts(results: list[Result], loads: list[str], schedules: list[str]) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedules", default="0,share,auto", help="prefill_chunk values (or share), comma separated")
-    parser.add_argument("--loads", default="4+4,20+4", help="speakers+joiners per load, comma separated")
+    parser.add_argument("--loads", default="4+4,8+4,12+4", help="speakers+joiners per load, comma separated")
     parser.add_argument("--context", type=int, default=1800, help="prompt positions of each joiner (about)")
+    parser.add_argument(
+        "--warm-s", type=float, default=6.0, help="seconds of audio each speaker delivers before the joins"
+    )
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="bench")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every schedule, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

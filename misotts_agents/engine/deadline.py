@@ -6,7 +6,8 @@ out and not yet played is its *slack*, less the time its next chunk still needs 
 generate times the frame step's time). Prefill for joiners delays every speaking stream's next
 chunk by the pass's time, so one iteration may spend ``min(slack) - floor`` seconds on prefill
 without any listener's buffer falling below ``floor`` (:data:`SLACK_FLOOR_S`, two frames by
-default). A speaking stream that has not handed out its first chunk has no slack (it is urgent:
+default); it lends three quarters of that (:data:`LEND_SHARE`), as a pass or a step can take
+longer than its prediction. A speaking stream that has not handed out its first chunk has no slack (it is urgent:
 its first audio waits), and neither has one whose listener is about to run out: then the prefill
 budget's own share applies (prefill.py), as before deadlines were known.
 """
@@ -20,6 +21,7 @@ from misotts_agents.engine.stream import SpeechStream
 
 FRAME_S = FRAME_MS / 1000
 SLACK_FLOOR_S = 2 * FRAME_S  # the audio a listener always keeps in hand while joiners prefill
+LEND_SHARE = 0.75  # of the slack above the floor: passes and steps take longer than predicted at times
 
 
 def slack_s(stream: SpeechStream, now: float, step_s: float) -> float | None:
@@ -42,4 +44,4 @@ def prefill_allowance_s(
         if slack is None:
             return 0.0
         allowance = min(allowance, slack - floor_s)
-    return max(allowance, 0.0)
+    return max(allowance, 0.0) * LEND_SHARE

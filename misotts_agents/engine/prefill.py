@@ -32,9 +32,10 @@ is about ``step + pass``) and the joiners' first audio (the share of the device 
   of recent passes per position on this device (a feedback: a pass that took longer than its
   target makes the next one smaller), to take the frame's spare time, ``ITERATION_TARGET_S - step``
   (an iteration fits in 80% of an 80 ms frame, so the speaking streams stay real time during joins),
-  plus what the speaking streams' playout slack lends (``allowance_s``, deadline.py). Only when a
-  step alone overruns the frame (no schedule keeps the streams real time) does prefill take one
-  step's time, half of the device, so joiners are not starved by streams that stall anyway. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
+  or, when it is more, what the speaking streams' playout slack lends (``allowance_s``, deadline.py).
+  Only when a step alone overruns the frame (no schedule keeps the streams real time) does prefill
+  take one step's time, half of the device, so joiners are not starved by streams that stall
+  anyway. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
   an H100 (an estimate: ~15 GFLOP per position at 500-700 TFLOP/s, not measured here), so with a
   frame step of ~25 ms at the target stream count a pass takes ~40 ms, about 1,500 positions, and
   a ~2,000-position joiner waits two iterations, none of which exceeds the frame.

@@ -133,6 +133,18 @@ def _allocate_8bit(model: MisoModel, weights: WeightFormat, scales: torch.dtype,
             layer.weight_scale = torch.empty(layer.weight_scale.shape, dtype=scales, device=device)
 
 
+ROUNDING_BLOCK_ELEMENTS = 4 * 1024 * 1024  # 16 MB of fp32 at a time: no second copy of an embedding
+
+
+def _round_to_bf16(tensor: torch.Tensor) -> None:
+    """Round an fp32 tensor to bf16 precision in place, a block at a time (a whole-tensor
+    ``to(bfloat16)`` would hold half the audio embedding again at the loading peak)."""
+    flat = tensor.view(-1)
+    for start in range(0, flat.numel(), ROUNDING_BLOCK_ELEMENTS):
+        block = flat[start : start + ROUNDING_BLOCK_ELEMENTS]
+        block.copy_(block.to(torch.bfloat16))
+
+
 def load_model(
     path: str | Path,
     config: ModelConfig,
@@ -181,7 +193,7 @@ def load_model(
             except (TensorFileError, OSError) as exc:
                 raise CheckpointError(f"{path}: cannot read tensor {key}: {exc}") from exc
             if weights != "bf16" and tensor.dtype == torch.float32:
-                tensor.copy_(tensor.to(torch.bfloat16))  # bf16 precision, as a quantized file holds it
+                _round_to_bf16(tensor)  # bf16 precision, as a quantized file holds it
             setattr(
                 module,
                 name,
