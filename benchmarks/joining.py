@@ -155,7 +155,7 @@ def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Names
     n_speakers, n_joiners = parse_load(load)
     engine = MisoEngine.load(
         model_dir,
-        device="cpu",
+        device=args.device,
         watermark=False,
         max_batch=n_speakers + n_joiners,
         prefill_chunk=parse_prefill_chunk("auto" if schedule == "share" else schedule),
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-s", type=float, default=6.0, help="seconds of audio each speaker delivers before the joins"
     )
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="bench")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU runs the same random flavor)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every schedule, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
