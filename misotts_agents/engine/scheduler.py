@@ -184,8 +184,7 @@ class Scheduler:
         request's wait ends (it is refused then, not later)."""
         if self.max_wait_s is None:
             return pacing
-        oldest = min((job.stream.submitted_at for job in self.waiting), default=None)
-        if oldest is None:
+        if (oldest := min((job.stream.submitted_at for job in self.waiting), default=None)) is None:
             return pacing
         due = max(oldest + self.max_wait_s - time.perf_counter(), 0.0) + 1e-3
         return due if pacing is None else min(due, pacing)
