@@ -201,6 +201,22 @@ def test_llm_reply_one_context_and_sentences_condition_each_other(mode, monkeypa
     assert seg.audio.size == spy.calls[0][1].stats.frames * FRAME_SAMPLES
 
 
+def test_a_sentences_stream_learns_where_its_audio_plays(miso, monkeypatch):
+    """In process, each sentence's engine stream is told its listener's playout: after the reply's
+    earlier sentences, so the scheduler sees the audio in hand (its deadlines), not real time from
+    the sentence's first chunk."""
+    spy = Spy(miso, monkeypatch)
+    tts = MisoTTSService(engine=miso, settings=SHORT)
+    frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there. How are you today?"), LLMFullResponseEndFrame()]
+    run(tts, frames)
+    (_, first), (_, second) = spy.calls
+    assert first.playout is not None and second.playout is not None
+    # everything was handed over at once, faster than real time: the second sentence's audio, queued
+    # behind the first's, has not started playing, whatever the wall time since its first chunk
+    assert first.playout() <= first.stats.audio_s
+    assert second.playout() == 0.0 or first.playout() >= first.stats.audio_s - 1e-6
+
+
 @pytest.mark.parametrize("rate", [8_000, 16_000, 24_000, 48_000])
 def test_output_rate_labels_and_lengths(miso, monkeypatch, rate):
     spy = Spy(miso, monkeypatch)

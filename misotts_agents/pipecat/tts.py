@@ -23,11 +23,13 @@ from pipecat.utils.tracing.service_decorators import traced_tts
 
 from misotts_agents.audio import SAMPLE_RATE
 from misotts_agents.connect import server_connection
+from misotts_agents.engine.audio_stream import AudioStream
 from misotts_agents.engine.memory import ConversationMemory
 from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.playout import PlayoutClock
 from misotts_agents.engine.registry import shared_engine
 from misotts_agents.engine.request import AudioChunk, Segment, SynthesisRequest
+from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.engine.voice import VoicePrompt
 from misotts_agents.errors import EngineClosed, InvalidRequest, MisoError, error_code
 from misotts_agents.model.config import WeightFormat
@@ -273,6 +275,7 @@ class MisoTTSService(TTSService):
             if self._tone_conditioning:
                 self._open_agent_turn(context_id)
             stream = self._engine.stream(self._request(text), client=self)  # this conversation's turn
+            self._share_playout(stream, context_id)
             if self._tone_conditioning:
                 self._memory.agent_add_text(text)
             keepalive = self.create_task(self._keep_context_alive(context_id), name=f"{self}::keepalive")
@@ -341,6 +344,15 @@ class MisoTTSService(TTSService):
         )
 
     # -- word timestamps -----------------------------------------------------------------------
+
+    def _share_playout(self, stream: AudioStream, context_id: str) -> None:
+        """Tell an in-process engine where this sentence's audio plays: after the reply's earlier
+        sentences, so its listener has more in hand than real time from its first chunk says (the
+        scheduler lends that slack to joiners, engine/deadline.py)."""
+        if isinstance(stream, SpeechStream):
+            clock = self._playout_for(context_id)
+            before = clock.pushed_s  # the reply's audio handed over before this sentence's
+            stream.playout = lambda: max(0.0, clock.heard_s() - before)
 
     def _playout_for(self, context_id: str) -> PlayoutClock:
         """Where the context's audio plays, from its first audio (Pipecat's word-timestamp baseline)."""
