@@ -210,7 +210,8 @@ def test_a_sentences_stream_learns_where_its_audio_plays(miso, monkeypatch):
     frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there. How are you today?"), LLMFullResponseEndFrame()]
     run(tts, frames)
     (_, first), (_, second) = spy.calls
-    assert first.playout is not None and second.playout is not None
+    assert first.playout is not None
+    assert second.playout is not None
     # everything was handed over at once, faster than real time: the second sentence's audio, queued
     # behind the first's, has not started playing, whatever the wall time since its first chunk
     assert first.playout() <= first.stats.audio_s

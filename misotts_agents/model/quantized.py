@@ -31,7 +31,7 @@ from misotts_agents.model.tensorfile import TensorFile
 STORAGE: dict[str, torch.dtype] = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _LIMIT = {"int8": 127.0, "fp8": torch.finfo(torch.float8_e4m3fn).max}
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: fp8 tensor cores
-BLOCK_BYTES = 16 << 20  # fp32 rows quantized at once (the lean loader's piece size)
+BLOCK_BYTES = 8 << 20  # fp32 rows quantized at once (the lean loader's piece size)
 
 
 def check_supported(weights: WeightFormat, device: torch.device) -> None:

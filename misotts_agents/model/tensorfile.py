@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-PIECE_BYTES = 16 << 20  # host memory one read may use, whatever the tensor's size
+PIECE_BYTES = 8 << 20  # host memory one read may use, whatever the tensor's size
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's own limit
 
 DTYPES = {

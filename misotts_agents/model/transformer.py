@@ -6,7 +6,7 @@ SwiGLU); the greedy codes equal the reference's (tests/test_model_parity.py).
 
 What makes it fast, and why each piece is shaped the way it is:
 
-- **Fused projections.** q/k/v and w1/w3 are each one matrix product. The official tensors stay
+- **Fused projections** (fused.py). q/k/v and w1/w3 are each one matrix product. The official tensors stay
   under their own names as row views of the fused matrix (one copy in memory, strict loading and
   ``state_dict()`` unchanged); :meth:`MisoModel.fuse_weights` rebuilds what a load or conversion
   separated (in-place loads write through the views).
@@ -32,14 +32,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, cast, runtime_checkable
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misotts_agents.model.config import MAX_SEQ_LEN, NORM_EPS, Flavor, ModelConfig, WeightFormat
-from misotts_agents.model.quantized import QuantLinear, linear, make_linear
+from misotts_agents.model.config import MAX_SEQ_LEN, Flavor, ModelConfig, WeightFormat
+from misotts_agents.model.fused import FusesWeights, RMSNorm, fuse_group, refresh_after_load
+from misotts_agents.model.quantized import linear, make_linear
 from misotts_agents.model.rope import apply_rope, llama3_rope_cache
 from misotts_agents.model.sampling import SamplingState, sample_topk
 
@@ -87,63 +88,12 @@ class CacheWindow:
     masked: bool = True
 
 
-@runtime_checkable
-class _FusesWeights(Protocol):
-    """A module keeping derived copies of its weights (fused matrices, an fp32 scale)."""
-
-    def fuse_weights(self) -> None: ...
-
-
-def _refresh_after_load(module: _FusesWeights, incompatible_keys: object) -> None:
-    module.fuse_weights()  # a load may have replaced (assign=True) or rewritten the official tensors
-
-
-class RMSNorm(nn.Module):
-    # Buffers are declared for type checkers (register_buffer makes them at run time).
-    scale_fp32: torch.Tensor
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.fuse_weights()
-        self.register_load_state_dict_post_hook(_refresh_after_load)
-
-    def fuse_weights(self) -> None:
-        # fp32 scale for F.rms_norm's fused path; for fp32 weights this is the parameter itself.
-        self.register_buffer("scale_fp32", self.scale.detach().float(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the weight dtype, as the reference does.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.scale_fp32, NORM_EPS).to(x.dtype)
-
-
-def fuse_linears(
-    owner: nn.Module, names: tuple[str, ...], fused: torch.Tensor | None, attr: str = "weight"
-) -> torch.Tensor:
-    """One tensor of the bias-free linear children ``names``' ``attr`` (weights, or 8-bit layers'
-    ``weight_scale``) stacked by rows; each child's becomes a view of its rows, so the module keeps
-    one copy under the official names. ``fused`` is returned as it is while every part is still a
-    view of it (an in-place load kept them)."""
-    parts = [getattr(getattr(owner, name), attr) for name in names]
-    if fused is not None and all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts):
-        return fused
-    fused = torch.cat([p.detach() for p in parts])
-    for name, part, view in zip(names, parts, fused.split([p.size(0) for p in parts]), strict=True):
-        setattr(
-            getattr(owner, name),
-            attr,
-            nn.Parameter(view, requires_grad=False) if isinstance(part, nn.Parameter) else view,
-        )
-    return fused
-
-
-def fuse_group(owner: nn.Module, name: str, children: tuple[str, ...]) -> None:
-    """``owner.<name>`` := the ``children``'s weights stacked (:func:`fuse_linears`), and for 8-bit
-    layers ``owner.<name>_scale`` := their scales stacked the same way."""
-    setattr(owner, name, fuse_linears(owner, children, getattr(owner, name)))
-    if isinstance(getattr(owner, children[0]), QuantLinear):
-        scales = fuse_linears(owner, children, getattr(owner, name + "_scale"), "weight_scale")
-        setattr(owner, name + "_scale", scales)
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table; on ``meta`` (to be loaded) without the random init, which there imports
+    torch._dynamo (~160 MB of a loading process's peak memory)."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
 
 
 class _Pass(NamedTuple):
@@ -181,7 +131,7 @@ class Attention(nn.Module):
         self.register_buffer("wqkv", None, persistent=False)
         self.register_buffer("wqkv_scale", None, persistent=False)
         self.fuse_weights()
-        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.register_load_state_dict_post_hook(refresh_after_load)
 
     def fuse_weights(self) -> None:
         fuse_group(self, *self.FUSED)
@@ -234,7 +184,7 @@ class MLP(nn.Module):
         self.register_buffer("w13", None, persistent=False)
         self.register_buffer("w13_scale", None, persistent=False)
         self.fuse_weights()
-        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.register_load_state_dict_post_hook(refresh_after_load)
 
     def fuse_weights(self) -> None:
         fuse_group(self, *self.FUSED)
@@ -272,7 +222,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(flavor, weights) for _ in range(flavor.num_layers))
         self.norm = RMSNorm(flavor.embed_dim)
         self.compiled_layers: list[Callable[..., torch.Tensor]] | None = None
-        self.init_buffers(self.norm.scale.device, self.norm.scale.dtype)
+        if not self.norm.scale.is_meta:  # (on meta, to be loaded: the loader builds them after)
+            self.init_buffers(self.norm.scale.device, self.norm.scale.dtype)
 
     def compile_layers(self) -> None:
         """Run windowed calls (the frame step's) through ``torch.compile``d layers.
@@ -297,7 +248,7 @@ class Transformer(nn.Module):
 
     def fuse_weights(self) -> None:
         for module in self.modules():
-            if module is not self and isinstance(module, _FusesWeights):
+            if module is not self and isinstance(module, FusesWeights):
                 module.fuse_weights()
 
     def _attentions(self) -> Iterator[Attention]:
@@ -388,15 +339,16 @@ class MisoModel(nn.Module):
         self.audio_vocab_size = config.audio_vocab_size
         self.backbone = Transformer(backbone, MAX_SEQ_LEN, weights)
         self.decoder = Transformer(decoder, config.audio_num_codebooks, weights)
-        self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.embed_dim)
-        self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.embed_dim)
+        self.text_embeddings = _embedding(config.text_vocab_size, backbone.embed_dim)
+        self.audio_embeddings = _embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.embed_dim)
         self.projection = nn.Linear(backbone.embed_dim, decoder.embed_dim, bias=False)
         self.codebook0_head = nn.Linear(backbone.embed_dim, config.audio_vocab_size, bias=False)
         self.audio_head = nn.Parameter(
             torch.empty(config.audio_num_codebooks - 1, decoder.embed_dim, config.audio_vocab_size)
         )
         self.max_batch = 0
-        self.init_buffers()
+        if not self.audio_head.is_meta:  # built on meta to be loaded: the loader builds them after
+            self.init_buffers()
 
     def init_buffers(self) -> None:
         """Build the non-persistent tables on the weights' device (after a ``meta`` construction + load)."""
