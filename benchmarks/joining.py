@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from misotts_agents.engine.deadline import FRAME_S
+from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.prefill import parse_prefill_chunk
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest

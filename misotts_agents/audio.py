@@ -23,6 +23,8 @@ SAMPLE_RATE = 24_000
 """Mimi's (and so MisoTTS's) sample rate, Hz: every clip in and out of the engine is at this rate."""
 FRAME_MS = 80
 """One Mimi frame: the unit the model generates and the stream counts in."""
+FRAME_S = FRAME_MS / 1000
+"""One frame in seconds (0.08)."""
 FRAME_RATE = 1000 / FRAME_MS
 """Frames a second (12.5)."""
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000

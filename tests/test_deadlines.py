@@ -8,7 +8,8 @@ import pytest
 from engines import load_tiny
 from test_scheduler_prefill import ONE_FRAME, Trace, finish, joiner
 
-from misotts_agents.engine.deadline import FRAME_S, LEND_SHARE, SLACK_FLOOR_S, prefill_allowance_s, slack_s
+from misotts_agents.audio import FRAME_S
+from misotts_agents.engine.deadline import LEND_SHARE, SLACK_FLOOR_S, prefill_allowance_s, slack_s
 from misotts_agents.engine.prefill import ITERATION_TARGET_S, MAX_PASS_POSITIONS, MIN_AUTO_POSITIONS, PrefillBudget
 from misotts_agents.engine.request import SynthesisRequest
 

@@ -178,7 +178,7 @@ def test_codes_beyond_mimi_never_reach_it(engine, monkeypatch):
         return codes
 
     seen = []
-    decoder = engine._scheduler.decoder
+    decoder = engine._scheduler.executor.decoder
     real_decode = decoder.decode
 
     def spy(codes, active=None, **kw):

@@ -211,7 +211,7 @@ def test_cuda_audio_decoded_beside_the_next_step_is_the_whole_clip_decode():
     )
     try:
         assert engine._scheduler.executor.mimi_stream is not None
-        assert engine._scheduler.decoder.captured_sizes == [4]  # the decode's CUDA graph, captured at start-up
+        assert engine._scheduler.executor.decoder.captured_sizes == [4]  # the decode's CUDA graph, captured at start-up
         assert_audio_is_the_whole_clip_decode_of_its_codes(engine, rel=1e-2)  # TF32 convolutions
     finally:
         engine.close()

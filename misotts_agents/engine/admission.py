@@ -76,10 +76,12 @@ class WaitingQueue(Generic[T]):
         removed: list[T] = []
         for tenant in list(self._tenants):
             clients = self._tenants[tenant]
-            for client in list(clients):
-                kept: deque[T] = deque()
-                for item in clients[client]:
-                    (removed if drop(item) else kept).append(item)
+            for client, items in list(clients.items()):
+                dropped = [drop(item) for item in items]
+                if not any(dropped):  # (the scheduler sweeps every iteration: most sweeps change nothing)
+                    continue
+                removed.extend(item for item, out in zip(items, dropped, strict=True) if out)
+                kept = deque(item for item, out in zip(items, dropped, strict=True) if not out)
                 if kept:
                     clients[client] = kept
                 else:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from misotts_agents.audio import FRAME_MS
+from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.stream import SpeechStream
 
-FRAME_S = FRAME_MS / 1000
 SLACK_FLOOR_S = 2 * FRAME_S  # the audio a listener always keeps in hand while joiners prefill
 LEND_SHARE = 0.75  # of the slack above the floor: passes and steps take longer than predicted at times
 

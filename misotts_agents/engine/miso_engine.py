@@ -301,7 +301,7 @@ class MisoEngine:
         for job in never_prepared:
             self._scheduler.reject(job, EngineClosed("the engine was closed"))
         self._scheduler.stop()
-        self._scheduler.decoder.close()
+        self._scheduler.executor.decoder.close()
         if self._marker is not None:
             self._marker.close()
 

@@ -54,13 +54,13 @@ from typing import Generic, Literal, TypeVar
 
 import torch
 
-from misotts_agents.audio import FRAME_MS
+from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.device import to_device
 from misotts_agents.model.config import Flavor
 
 PrefillChunk = int | Literal["auto"] | None
 
-ITERATION_TARGET_S = 0.8 * FRAME_MS / 1000  # one frame step + one pass, with 20% of a frame to spare
+ITERATION_TARGET_S = 0.8 * FRAME_S  # one frame step + one pass, with 20% of a frame to spare
 MAX_PASS_POSITIONS = 4096  # padded positions per pass (embeddings of 33 columns dominate its memory)
 MIN_AUTO_POSITIONS = 16  # "auto" never starves joiners, however slow the step
 FIRST_AUTO_POSITIONS = 256  # "auto" before any pass was measured
@@ -147,7 +147,7 @@ class PrefillBudget:
         if self._step_s is None or self._unit_s is None:
             return FIRST_AUTO_POSITIONS
         step = self._step_s
-        own = ITERATION_TARGET_S - step if step < FRAME_MS / 1000 else step  # the frame's spare, or half
+        own = ITERATION_TARGET_S - step if step < FRAME_S else step  # the frame's spare, or half
         target = max(own, allowance_s)
         units = target / max(self._unit_s, 1e-9)
         # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units

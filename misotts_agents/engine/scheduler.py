@@ -93,8 +93,6 @@ class Scheduler:
         if max_wait_s is not None and not max_wait_s > 0:
             raise ValueError(f"max_wait_s must be positive or None, got {max_wait_s!r}")
         self.executor = Executor(model, decoder, max_batch, cuda_graphs, compile, batch_buckets)
-        self.model = model
-        self.decoder = decoder
         self.marker = marker
         self.voices = voices
         self.max_batch = max_batch

@@ -231,7 +231,7 @@ class SpeechStream:
     def queued(self) -> bool:
         """Still waiting for an engine slot (being prepared, or queued behind other requests): a
         caller's timeout for the first audio should not run yet."""
-        return self.stats.queued_s is None and not self._ended and not self.cancelled.is_set()
+        return self._admission is None and not self.cancelled.is_set()
 
     async def wait_admitted(self) -> bool:
         """Wait until the request has an engine slot (True) or has ended without one (False): where

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.miso_engine import MisoEngine, default_device
 from misotts_agents.engine.request import SynthesisRequest
 from misotts_agents.model.bandwidth import (
@@ -74,7 +75,6 @@ from misotts_agents.testing.random_weights import random_engine
 from misotts_agents.testing.tiny import make_tiny
 
 TEXT = "Thanks for calling. Let me look that up for you right away."
-FRAME_S = 0.08
 NOTES = """\
 agg frames/s: frames of all N streams / wall time from submission to the last chunk.
 RTF p50:      median of each stream's own stats.real_time_factor (wall s per audio s, from that stream's
