@@ -13,7 +13,8 @@ the script loads one engine on a small random checkpoint whose frame step takes 
 milliseconds on a CPU (``--flavor``), then:
 
 1. warms up: one joiner-sized request alone (its context audio is Mimi-encoded once and cached, as
-   a conversation's earlier turns are), so the timed joiners only tokenise;
+   a conversation's earlier turns are), so the timed joiners only tokenise; then the joiners' burst
+   on the idle engine (the work the bound below is made of);
 2. starts the speaking streams, one 80 ms frame per chunk, and waits until each has delivered
    ``--warm-s`` seconds of audio (mid-reply: as far ahead of its listener as the load lets a stream
    get in that time; at 6 s and twice real time, 3 s ahead);
@@ -29,14 +30,25 @@ the step after, the **silence** a real-time listener of each speaking stream hea
 first audio p50 / max from their submission; then whether each schedule meets the goal (no
 silence, last joiner within 1.5x of whole prompts).
 
+It also prints the **gap-free bound** of each run: the soonest any schedule could have given the
+last joiner its first audio without a speaker's listener running dry, from that run's own figures
+(the speakers' least audio in hand when the joins came, their frame step, and the joiners' work: the
+last one's first audio when the same joiners come to the idle engine, in the warm-up). That work
+must come out of the audio in hand or out of each frame's spare time (``80 ms - step``). It is
+optimistic (the step keeps its time before the joins, joining costs no more than on an idle engine,
+the new speakers' own listeners are not protected), so where even the bound is over 1.5x of whole
+prompts, no schedule can meet the goal at that load on that device.
+
     uv run python benchmarks/joining.py                          # CPU, one torch thread
     uv run python benchmarks/joining.py --loads 4+4 --schedules 0,auto --repeats 3
+    python benchmarks/joining.py --device cuda --random-weights llama-8B --loads 16+8,96+16 --schedules 0,auto
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shlex
 import statistics
@@ -54,7 +66,9 @@ from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.miso_engine import MisoEngine
 from misotts_agents.engine.prefill import parse_prefill_chunk
 from misotts_agents.engine.request import ChunkSchedule, Segment, SynthesisRequest
+from misotts_agents.engine.stream import SpeechStream
 from misotts_agents.model.config import ModelConfig
+from misotts_agents.testing.random_weights import random_engine
 from misotts_agents.testing.tiny import make_tiny
 
 # A frame step of tens of ms on the 2-core CPU with one torch thread at 8 rows (most of it the 31
@@ -93,7 +107,7 @@ def joiner_context(positions: int) -> tuple[Segment, ...]:
 class Consumer:
     """Reads one stream on its own thread and notes when each chunk arrived."""
 
-    stream: object
+    stream: SpeechStream
     arrivals: list[float] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -121,6 +135,9 @@ class Result:
     first_audio_ms: list[float]
     prompt_positions: int
     steps: int
+    idle_ms: float  # the last joiner's first audio when the joiners come to the idle engine
+    in_hand_ms: float  # the least audio any speaker's listener had in hand when the joins came
+    bound_ms: float  # the gap-free bound (module docstring)
 
     def first_audio(self, q: float) -> float:
         return float(np.percentile(self.first_audio_ms, q))
@@ -146,26 +163,68 @@ def silence_s(arrivals: list[float], start: float, end: float) -> float:
     return silent
 
 
+def joiner(i: int, context: tuple[Segment, ...], max_frames: int = 40) -> SynthesisRequest:
+    return SynthesisRequest(
+        f"Reply number {i}: sure, let me check that for you.",
+        context=context,
+        seed=100 + i,
+        chunks=ONE_FRAME,
+        max_audio_ms=80 * max_frames,
+    )
+
+
+def idle_burst_s(engine: MisoEngine, context: tuple[Segment, ...], n: int) -> float:
+    """Seconds from submitting ``n`` joiners to an idle engine to the last one's first audio."""
+    began = time.perf_counter()
+    streams = [engine.stream(joiner(i, context, max_frames=2)) for i in range(n)]
+    for stream in streams:
+        next(stream)
+    seconds = time.perf_counter() - began
+    for stream in streams:
+        stream.cancel()
+    return seconds
+
+
+def gap_free_bound_s(work_s: float, slack_s: float, step_s: float) -> float:
+    """The soonest the last joiner could have its first audio with no listener running dry: the
+    joiners' ``work_s`` (their first audio on an idle engine) is paid from the speakers' ``slack_s``
+    in hand and then from each frame's spare time (``FRAME_S - step_s``, one frame per step); inf: a
+    step alone overruns the frame, and work remains."""
+    debt = work_s - max(slack_s, 0.0)
+    if debt <= 0:
+        frames = 0
+    elif step_s >= FRAME_S:
+        return math.inf
+    else:
+        frames = math.ceil(debt / (FRAME_S - step_s))
+    return work_s + frames * step_s
+
+
 def parse_load(load: str) -> tuple[int, int]:
     speakers, _, joiners = load.partition("+")
     return int(speakers), int(joiners)
 
 
-def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Namespace) -> Result:
+def run_schedule(model_dir: Path | None, load: str, schedule: str, args: argparse.Namespace) -> Result:
     n_speakers, n_joiners = parse_load(load)
-    engine = MisoEngine.load(
-        model_dir,
-        device=args.device,
-        watermark=False,
-        max_batch=n_speakers + n_joiners,
-        prefill_chunk=parse_prefill_chunk("auto" if schedule == "share" else schedule),
-        progress=False,
-    )
+    options = {
+        "max_batch": n_speakers + n_joiners,
+        "prefill_chunk": parse_prefill_chunk("auto" if schedule == "share" else schedule),
+    }
+    if args.random_weights:  # a released layout drawn on the device: the real model's work per frame and pass
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        engine = random_engine(
+            args.random_weights, device=args.device, dtype=dtype, tokenizer=args.tokenizer, **options
+        )
+    else:
+        assert model_dir is not None
+        engine = MisoEngine.load(model_dir, device=args.device, watermark=False, progress=False, **options)
     if schedule == "share":  # no slack is ever lent: the budget's own share only
         engine._scheduler.slack_floor_s = float("inf")
     try:
         context = joiner_context(args.context)
         warm = engine.synthesize(SynthesisRequest("Warming up.", context=context, seed=0, max_audio_ms=160))
+        idle_s = idle_burst_s(engine, context, n_joiners)
         speakers = [
             Consumer(
                 engine.stream(
@@ -183,20 +242,7 @@ def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Names
         wait_for(lambda: all(len(c.arrivals) >= warm_chunks for c in speakers), 300, "the speakers to start")
         steps_before = engine.metrics().steps
         joined = time.perf_counter()
-        joiners = [
-            Consumer(
-                engine.stream(
-                    SynthesisRequest(
-                        f"Reply number {i}: sure, let me check that for you.",
-                        context=context,
-                        seed=100 + i,
-                        chunks=ONE_FRAME,
-                        max_audio_ms=80 * 40,
-                    )
-                )
-            ).start()
-            for i in range(n_joiners)
-        ]
+        joiners = [Consumer(engine.stream(joiner(i, context))).start() for i in range(n_joiners)]
         wait_for(lambda: all(c.arrivals or c.error for c in joiners), 600, "every joiner's first audio")
         last_first = max(c.arrivals[0] for c in joiners if c.arrivals)
         wait_for(
@@ -222,6 +268,8 @@ def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Names
             else:
                 after.append(b - a)
     window_end = last_first + AFTER_CHUNKS * statistics.median(after)
+    in_hand = min(sum(a <= joined for a in c.arrivals) * FRAME_S - (joined - c.arrivals[0]) for c in speakers)
+    bound = gap_free_bound_s(idle_s, in_hand, statistics.median(before))
     return Result(
         load=load,
         schedule=schedule,
@@ -233,6 +281,9 @@ def run_schedule(model_dir: Path, load: str, schedule: str, args: argparse.Names
         first_audio_ms=[1000 * (c.arrivals[0] - joined) for c in joiners],
         prompt_positions=warm.stats.prompt_frames,
         steps=steps,
+        idle_ms=1000 * idle_s,
+        in_hand_ms=1000 * in_hand,
+        bound_ms=1000 * bound,
     )
 
 
@@ -241,14 +292,27 @@ def describe(schedule: str) -> str:
     return names.get(schedule, f"{schedule} positions/pass")
 
 
-ROW = "{:<7}{:<20}{:>8}{:>8}{:>9}{:>8}{:>9}{:>12}{:>8}{:>7}"
+ROW = "{:<7}{:<20}{:>8}{:>8}{:>8}{:>9}{:>8}{:>9}{:>12}{:>8}{:>9}{:>7}"
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
     header = (
-        ROW.format("load", "schedule", "step", "step", "gap", "worst /", "listener", "first audio", "", "steps")
+        ROW.format(
+            "load",
+            "schedule",
+            "step",
+            "step",
+            "in",
+            "gap",
+            "worst /",
+            "listener",
+            "first audio",
+            "",
+            "gap-free",
+            "steps",
+        )
         + "\n"
-        + ROW.format("", "", "before", "after", "worst", "step", "silence", "p50", "max", "")
+        + ROW.format("", "", "before", "after", "hand", "worst", "step", "silence", "p50", "max", "bound", "")
     )
     print(header)
     print("-" * len(header.splitlines()[0]))
@@ -267,11 +331,13 @@ def row(figures: list[Result]) -> tuple[str, ...]:
         describe(figures[0].schedule),
         f"{med(figures, lambda r: r.gap_before_ms):.0f}ms",
         f"{med(figures, lambda r: r.gap_after_ms):.0f}ms",
+        f"{med(figures, lambda r: r.in_hand_ms):.0f}ms",
         f"{med(figures, lambda r: r.gap_worst_ms):.0f}ms",
         f"{med(figures, lambda r: r.gap_worst_ms / r.gap_after_ms):.1f}x",
         f"{med(figures, lambda r: r.silence_ms):.0f}ms",
         f"{med(figures, lambda r: r.first_audio(50)):.0f}ms",
         f"{med(figures, lambda r: max(r.first_audio_ms)):.0f}ms",
+        f"{med(figures, lambda r: r.bound_ms):.0f}ms",
         f"{med(figures, lambda r: r.steps):.0f}",
     )
 
@@ -289,9 +355,12 @@ def verdicts(results: list[Result], loads: list[str], schedules: list[str]) -> l
             last = med(runs, lambda r: max(r.first_audio_ms))
             ratio = f"{last / base:.2f}x whole prompts" if base else "no whole-prompts run"
             ok = silence == 0 and base is not None and last <= 1.5 * base
+            bound = med(runs, lambda r: r.bound_ms)
+            verdict = "meets the goal" if ok else "misses the goal"
+            if not ok and base is not None and bound > 1.5 * base:
+                verdict += f" (out of reach: the gap-free bound is {bound / base:.2f}x)"
             lines.append(
-                f"  {load:<6} {describe(schedule):<20} silence {silence:.0f} ms, last joiner {ratio}: "
-                f"{'meets the goal' if ok else 'misses the goal'}"
+                f"  {load:<6} {describe(schedule):<20} silence {silence:.0f} ms, last joiner {ratio}: {verdict}"
             )
     return lines
 
@@ -305,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-s", type=float, default=6.0, help="seconds of audio each speaker delivers before the joins"
     )
     parser.add_argument("--flavor", choices=sorted(FLAVORS), default="bench")
+    parser.add_argument(
+        "--random-weights",
+        metavar="LAYOUT",
+        help="instead of --flavor, a released layout (llama-8B, llama-1B) with random weights drawn on the device",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer.json for --random-weights (default: the dev dependency's)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU runs the same random flavor)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every schedule, interleaved")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -319,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(
-        f"flavor={args.flavor} loads (speakers+joiners)={','.join(loads)} context~{args.context} "
+        f"model={args.random_weights or args.flavor} device={args.device} "
+        f"loads (speakers+joiners)={','.join(loads)} context~{args.context} "
         f"torch threads={torch.get_num_threads()} load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         f"on {os.cpu_count()} CPUs"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny(Path(tmp) / "model", config=FLAVORS[args.flavor])
+        model_dir = None if args.random_weights else make_tiny(Path(tmp) / "model", config=FLAVORS[args.flavor])
         results = []
         for repeat in range(args.repeats):
             for load, schedule in itertools.product(loads, schedules):
@@ -333,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  run {repeat + 1} {load} {describe(schedule)}: "
                     f"joiner prompt {result.prompt_positions} positions, "
-                    f"first audio {', '.join(f'{t:.0f}' for t in sorted(result.first_audio_ms))} ms",
+                    f"first audio {', '.join(f'{t:.0f}' for t in sorted(result.first_audio_ms))} ms "
+                    f"(the last on the idle engine: {result.idle_ms:.0f} ms)",
                     flush=True,
                 )
     print()
@@ -351,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     print("listener silence: the most silence any speaking stream's real-time listener heard in that window")
     print("  (playback from the stream's first chunk, no extra buffer).")
     print("first audio: each joiner's first chunk, from the moment all joiners were submitted.")
+    print("in hand: the least audio a speaker's listener had in hand when the joins came; gap-free bound: the")
+    print("  soonest any schedule could give the last joiner its first audio without a listener running dry")
+    print("  (prefill paid from that audio in hand and each frame's spare time; optimistic: see the docstring).")
     print("\ngoal (no listener silence, last joiner's first audio <= 1.5x whole prompts):")
     print("\n".join(verdicts(results, loads, schedules)))
     print(

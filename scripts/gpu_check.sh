@@ -21,9 +21,11 @@
 #      originals are not carried, their columns say absent)                    -> codecs.log
 #   5. each step's watermark in one batched call vs one call per stream, at
 #      1/8/32/64 streams (benchmarks/watermark_streaming.py)                   -> watermark.log
-#   6. stage 3 again with int8 weights (batched only), next to stage 3's bf16:
-#      ms per step, peak device memory, streams that fit at full context       -> bench_8b_int8.{log,json}
-#   7. the last lines of each                                                    -> summary.txt
+#   6. joining while others speak, the 8B layout: whole prompts vs the default
+#      (playout deadlines), a small and a large batch (benchmarks/joining.py)  -> joining.log
+#   7. stage 3 again with int8 weights (batched only), next to stage 3's bf16,
+#      if time is left: ms per step, peak device memory, streams that fit       -> bench_8b_int8.{log,json}
+#   8. the last lines of each                                                    -> summary.txt
 # RESULTS_DIR defaults to $OUT (the device tool's folder that comes back) or out/gpu_check.
 # Missing packages travel as wheels in .whl/ (device tool: carry [".whl"]); the package itself
 # runs from this checkout (PYTHONPATH), nothing is installed into the machine's Python.
@@ -70,9 +72,11 @@ TOKENIZER_ARGS=()
 
 if [ -n "${MISOTTS_GPU_CHECK_DRY:-}" ]; then
     LAYOUT=tiny LEVELS=1,2 FRAMES=4 EXTRA=(--bandwidth-gbs 20)
+    JOINING=(--loads 2+2 --context 300 --warm-s 1)
     log "dry run (MISOTTS_GPU_CHECK_DRY): tiny layout, levels $LEVELS, $FRAMES frames per stream"
 else
     LAYOUT=llama-8B LEVELS=1,8,32,64,128 FRAMES=25 EXTRA=()
+    JOINING=(--loads 8+4,112+16)
 fi
 
 log "1. environment"
@@ -131,7 +135,14 @@ timeout 45 "$PY" benchmarks/watermark_streaming.py --device cuda --seconds 4 --l
     > "$RESULTS/watermark.log" 2>&1
 log "   watermark exit status $?"
 tail -n 12 "$RESULTS/watermark.log" | tee -a "$RESULTS/summary.txt"
-log "6. int8 weights next to bf16 (stage 3): the same layout and levels, batched"
+log "6. joining while others speak: $LAYOUT, whole prompts vs playout deadlines"
+left=$(( 570 - $(elapsed) ))
+device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+timeout $(( left < 150 ? left : 150 )) "$PY" benchmarks/joining.py --device "$device" --random-weights "$LAYOUT" \
+    --schedules 0,auto "${JOINING[@]}" "${TOKENIZER_ARGS[@]}" > "$RESULTS/joining.log" 2>&1
+log "   joining exit status $?"
+tail -n 22 "$RESULTS/joining.log" | grep -E "^[0-9]+\+|goal|meets|misses" | tee -a "$RESULTS/summary.txt"
+log "7. int8 weights next to bf16 (stage 3): the same layout and levels, batched"
 left=$(( 570 - $(elapsed) ))
 if [ $left -lt 90 ]; then
     log "   skipped: $left s left of the device's 10 minutes"

@@ -4,6 +4,7 @@ prompt prefilled in chunks, several rows per pass, leaves the same KV entries as
 import pytest
 import torch
 
+from misotts_agents.audio import FRAME_S
 from misotts_agents.engine.prefill import (
     FIRST_AUTO_POSITIONS,
     ITERATION_TARGET_S,
@@ -107,6 +108,22 @@ def test_auto_budget_takes_one_step_when_steps_are_slow():
     budget.observe_pass(400, 0.040)  # 0.1 ms per position
     # step 90 ms > the 64 ms target: the pass may take one step (a chunk gap of about two steps)
     assert budget.positions(speaking=True) == pytest.approx(900, abs=1)
+
+
+def test_one_slow_step_near_the_frame_does_not_hand_prefill_a_whole_step():
+    """Steps of 75 ms in an 80 ms frame with one 200 ms outlier: their running mean passes the frame,
+    but most steps fit it, so prefill keeps the least pass; only a run of slow steps is an overrun."""
+    budget = PrefillBudget("auto")
+    budget.observe_pass(1000, 0.100)
+    for seconds in [0.075] * 8 + [0.200]:
+        budget.observe_step(seconds)
+    assert budget.step_s > FRAME_S
+    assert not budget.overrun
+    assert budget.positions(speaking=True) == MIN_AUTO_POSITIONS
+    for _ in range(5):
+        budget.observe_step(0.090)
+    assert budget.overrun
+    assert budget.positions(speaking=True) == pytest.approx(budget.step_s / 1e-4, abs=1)
 
 
 def test_auto_budget_fills_the_frame_when_steps_are_fast():

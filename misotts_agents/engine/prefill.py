@@ -35,10 +35,13 @@ is about ``step + pass``) and the joiners' first audio (the share of the device 
   or, when it is more, what the speaking streams' playout slack lends (``allowance_s``, deadline.py).
   Only when a step alone overruns the frame (no schedule keeps the streams real time) does prefill
   take one step's time, half of the device, so joiners are not starved by streams that stall
-  anyway. On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on
-  an H100 (an estimate: ~15 GFLOP per position at 500-700 TFLOP/s, not measured here), so with a
-  frame step of ~25 ms at the target stream count a pass takes ~40 ms, about 1,500 positions, and
-  a ~2,000-position joiner waits two iterations, none of which exceeds the frame.
+  anyway. That is judged on the median of the last :data:`OVERRUN_WINDOW` steps, not on their
+  running mean: one slow step (a page fault, another process) near the frame's length would
+  otherwise hand prefill a whole step each iteration and take the speakers' audio with it.
+  On a GPU this needs no setting: the 8B prefill runs at roughly 20-30 us per position on an H100
+  (an estimate: ~15 GFLOP per position at 500-700 TFLOP/s, not measured here), so with a frame
+  step of ~25 ms at the target stream count a pass takes ~40 ms, about 1,500 positions, and a
+  ~2,000-position joiner waits two iterations, none of which exceeds the frame.
 - An integer N: at most N padded positions per pass while anyone speaks (deterministic chunking;
   pick N from the device's prefill rate: N * seconds-per-position ~ the frame step's time).
 - ``0`` or ``None``: whole prompts, one request per iteration while others speak (the schedule
@@ -48,6 +51,8 @@ is about ``step + pass``) and the joiners' first audio (the share of the device 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
@@ -64,6 +69,7 @@ ITERATION_TARGET_S = 0.8 * FRAME_S  # one frame step + one pass, with 20% of a f
 MAX_PASS_POSITIONS = 4096  # padded positions per pass (embeddings of 33 columns dominate its memory)
 MIN_AUTO_POSITIONS = 16  # "auto" never starves joiners, however slow the step
 FIRST_AUTO_POSITIONS = 256  # "auto" before any pass was measured
+OVERRUN_WINDOW = 9  # recent frame steps whose median says whether a step alone overruns the frame
 
 
 def parse_prefill_chunk(value: object) -> PrefillChunk:
@@ -105,6 +111,7 @@ class PrefillBudget:
         self.setting = parse_prefill_chunk(setting)
         self.context_scale = context_scale
         self._step_s: float | None = None  # recent frame steps' time
+        self._recent_steps: deque[float] = deque(maxlen=OVERRUN_WINDOW)
         self._unit_s: float | None = None  # recent passes' time per work unit
 
     @property
@@ -114,6 +121,12 @@ class PrefillBudget:
 
     def observe_step(self, seconds: float) -> None:
         self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+        self._recent_steps.append(seconds)
+
+    @property
+    def overrun(self) -> bool:
+        """Whether frame steps alone take longer than the frame (most of the recent ones)."""
+        return bool(self._recent_steps) and statistics.median(self._recent_steps) >= FRAME_S
 
     def observe_pass(self, positions: int, seconds: float, context: float = 0.0) -> None:
         """A pass of ``positions`` padded positions attending on average to ``context`` positions took
@@ -147,7 +160,7 @@ class PrefillBudget:
         if self._step_s is None or self._unit_s is None:
             return FIRST_AUTO_POSITIONS
         step = self._step_s
-        own = ITERATION_TARGET_S - step if step < FRAME_S else step  # the frame's spare, or half
+        own = step if self.overrun else ITERATION_TARGET_S - step  # half the device, or the frame's spare
         target = max(own, allowance_s)
         units = target / max(self._unit_s, 1e-9)
         # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units
