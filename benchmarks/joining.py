@@ -13,8 +13,8 @@ the script loads one engine on a small random checkpoint whose frame step takes 
 milliseconds on a CPU (``--flavor``), then:
 
 1. warms up: one joiner-sized request alone (its context audio is Mimi-encoded once and cached, as
-   a conversation's earlier turns are), so the timed joiners only tokenise; then the joiners' burst
-   on the idle engine (the work the bound below is made of);
+   a conversation's earlier turns are), so the timed joiners only tokenise; then the same joiners
+   one by one on the idle engine (their prefill's device time: the work in the bound below);
 2. starts the speaking streams, one 80 ms frame per chunk, and waits until each has delivered
    ``--warm-s`` seconds of audio (mid-reply: as far ahead of its listener as the load lets a stream
    get in that time; at 6 s and twice real time, 3 s ahead);
@@ -31,17 +31,18 @@ first audio p50 / max from their submission; then whether each schedule meets th
 silence, last joiner within 1.5x of whole prompts).
 
 It also prints the **gap-free bound** of each run: the soonest any schedule could have given the
-last joiner its first audio without a speaker's listener running dry, from that run's own figures
-(the speakers' least audio in hand when the joins came, their frame step, and the joiners' work: the
-last one's first audio when the same joiners come to the idle engine, in the warm-up). That work
-must come out of the audio in hand or out of each frame's spare time (``80 ms - step``). It is
-optimistic (the step keeps its time before the joins, joining costs no more than on an idle engine,
-the new speakers' own listeners are not protected), so where even the bound is over 1.5x of whole
-prompts, no schedule can meet the goal at that load on that device.
+last joiner its first audio without a speaker's listener running dry, from that run's own figures:
+the speakers' least audio in hand when the joins came, their frame step, and the joiners' prefill
+work (the device time of their passes when each came alone to the idle engine, in the warm-up).
+That work must come out of the audio in hand or out of each frame's spare time (``80 ms - step``),
+and the last joiner's first frame takes a step. It is optimistic (the step keeps its time before
+the joins, prefill costs no more than on the idle engine, tokenising is free, the new speakers' own
+listeners are not protected), so where even the bound is over 1.5x of whole prompts, no schedule
+can meet the goal at that load on that device.
 
     uv run python benchmarks/joining.py                          # CPU, one torch thread
     uv run python benchmarks/joining.py --loads 4+4 --schedules 0,auto --repeats 3
-    python benchmarks/joining.py --device cuda --random-weights llama-8B --loads 16+8,96+16 --schedules 0,auto
+    python benchmarks/joining.py --device cuda --random-weights llama-8B --loads 8+4,112+16 --schedules 0,auto
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Result:
     first_audio_ms: list[float]
     prompt_positions: int
     steps: int
-    idle_ms: float  # the last joiner's first audio when the joiners come to the idle engine
+    work_ms: float  # the device time of the joiners' prefill, each alone on the idle engine
     in_hand_ms: float  # the least audio any speaker's listener had in hand when the joins came
     bound_ms: float  # the gap-free bound (module docstring)
 
@@ -173,23 +174,34 @@ def joiner(i: int, context: tuple[Segment, ...], max_frames: int = 40) -> Synthe
     )
 
 
-def idle_burst_s(engine: MisoEngine, context: tuple[Segment, ...], n: int) -> float:
-    """Seconds from submitting ``n`` joiners to an idle engine to the last one's first audio."""
-    began = time.perf_counter()
-    streams = [engine.stream(joiner(i, context, max_frames=2)) for i in range(n)]
-    for stream in streams:
-        next(stream)
-    seconds = time.perf_counter() - began
-    for stream in streams:
-        stream.cancel()
-    return seconds
+def idle_prefill_s(engine: MisoEngine, context: tuple[Segment, ...], n: int) -> float:
+    """The device time of prefilling ``n`` joiners' prompts, each alone on the idle engine (its
+    passes as the scheduler measured them; one after another, so no other request's preparation
+    shares the CPU with them): the least the joins cost."""
+    budget = engine._scheduler.prefill_budget
+    observe, passes = budget.observe_pass, []
+
+    def record(positions: int, seconds: float, context: float = 0.0) -> None:
+        passes.append(seconds)
+        observe(positions, seconds, context)
+
+    budget.observe_pass = record  # type: ignore[method-assign]  # the scheduler looks it up per pass
+    try:
+        for i in range(n):
+            stream = engine.stream(joiner(i, context, max_frames=2))
+            next(stream)
+            stream.cancel()
+        time.sleep(0.2)  # on CUDA a pass's time is reported once the scheduler sees its end event
+    finally:
+        del budget.observe_pass
+    return sum(passes)
 
 
 def gap_free_bound_s(work_s: float, slack_s: float, step_s: float) -> float:
     """The soonest the last joiner could have its first audio with no listener running dry: the
-    joiners' ``work_s`` (their first audio on an idle engine) is paid from the speakers' ``slack_s``
-    in hand and then from each frame's spare time (``FRAME_S - step_s``, one frame per step); inf: a
-    step alone overruns the frame, and work remains."""
+    joiners' prefill (``work_s`` of device time) is paid from the speakers' ``slack_s`` in hand and
+    then from each frame's spare time (``FRAME_S - step_s``, one frame per step), and the last
+    joiner's first frame needs a step too; inf: a step alone overruns the frame, and work remains."""
     debt = work_s - max(slack_s, 0.0)
     if debt <= 0:
         frames = 0
@@ -197,7 +209,7 @@ def gap_free_bound_s(work_s: float, slack_s: float, step_s: float) -> float:
         return math.inf
     else:
         frames = math.ceil(debt / (FRAME_S - step_s))
-    return work_s + frames * step_s
+    return work_s + (frames + 1) * step_s
 
 
 def parse_load(load: str) -> tuple[int, int]:
@@ -224,7 +236,7 @@ def run_schedule(model_dir: Path | None, load: str, schedule: str, args: argpars
     try:
         context = joiner_context(args.context)
         warm = engine.synthesize(SynthesisRequest("Warming up.", context=context, seed=0, max_audio_ms=160))
-        idle_s = idle_burst_s(engine, context, n_joiners)
+        work_s = idle_prefill_s(engine, context, n_joiners)
         speakers = [
             Consumer(
                 engine.stream(
@@ -269,7 +281,7 @@ def run_schedule(model_dir: Path | None, load: str, schedule: str, args: argpars
                 after.append(b - a)
     window_end = last_first + AFTER_CHUNKS * statistics.median(after)
     in_hand = min(sum(a <= joined for a in c.arrivals) * FRAME_S - (joined - c.arrivals[0]) for c in speakers)
-    bound = gap_free_bound_s(idle_s, in_hand, statistics.median(before))
+    bound = gap_free_bound_s(work_s, in_hand, statistics.median(before))
     return Result(
         load=load,
         schedule=schedule,
@@ -281,7 +293,7 @@ def run_schedule(model_dir: Path | None, load: str, schedule: str, args: argpars
         first_audio_ms=[1000 * (c.arrivals[0] - joined) for c in joiners],
         prompt_positions=warm.stats.prompt_frames,
         steps=steps,
-        idle_ms=1000 * idle_s,
+        work_ms=1000 * work_s,
         in_hand_ms=1000 * in_hand,
         bound_ms=1000 * bound,
     )
@@ -410,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  run {repeat + 1} {load} {describe(schedule)}: "
                     f"joiner prompt {result.prompt_positions} positions, "
                     f"first audio {', '.join(f'{t:.0f}' for t in sorted(result.first_audio_ms))} ms "
-                    f"(the last on the idle engine: {result.idle_ms:.0f} ms)",
+                    f"(their prefill alone: {result.work_ms:.0f} ms)",
                     flush=True,
                 )
     print()

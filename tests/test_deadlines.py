@@ -80,11 +80,24 @@ class FakeBudget(PrefillBudget):
     def cost_s(self, positions, context=0.0):
         return positions * 1e-3
 
-    def positions(self, speaking, filled=0, allowance_s=0.0):
+    def positions(self, speaking, filled=0, allowance_s=0.0, share=True):
         if not speaking:
             return MAX_PASS_POSITIONS
         self.allowances.append(allowance_s)
-        return 8 + int(allowance_s / 1e-3)
+        return 8 * share + int(allowance_s / 1e-3)
+
+
+class LendingOnlyBudget(FakeBudget):
+    """No share of its own; the allowance buys 10 ms per position."""
+
+    def cost_s(self, positions, context=0.0):
+        return positions * 1e-2
+
+    def positions(self, speaking, filled=0, allowance_s=0.0, share=True):
+        if not speaking:
+            return MAX_PASS_POSITIONS
+        self.allowances.append(allowance_s)
+        return int(allowance_s / 1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +154,26 @@ def test_prefill_never_spends_a_streams_slack_below_the_floor(auto, monkeypatch)
     )
     assert all(a <= LEND_SHARE * (0.3 - SLACK_FLOOR_S) + 1e-6 for a in allowances)
     assert all(p[2] <= 8 + (0.3 - SLACK_FLOOR_S) / 1e-3 for p in passes)
+
+
+def test_the_slack_is_spent_within_one_iteration_a_pass_at_a_time(auto, monkeypatch):
+    """A listener with all of 10+ frames in hand: before the next frame step, each pass takes three
+    quarters of the slack the passes before it left, so the iteration spends nearly all of it, and
+    never more, before any joiner becomes a speaker with no audio in hand."""
+    budget = LendingOnlyBudget()
+    monkeypatch.setattr(auto._scheduler, "prefill_budget", budget)
+    talking = talking_with(auto, lambda s: 0.0)
+    trace = Trace(auto, monkeypatch)
+    joining = auto.stream(joiner("Here I come, with a somewhat longer sentence than before."))
+    assert sum(c.frames for c in joining) == 3
+    first = next(i for i, e in enumerate(trace.events) if e[0] == "pass")
+    step = next(i for i, e in enumerate(trace.events) if e[0] == "step" and i > first)
+    widths = [e[2] for e in trace.events[first:step] if e[0] == "pass"]
+    lent = budget.allowances[: len(widths) + 1]  # the last one stopped the iteration
+    finish(auto, talking)
+    assert len(widths) >= 3
+    lendable = lent[0] / LEND_SHARE  # the slack above the floor when the iteration began (less microseconds)
+    assert lendable > 0.6
+    for k in range(len(widths)):
+        assert lent[k + 1] == pytest.approx(LEND_SHARE * (lendable - 1e-2 * sum(widths[: k + 1])), abs=1e-4)
+    assert 1e-2 * sum(widths) <= lendable

@@ -6,10 +6,14 @@ out and not yet played is its *slack*, less the time its next chunk still needs 
 generate times the frame step's time). Prefill for joiners delays every speaking stream's next
 chunk by the pass's time, so one iteration may spend ``min(slack) - floor`` seconds on prefill
 without any listener's buffer falling below ``floor`` (:data:`SLACK_FLOOR_S`, two frames by
-default); it lends three quarters of that (:data:`LEND_SHARE`), as a pass or a step can take
-longer than its prediction. A speaking stream that has not handed out its first chunk has no slack (it is urgent:
-its first audio waits), and neither has one whose listener is about to run out: then the prefill
-budget's own share applies (prefill.py), as before deadlines were known.
+default). Each pass is sized to three quarters (:data:`LEND_SHARE`) of what is left of that once
+the iteration's earlier passes are paid (``spent_s``), as a pass or a step can take longer than
+its prediction: the margin shrinks as the passes go, and the slack is spent within the iteration,
+before the joiners that reach their first frame in it become speakers with no audio in hand
+(which lend nothing until their own listeners are a floor ahead). A speaking stream that has not
+handed out its first chunk has no slack (it is urgent: its first audio waits), and neither has one
+whose listener is about to run out: then the prefill budget's own share applies (prefill.py), as
+before deadlines were known.
 """
 
 from __future__ import annotations
@@ -33,14 +37,15 @@ def slack_s(stream: SpeechStream, now: float, step_s: float) -> float | None:
 
 
 def prefill_allowance_s(
-    streams: Iterable[SpeechStream], now: float, step_s: float, floor_s: float = SLACK_FLOOR_S
+    streams: Iterable[SpeechStream], now: float, step_s: float, floor_s: float = SLACK_FLOOR_S, spent_s: float = 0.0
 ) -> float:
-    """Seconds of prefill the speaking ``streams`` can lend this iteration (0: none has slack to
-    spare, or one has no audio yet); infinite when none speaks."""
+    """Seconds the next prefill pass may take from the speaking ``streams``' slack, measured at
+    ``now`` (the iteration's start), after the iteration's earlier passes took ``spent_s`` (0: none
+    has slack to spare, or one has no audio yet); infinite when none speaks."""
     allowance = float("inf")
     for stream in streams:
         slack = slack_s(stream, now, step_s)
         if slack is None:
             return 0.0
         allowance = min(allowance, slack - floor_s)
-    return max(allowance, 0.0) * LEND_SHARE
+    return max(allowance - spent_s, 0.0) * LEND_SHARE

@@ -147,10 +147,11 @@ class PrefillBudget:
             return None
         return positions * (1 + context / self.context_scale) * self._unit_s
 
-    def positions(self, speaking: bool, filled: int = 0, allowance_s: float = 0.0) -> int | None:
+    def positions(self, speaking: bool, filled: int = 0, allowance_s: float = 0.0, share: bool = True) -> int | None:
         """Padded positions for the next pass, whose rows already hold up to ``filled`` positions;
         None: unbounded (whole prompts). ``allowance_s``: the seconds the speaking streams' slack
-        lends beyond the budget's own share ("auto" only: deadline.py)."""
+        lends beyond the budget's own share ("auto" only: deadline.py); ``share=False``: only those
+        (a later pass of the iteration: the share went to its first)."""
         if self.whole_prompts:
             return None
         if not speaking:
@@ -161,7 +162,7 @@ class PrefillBudget:
             return FIRST_AUTO_POSITIONS
         step = self._step_s
         own = step if self.overrun else ITERATION_TARGET_S - step  # half the device, or the frame's spare
-        target = max(own, allowance_s)
+        target = max(own, allowance_s) if share else allowance_s
         units = target / max(self._unit_s, 1e-9)
         # n positions at context filled + n/2 (conservative: as if one row): n * (1 + (filled + n/2) / S) = units
         a, b = 0.5 / self.context_scale, 1 + filled / self.context_scale

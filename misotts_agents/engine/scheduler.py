@@ -262,8 +262,12 @@ class Scheduler:
             self._prefill_whole()
             return
         speaking_streams = [j.stream for j in self.running.values() if j.speaking]
-        allowance = prefill_allowance_s(speaking_streams, time.perf_counter(), budget.step_s, self.slack_floor_s)
-        for _ in range(MAX_PASSES_PER_ITERATION):
+        began, predicted = time.perf_counter(), 0.0
+        for n in range(MAX_PASSES_PER_ITERATION):
+            spent = max(time.perf_counter() - began, predicted)  # earlier passes: host clock, or predicted (GPU)
+            allowance = prefill_allowance_s(speaking_streams, began, budget.step_s, self.slack_floor_s, spent)
+            if n and allowance <= 0:
+                return
             candidates = [
                 Candidate(job, job.written, job.prefill_stop, job.prefill_end - job.written, job.admitted)
                 for job in sorted(self._joining(), key=lambda j: j.admitted)
@@ -272,17 +276,15 @@ class Scheduler:
             if not candidates:
                 return
             filled = max(c.filled for c in candidates)
-            limit = budget.positions(bool(speaking_streams), filled, allowance)
+            limit = budget.positions(bool(speaking_streams), filled, allowance, share=n == 0)
             plan, width = plan_pass(candidates, limit, MAX_SEQ_LEN)
             if not plan:
                 return
-            self._run_pass([(c.key, n) for c, n in plan], width)
+            self._run_pass([(c.key, length) for c, length in plan], width)
             cost = budget.cost_s(len(plan) * width, filled + width / 2)
             if not speaking_streams or cost is None or not isinstance(budget.setting, str):
                 return  # nobody to protect (one pass takes everything), nothing known yet, or fixed chunks
-            allowance -= cost  # the slack pays for this pass (and the budget's own share comes from it too)
-            if allowance <= 0:
-                return
+            predicted += cost
 
     def _prefill_whole(self) -> None:
         """Whole prompts, one request per iteration while others speak (the schedule before chunking)."""
