@@ -67,10 +67,12 @@ def test_a_step_near_the_frame_leaves_prefill_only_the_slack():
 
 
 class FakeBudget(PrefillBudget):
-    """The budget's own share is 8 positions per iteration; the allowance buys 1 ms per position."""
+    """The budget's own share is ``share`` positions per iteration (its first pass); the allowance
+    buys one position per ``per_position_s``."""
 
-    def __init__(self):
+    def __init__(self, share=8, per_position_s=1e-3):
         super().__init__("auto")
+        self.share, self.per_position_s = share, per_position_s
         self.allowances = []
 
     @property
@@ -78,26 +80,13 @@ class FakeBudget(PrefillBudget):
         return 0.0
 
     def cost_s(self, positions, context=0.0):
-        return positions * 1e-3
+        return positions * self.per_position_s
 
     def positions(self, speaking, filled=0, allowance_s=0.0, share=True):
         if not speaking:
             return MAX_PASS_POSITIONS
         self.allowances.append(allowance_s)
-        return 8 * share + int(allowance_s / 1e-3)
-
-
-class LendingOnlyBudget(FakeBudget):
-    """No share of its own; the allowance buys 10 ms per position."""
-
-    def cost_s(self, positions, context=0.0):
-        return positions * 1e-2
-
-    def positions(self, speaking, filled=0, allowance_s=0.0, share=True):
-        if not speaking:
-            return MAX_PASS_POSITIONS
-        self.allowances.append(allowance_s)
-        return int(allowance_s / 1e-2)
+        return self.share * share + int(allowance_s / self.per_position_s)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +149,7 @@ def test_the_slack_is_spent_within_one_iteration_a_pass_at_a_time(auto, monkeypa
     """A listener with all of 10+ frames in hand: before the next frame step, each pass takes three
     quarters of the slack the passes before it left, so the iteration spends nearly all of it, and
     never more, before any joiner becomes a speaker with no audio in hand."""
-    budget = LendingOnlyBudget()
+    budget = FakeBudget(share=0, per_position_s=1e-2)  # the slack alone, 10 ms a position
     monkeypatch.setattr(auto._scheduler, "prefill_budget", budget)
     talking = talking_with(auto, lambda s: 0.0)
     trace = Trace(auto, monkeypatch)
