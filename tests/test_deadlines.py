@@ -9,7 +9,7 @@ from engines import load_tiny
 from test_scheduler_prefill import ONE_FRAME, Trace, finish, joiner
 
 from misotts_agents.audio import FRAME_S
-from misotts_agents.engine.deadline import LEND_SHARE, SLACK_FLOOR_S, prefill_allowance_s, slack_s
+from misotts_agents.engine.deadline import LEND_SHARE, SLACK_FLOOR_S, lendable_s, prefill_allowance_s, slack_s
 from misotts_agents.engine.prefill import ITERATION_TARGET_S, MAX_PASS_POSITIONS, MIN_AUTO_POSITIONS, PrefillBudget
 from misotts_agents.engine.request import SynthesisRequest
 
@@ -31,10 +31,12 @@ def test_slack_is_audio_in_hand_less_the_time_to_the_next_chunk():
 def test_allowance_is_the_smallest_slack_above_the_floor():
     ahead, behind = listener(50, 1.0), listener(20, 1.5)  # 3.0 s and 0.1 s ahead (less one 50 ms step)
     lendable = 4.0 - 1.0 - 0.05 - SLACK_FLOOR_S
-    assert prefill_allowance_s([ahead], 0.0, 0.05) == pytest.approx(LEND_SHARE * lendable)
-    assert prefill_allowance_s([ahead, behind], 0.0, 0.05) == 0.0  # 0.05 s in hand: below the floor
-    assert prefill_allowance_s([ahead, SimpleNamespace(first_chunk_at=None)], 0.0, 0.05) == 0.0  # no audio yet
-    assert prefill_allowance_s([], 0.0, 0.05) == float("inf")
+    assert prefill_allowance_s(lendable_s([ahead], 0.0, 0.05)) == pytest.approx(LEND_SHARE * lendable)
+    assert prefill_allowance_s(lendable_s([ahead, behind], 0.0, 0.05)) == 0.0  # 0.05 s in hand: below the floor
+    assert (
+        prefill_allowance_s(lendable_s([ahead, SimpleNamespace(first_chunk_at=None)], 0.0, 0.05)) == 0.0
+    )  # no audio yet
+    assert prefill_allowance_s(lendable_s([], 0.0, 0.05)) == float("inf")
 
 
 def test_the_budget_stretches_to_the_allowance_and_no_further():

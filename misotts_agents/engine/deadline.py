@@ -36,16 +36,19 @@ def slack_s(stream: SpeechStream, now: float, step_s: float) -> float | None:
     return ahead - stream.frames_to_next_chunk * step_s
 
 
-def prefill_allowance_s(
-    streams: Iterable[SpeechStream], now: float, step_s: float, floor_s: float = SLACK_FLOOR_S, spent_s: float = 0.0
-) -> float:
-    """Seconds the next prefill pass may take from the speaking ``streams``' slack, measured at
-    ``now`` (the iteration's start), after the iteration's earlier passes took ``spent_s`` (0: none
-    has slack to spare, or one has no audio yet); infinite when none speaks."""
-    allowance = float("inf")
+def lendable_s(streams: Iterable[SpeechStream], now: float, step_s: float, floor_s: float = SLACK_FLOOR_S) -> float:
+    """Seconds of the speaking ``streams``' slack above the floor at ``now`` (0: none has slack to
+    spare, or one has no audio yet); infinite when none speaks. An iteration measures it once."""
+    lendable = float("inf")
     for stream in streams:
         slack = slack_s(stream, now, step_s)
         if slack is None:
             return 0.0
-        allowance = min(allowance, slack - floor_s)
-    return max(allowance - spent_s, 0.0) * LEND_SHARE
+        lendable = min(lendable, slack - floor_s)
+    return max(lendable, 0.0)
+
+
+def prefill_allowance_s(lendable: float, spent_s: float = 0.0) -> float:
+    """Seconds the next prefill pass may take: three quarters of the ``lendable`` slack that the
+    iteration's earlier passes (``spent_s``) left."""
+    return max(lendable - spent_s, 0.0) * LEND_SHARE

@@ -40,7 +40,7 @@ import torch
 
 from misotts_agents.audio import FRAME_MS
 from misotts_agents.engine.admission import WaitingQueue
-from misotts_agents.engine.deadline import SLACK_FLOOR_S, prefill_allowance_s
+from misotts_agents.engine.deadline import SLACK_FLOOR_S, lendable_s, prefill_allowance_s
 from misotts_agents.engine.device import DeviceClock
 from misotts_agents.engine.executor import Executor, Frame, InFlight
 from misotts_agents.engine.job import Job, JobState
@@ -262,10 +262,10 @@ class Scheduler:
             self._prefill_whole()
             return
         speaking_streams = [j.stream for j in self.running.values() if j.speaking]
-        began, predicted = time.perf_counter(), 0.0
+        began, predicted = time.perf_counter(), 0.0  # passes' time: the host clock, or predicted (GPU)
+        lendable = lendable_s(speaking_streams, began, budget.step_s, self.slack_floor_s)
         for n in range(MAX_PASSES_PER_ITERATION):
-            spent = max(time.perf_counter() - began, predicted)  # earlier passes: host clock, or predicted (GPU)
-            allowance = prefill_allowance_s(speaking_streams, began, budget.step_s, self.slack_floor_s, spent)
+            allowance = prefill_allowance_s(lendable, spent_s=max(time.perf_counter() - began, predicted))
             if n and allowance <= 0:
                 return
             candidates = [
